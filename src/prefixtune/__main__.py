@@ -1,0 +1,3 @@
+from prefixtune.cli import main
+
+main()

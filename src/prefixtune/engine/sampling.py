@@ -1,0 +1,72 @@
+"""Per-row sampling: every row of a mixed batch keeps its own temperature, top-p, top-k and seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its next tokens."""
+
+    max_new_tokens: int = 40  # generated tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None  # fixes the row's random stream (independent of batch mates)
+    stop: list[str] = field(default_factory=list)  # stop strings (cut from the text)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RowSampler:
+    """Draws the next token of one row from its logits with its own generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(int(params.seed))
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest set whose mass reaches top_p (always at least the top token).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
+    """Next token per row; an all-greedy batch takes one vectorised argmax."""
+    if all(s.params.greedy for s in samplers):
+        return torch.argmax(logits, dim=-1).tolist()
+    return [s(row) for s, row in zip(samplers, logits)]

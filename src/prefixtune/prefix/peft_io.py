@@ -1,0 +1,151 @@
+"""PEFT's prefix-tuning file format, both ways, plus our trainable-state file.
+
+PEFT keeps only the folded prefix (`prompt_embeddings`, (P, 2L*kv_heads*head_dim)); the MLP is thrown away.
+We write the same two files so `peft.PeftModel.from_pretrained` loads our adapters, and keep the
+embedding + MLP beside them (`prefix_trainable.safetensors`) so training can resume through the MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
+from prefixtune.prefix.shapes import PrefixShape, ShapeMismatchError, check_size
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+TRAINABLE_FILE = "prefix_trainable.safetensors"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder that is not a readable prefix-tuning adapter."""
+
+
+@dataclass
+class LoadedAdapter:
+    flat: torch.Tensor  # (P, 2L*kv_heads*head_dim), PEFT's prompt_embeddings
+    config: PrefixConfig
+    peft_config: dict[str, Any]
+    trainable: dict[str, torch.Tensor] | None  # embedding + MLP when we saved them
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.flat.shape[0])
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def peft_config_dict(shape: PrefixShape, config: PrefixConfig, base_model: str) -> dict[str, Any]:
+    from peft import PrefixTuningConfig
+
+    peft_cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=config.num_virtual_tokens,
+        token_dim=shape.token_dim,
+        num_layers=shape.num_layers,
+        num_attention_heads=shape.kv_heads,
+        encoder_hidden_size=config.encoder_hidden_size or shape.hidden_size,
+        prefix_projection=config.prefix_projection,
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    return peft_cfg.to_dict()
+
+
+def save_adapter(
+    folder: str | Path,
+    flat: torch.Tensor,
+    shape: PrefixShape,
+    config: PrefixConfig,
+    base_model: str,
+    encoder: PrefixEncoder | None = None,
+    storage_dtype: str = "float32",
+) -> None:
+    """Write PEFT's two files (and our trainable state when given) atomically into `folder`."""
+    folder = Path(folder)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    if tuple(flat.shape) != (config.num_virtual_tokens, shape.flat_dim):
+        raise ShapeMismatchError(
+            f"prefix has shape {tuple(flat.shape)}, expected {(config.num_virtual_tokens, shape.flat_dim)}"
+        )
+    cfg = peft_config_dict(shape, config, base_model)
+    tensor = flat.detach().to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file({"prompt_embeddings": tensor}, tmp))
+    if encoder is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        atomic_write(folder / TRAINABLE_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}; is it an adapter folder?")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{path} is not valid JSON: {err}") from err
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise AdapterFormatError(
+            f"{path} describes a {cfg.get('peft_type')} adapter; prefixtune loads PREFIX_TUNING adapters "
+            "(LoRA adapters are for `prefixtune compare`, not the prefix engine)."
+        )
+    return cfg
+
+
+def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> LoadedAdapter:
+    """Read a folder written by prefixtune or by `peft`; with `shape`, check it fits that model."""
+    folder = Path(folder)
+    cfg = read_peft_config(folder)
+    if (folder / WEIGHTS_FILE).is_file():
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        weights = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}")
+    key = next((k for k in weights if k.endswith("prompt_embeddings")), None)
+    if key is None:
+        raise AdapterFormatError(f"{folder}/{WEIGHTS_FILE} holds no prompt_embeddings ({', '.join(weights)})")
+    flat = weights[key].float()
+    p = int(cfg.get("num_virtual_tokens") or flat.shape[0])
+    if flat.shape[0] != p:
+        raise AdapterFormatError(f"{folder}: config says {p} virtual tokens, weights have {flat.shape[0]}")
+    if shape is not None:
+        check_size("num_layers", cfg.get("num_layers"), shape.num_layers, shape)
+        check_size("token_dim", cfg.get("token_dim"), shape.token_dim, shape)
+        check_size("num_attention_heads (kv heads)", cfg.get("num_attention_heads"), shape.kv_heads, shape)
+        check_size("prompt_embeddings width", flat.shape[1], shape.flat_dim, shape)
+    config = PrefixConfig(
+        num_virtual_tokens=p,
+        prefix_projection=bool(cfg.get("prefix_projection", False)),
+        encoder_hidden_size=cfg.get("encoder_hidden_size"),
+    )
+    trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else None
+    return LoadedAdapter(flat, config, cfg, trainable)

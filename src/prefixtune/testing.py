@@ -1,0 +1,81 @@
+"""Tiny random models for tests: real architectures, tiny dimensions, the real SmolLM2 tokenizer.
+
+Prefix shapes depend on layers / KV heads / head_dim, so each arch sets them to exercise a distinct case:
+GQA (2 KV heads of 4) everywhere except gpt2 (MHA); qwen3 has head_dim != hidden/heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefixtune.models import ensure_smollm2_cached
+
+TINY_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+
+_HIDDEN, _LAYERS, _HEADS, _KV_HEADS, _FFN, _POSITIONS = 64, 2, 4, 2, 128, 256
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_tokenizer() -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_smollm2_cached()))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # same convention as load_base_model
+    return tokenizer
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """The bundled SmolLM2 tokenizer (49k vocab, chat template), loaded offline from the prefixtune cache.
+
+    Returns a fresh copy each call, so a test that changes padding_side or adds tokens cannot leak
+    into another test. The first call on a machine converts the GGUF (~40 s, once).
+    """
+    return copy.deepcopy(_cached_tokenizer())
+
+
+def _config_kwargs(arch: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vocab = len(tokenizer)
+    if arch == "gpt2":  # GPT-2 names its dims differently and has no GQA
+        return dict(n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS, n_inner=_FFN, n_positions=_POSITIONS,
+                    vocab_size=vocab, **special)
+    kwargs: dict[str, Any] = dict(
+        hidden_size=_HIDDEN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+        num_key_value_heads=_KV_HEADS, intermediate_size=_FFN, max_position_embeddings=_POSITIONS,
+        vocab_size=vocab, **special,
+    )
+    if arch == "qwen3":
+        kwargs["head_dim"] = 32  # != hidden/heads (16): catches code that derives head_dim from hidden size
+    if arch == "gemma":
+        kwargs["head_dim"] = 16  # Gemma's default is 256, which would not match the tiny hidden size
+    return kwargs
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+    """A 2-layer random ``arch`` causal LM (fp32, eval mode) whose vocab matches make_tiny_tokenizer()."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(arch, **_config_kwargs(arch, _cached_tokenizer()))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny model + tokenizer with save_pretrained, so ``path`` works as ``--model path``."""
+    path = Path(path)
+    make_tiny_model(arch, seed).save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,104 @@
+"""Training settings: one dataclass that the CLI flags and a YAML/TOML file both map onto."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
+PER_LABEL_TEMPLATE = "Text:"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved into every adapter's manifest."""
+
+    model: str = "smollm2-135m"  # base model: bundled name, hub id, local folder or .gguf path
+    data: str = "dair-ai/emotion"  # hub dataset id, or a local folder/file
+    out: str = "runs/train"  # run folder: checkpoints, logs, plots, adapters
+    store: str | None = None  # also save the final adapters into this adapter store
+    name: str = "emotion"  # adapter name (per-label: NAME-LABEL)
+    text_field: str = "text"  # field holding the text
+    label_field: str | None = "label"  # field holding the label (missing = plain text data)
+    label_names: list[str] | None = None  # names for integer labels
+    template: str | None = None  # prompt before the text; {label} is filled in (default per mode)
+    per_label: bool = False  # one adapter per label, trained together in one pass
+    labels: list[str] | None = None  # only these labels (default: all)
+    balance: bool = False  # equal rows per label (downsample to the rarest)
+    max_examples: int | None = None  # cap on training rows (quick runs)
+    max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
+    num_virtual_tokens: int = 20  # virtual tokens per adapter
+    prefix_projection: bool = True  # train through the 2-layer MLP
+    encoder_hidden_size: int | None = None  # MLP width (default: the model's hidden size)
+    init: str = "random"  # random | zero | text
+    init_text: str | None = None  # text for init=text
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.06  # share of steps spent warming up
+    schedule: str = "cosine"  # cosine | linear | constant decay after warmup
+    grad_clip: float = 1.0  # gradient norm clip
+    batch_size: int = 8  # rows per optimizer step
+    micro_batch_size: int | None = None  # rows per forward (default batch_size; halves on OOM)
+    epochs: float = 1.0  # passes over the training rows (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps (overrides epochs)
+    seed: int = 0  # seeds data order, init and sampling
+    eval_every: int = 50  # steps between validation evals (0 = only at the end)
+    eval_examples: int = 256  # validation rows per eval
+    early_stopping: int = 0  # stop after this many evals without improvement (0 = off)
+    save_every: int = 100  # steps between checkpoints
+    loss_check_steps: int = 40  # warn if the loss has not fallen after this many steps
+    gradient_checkpointing: bool = False  # trade compute for memory (works with prefixes here)
+    device: str | None = None  # cpu | cuda | auto
+    dtype: str | None = None  # float32 | bfloat16 | float16 | auto
+    storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
+    resume: bool = False  # continue from out/checkpoint
+    progress: bool = True  # show a progress bar
+
+    def resolved_template(self) -> str:
+        if self.template is not None:
+            return self.template
+        return PER_LABEL_TEMPLATE if self.per_label else DEFAULT_TEMPLATE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.lr < 0:
+            raise ValueError("lr must be >= 0")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON file into TrainConfig keys; unknown keys are an error."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"{path}: config files are .yaml, .toml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return data

@@ -1,0 +1,308 @@
+"""`prefixtune train`: one pass trains one adapter, or one adapter per label on mixed batches."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefixtune.prefix.encoder import PrefixConfig
+from prefixtune.prefix.model import PrefixModel
+from prefixtune.store import AdapterStore
+from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
+from prefixtune.train.config import TrainConfig
+from prefixtune.train.examples import collate, epoch_batches, tokenize
+from prefixtune.train.plan import TrainPlan, plan_run
+from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, write_log
+from prefixtune.train.saving import save_adapters
+
+
+@dataclass
+class TrainResult:
+    out: Path  # run folder
+    adapters: dict[str, Path]  # adapter name -> folder of the kept (best, else last) adapter
+    summary: dict[str, Any]  # numbers printed at the end
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM after checkpointing
+    warnings: list[str] = field(default_factory=list)  # e.g. a loss that did not fall
+
+
+class Interrupted:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint gets written."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    @contextmanager
+    def installed(self):
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print):
+        self.cfg, self.plan, self.say = cfg, plan, say
+        self.run_dir = Path(cfg.out)
+        self.model = plan.model
+        self.device = next(self.model.base.parameters()).device
+        self.accelerator = plan.accelerator
+        self.ddp_model = self.accelerator.prepare(self.model) if self.accelerator.num_processes > 1 else self.model
+        params = [p for p in self.model.encoders.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from transformers import get_scheduler
+
+        self.total_steps = plan.total_steps
+        self.scheduler = get_scheduler(
+            {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule],
+            self.optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.progress = Progress(micro_batch_size=cfg.micro_batch_size or cfg.batch_size)
+        self.warnings: list[str] = []
+        self.is_main = self.accelerator.is_main_process
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def _accumulate(self, batch) -> tuple[float, int]:
+        """Forward/backward in micro-batches, each weighted by its share of the labelled tokens."""
+        total = int((batch.labels[:, 1:] != -100).sum())
+        micro = self.progress.micro_batch_size
+        loss_sum = 0.0
+        for start in range(0, len(batch.adapters), micro):
+            part = batch.rows(start, start + micro)
+            with self._autocast():
+                out = self.ddp_model(
+                    part.input_ids.to(self.device), part.attention_mask.to(self.device),
+                    adapters=part.adapters, labels=part.labels.to(self.device),
+                )
+            self.accelerator.backward(out.loss * (out.num_tokens / max(total, 1)))
+            loss_sum += float(out.loss) * out.num_tokens
+        return loss_sum / max(total, 1), total
+
+    def _autocast(self):
+        dtype = next(self.model.base.parameters()).dtype
+        if self.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def step(self, batch) -> tuple[float, int]:
+        """One optimizer step; on OOM, halve the micro-batch (more accumulation) and retry."""
+        while True:
+            try:
+                loss, _ = self._accumulate(batch)
+                break
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                micro = self.progress.micro_batch_size
+                if micro <= 1:
+                    raise RuntimeError(
+                        "out of memory even with micro-batch 1: use --gradient-checkpointing, a shorter "
+                        "--max-length, fewer --num-virtual-tokens or --dtype bfloat16"
+                    ) from err
+                self.progress.micro_batch_size = micro // 2
+                accum = math.ceil(self.cfg.batch_size / self.progress.micro_batch_size)
+                self.say(
+                    f"out of memory at micro-batch {micro}: continuing with micro-batch "
+                    f"{self.progress.micro_batch_size} x {accum} accumulation steps (same effective batch)"
+                )
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, batch.real_tokens
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        rows = self.plan.val_rows
+        if not rows:
+            return {}
+        sums: dict[str, list[float]] = {}
+        for start in range(0, len(rows), self.cfg.batch_size):
+            batch = collate(rows[start:start + self.cfg.batch_size], self.plan.pad_id)
+            for name in sorted(set(batch.adapters)):
+                idx = [i for i, a in enumerate(batch.adapters) if a == name]
+                part = collate([rows[start + i] for i in idx], self.plan.pad_id)
+                out = self.model(part.input_ids.to(self.device), part.attention_mask.to(self.device),
+                                 adapters=part.adapters, labels=part.labels.to(self.device))
+                acc = sums.setdefault(name, [0.0, 0])
+                acc[0] += float(out.loss) * out.num_tokens
+                acc[1] += out.num_tokens
+        loss = sum(s for s, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
+        per = {name: s / max(n, 1) for name, (s, n) in sums.items()}
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "per_adapter": per}
+
+    def _check_loss_falls(self) -> None:
+        losses = [r["loss"] for r in self.progress.history if r.get("kind") == "train"]
+        if len(losses) < 20 or self.progress.step != self.cfg.loss_check_steps:
+            return
+        first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+        if last > first * 0.98:
+            msg = (
+                f"the loss has not fallen after {self.progress.step} steps ({first:.3f} -> {last:.3f}). "
+                f"Likely causes: learning rate too low (--lr {self.cfg.lr:g}; prefixes often want 1e-3 to 1e-2), "
+                "prefix projection off (--no-prefix-projection trains slower; drop it), too few virtual tokens, "
+                "or a template/data mismatch (check a tokenized row)."
+            )
+            self.warnings.append(msg)
+            self.say(f"warning: {msg}")
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, plan, progress = self.cfg, self.plan, self.progress
+        if cfg.resume:
+            self.progress = progress = load_checkpoint(self.run_dir, self.model.encoders, self.optimizer,
+                                                       self.scheduler)
+            self.say(f"resumed from {self.run_dir / 'checkpoint'} at step {progress.step}")
+        elif has_checkpoint(self.run_dir) and self.is_main:
+            self.say(f"note: {self.run_dir} holds a checkpoint; starting fresh (use --resume to continue it)")
+        bar = _progress_bar(self.total_steps, progress.step, cfg.progress and self.is_main)
+        interrupted = Interrupted()
+        with interrupted.installed():
+            while progress.step < self.total_steps and interrupted.signal is None:
+                batches = plan.shard(epoch_batches(plan.train_rows, cfg.batch_size, cfg.seed, progress.epoch))
+                if progress.batch_in_epoch >= len(batches):
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    continue
+                batch = collate([plan.train_rows[i] for i in batches[progress.batch_in_epoch]], plan.pad_id)
+                started = time.perf_counter()
+                loss, tokens = self.step(batch)
+                progress.train_seconds += time.perf_counter() - started
+                progress.tokens += tokens
+                progress.batch_in_epoch += 1
+                progress.step += 1
+                tps = progress.tokens / max(progress.train_seconds, 1e-9)
+                progress.history.append({"kind": "train", "step": progress.step, "loss": loss,
+                                         "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps})
+                self._check_loss_falls()
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tps:.0f}"}
+                if (cfg.eval_every and progress.step % cfg.eval_every == 0) or progress.step == self.total_steps:
+                    if self._eval_and_keep():
+                        break
+                if progress.best_eval is not None:
+                    postfix["eval"] = f"{progress.best_eval:.3f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if cfg.save_every and progress.step % cfg.save_every == 0 and self.is_main:
+                    save_checkpoint(self.run_dir, self.model.encoders, self.optimizer, self.scheduler, progress)
+        bar.close()
+        stopped = interrupted.signal is not None
+        if self.is_main:
+            save_checkpoint(self.run_dir, self.model.encoders, self.optimizer, self.scheduler, progress)
+        if stopped:
+            self.say(f"interrupted at step {progress.step}: checkpoint saved; continue with --resume")
+        return self._finish(stopped)
+
+    def _eval_and_keep(self) -> bool:
+        """Evaluate, save the best adapters; True when early stopping says stop."""
+        metrics = self.evaluate()
+        if not metrics:
+            return False
+        progress = self.progress
+        progress.history.append({"kind": "eval", "step": progress.step, **metrics})
+        improved = progress.best_eval is None or metrics["eval_loss"] < progress.best_eval
+        if improved:
+            progress.best_eval = metrics["eval_loss"]
+            progress.evals_without_gain = 0
+            if self.is_main:
+                save_adapters(self, self.run_dir / "best", metrics)
+        else:
+            progress.evals_without_gain += 1
+        if self.is_main:
+            write_log(self.run_dir, progress.history)
+        if self.cfg.early_stopping and progress.evals_without_gain >= self.cfg.early_stopping:
+            self.say(f"early stopping at step {progress.step}: no eval gain in {self.cfg.early_stopping} evals")
+            return True
+        return False
+
+    def _finish(self, stopped: bool) -> TrainResult:
+        progress, plan = self.progress, self.plan
+        last_metrics = next((r for r in reversed(progress.history) if r.get("kind") == "eval"), {})
+        result_dirs: dict[str, Path] = {}
+        summary: dict[str, Any] = {}
+        if self.is_main:
+            write_log(self.run_dir, progress.history)
+            plot_losses(progress.history, self.run_dir / "loss_curve.png")
+            last = save_adapters(self, self.run_dir / "last", last_metrics)
+            best_root = self.run_dir / "best"
+            result_dirs = {n: (best_root / n if (best_root / n).is_dir() else p) for n, p in last.items()}
+            trainable = sum(p.numel() for p in self.model.encoders.parameters())
+            base_params = sum(p.numel() for p in self.model.base.parameters())
+            first = next(iter(result_dirs.values()))
+            summary = {
+                "adapters": len(result_dirs),
+                "steps": progress.step,
+                "train rows": len(plan.train_rows),
+                "trainable params": trainable,
+                "trainable %": 100.0 * trainable / base_params,
+                "adapter file bytes": (first / "adapter_model.safetensors").stat().st_size,
+                "train seconds": progress.train_seconds,
+                "real tokens/s": progress.tokens / max(progress.train_seconds, 1e-9),
+                "best eval loss": progress.best_eval if progress.best_eval is not None else float("nan"),
+                "peak memory MB": peak_memory_mb(self.device),
+                "truncated examples": plan.truncated,
+            }
+            if self.cfg.store:
+                store = AdapterStore(self.cfg.store)
+                for name, folder in result_dirs.items():
+                    result_dirs[name] = store.path(name)
+                    _copy_into_store(folder, store.path(name))
+            self.say(format_summary(summary))
+        return TrainResult(self.run_dir, result_dirs, summary, stopped, self.warnings)
+
+
+def _copy_into_store(folder: Path, target: Path) -> None:
+    import shutil
+    import tempfile
+
+    from prefixtune.store import _swap_in
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    shutil.rmtree(tmp)
+    shutil.copytree(folder, tmp)
+    _swap_in(tmp, target)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, loaded=None, data=None, say=print) -> TrainResult:
+    """Train as `cfg` says; `loaded` (a LoadedModel) and `data` (a DataBundle) may be passed in to reuse them."""
+    cfg.validate()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    plan = plan_run(cfg, loaded, data, say)
+    return Trainer(cfg, plan, say).run()

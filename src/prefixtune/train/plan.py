@@ -1,0 +1,127 @@
+"""Everything decided before the first step: model, data, adapters, tokenized rows, step count."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from prefixtune.data import DataBundle, DataError, Example
+from prefixtune.prefix.encoder import PrefixConfig, text_kv
+from prefixtune.prefix.model import PrefixModel
+from prefixtune.train.config import TrainConfig
+from prefixtune.train.examples import Tokenized, tokenize
+
+
+@dataclass
+class TrainPlan:
+    loaded: Any  # LoadedModel
+    data: DataBundle
+    model: PrefixModel  # base + one encoder per adapter
+    adapter_labels: dict[str, str | None]  # adapter name -> the label it is conditioned on (per-label)
+    template: str  # prompt template used for every row
+    train_rows: list[Tokenized]
+    val_rows: list[Tokenized]
+    truncated: int  # examples cut to max_length
+    pad_id: int
+    total_steps: int
+    accelerator: Any  # accelerate.Accelerator (one process unless launched with `accelerate launch`)
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This process's batches; every rank gets the same count so DDP never waits on a missing one."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        usable = len(batches) - len(batches) % world
+        return batches[:usable][rank::world]
+
+
+def select_rows(cfg: TrainConfig, data: DataBundle, split: str, say) -> list[Example]:
+    rows = data.split(split)
+    if cfg.labels:
+        known = set(data.labels or [])
+        unknown = [label for label in cfg.labels if label not in known]
+        if unknown:
+            raise DataError(f"--labels {','.join(unknown)} not in the data's labels ({', '.join(sorted(known))})")
+        rows = [r for r in rows if r.label in set(cfg.labels)]
+    if cfg.balance and data.labels and split == "train":
+        by_label: dict[str, list[Example]] = defaultdict(list)
+        for r in rows:
+            by_label[r.label].append(r)
+        least = min(len(v) for v in by_label.values())
+        rng = random.Random(cfg.seed)
+        rows = [r for label in sorted(by_label) for r in rng.sample(by_label[label], least)]
+        rng.shuffle(rows)
+        say(f"balanced: {least} rows per label x {len(by_label)} labels")
+    limit = cfg.max_examples if split == "train" else cfg.eval_examples
+    if limit is not None and len(rows) > limit:
+        # A seeded sample, not the head of the file: the head of a sorted file can miss labels.
+        rows = random.Random(cfg.seed + (split != "train")).sample(rows, limit)
+    return rows
+
+
+def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print) -> TrainPlan:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from prefixtune.data import load_data
+    from prefixtune.models import load_base_model
+
+    loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
+    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    labelled = data.labels is not None
+    if cfg.per_label and not labelled:
+        raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
+    template = cfg.resolved_template() if (labelled or cfg.template is not None) else ""
+    if "{label}" in template and not labelled:
+        raise DataError(f"template {template!r} uses {{label}} but {cfg.data} has no labels")
+
+    train_ex = select_rows(cfg, data, "train", say)
+    if "validation" in data.splits:
+        val_ex = select_rows(cfg, data, "validation", say)
+    else:  # hold out a slice of train so eval loss still means something
+        k = max(1, min(cfg.eval_examples, len(train_ex) // 20))
+        val_ex, train_ex = train_ex[:k], train_ex[k:]
+        say(f"no validation split: holding out {k} training rows for evaluation")
+    if not train_ex:
+        raise DataError(f"{cfg.data}: no training rows left after filtering")
+
+    labels = cfg.labels or (data.labels or [])
+    if cfg.per_label:
+        names = {label: f"{cfg.name}-{label}" for label in labels}
+        adapter_labels = {name: label for label, name in names.items()}
+        adapter_of = lambda ex: names[ex.label]  # noqa: E731
+    else:
+        adapter_labels = {cfg.name: None}
+        adapter_of = lambda ex: cfg.name  # noqa: E731
+
+    model = PrefixModel(loaded.model)
+    prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
+                              cfg.init, cfg.init_text)
+    for name in adapter_labels:
+        encoder = model.add_adapter(name, prefix_cfg)
+        if cfg.init == "text":
+            encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, cfg.init_text, model.shape,
+                                         cfg.num_virtual_tokens))
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+    tok = loaded.tokenizer
+    train_rows, truncated = tokenize(train_ex, tok, template, adapter_of, cfg.max_length)
+    val_rows, _ = tokenize(val_ex, tok, template, adapter_of, cfg.max_length)
+    if truncated:
+        say(f"truncated {truncated} of {len(train_rows)} training examples to --max-length {cfg.max_length}")
+
+    accelerator = Accelerator(
+        cpu=loaded.device.type == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.per_label)],
+    )
+    per_epoch = max(1, (len(train_rows) // cfg.batch_size + (len(train_rows) % cfg.batch_size > 0))
+                    // accelerator.num_processes)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if accelerator.is_main_process:
+        say(f"{len(adapter_labels)} adapter(s) on {loaded.name} ({model.shape.describe()}), "
+            f"{len(train_rows)} train / {len(val_rows)} eval rows, {total} steps")
+    return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
+                     total, accelerator)

@@ -1,0 +1,63 @@
+"""What a run leaves for people: the log as JSON lines, a loss-curve PNG and a summary."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefixtune.prefix.peft_io import atomic_write, atomic_write_text
+
+
+def write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "prefixtune training") -> Path | None:
+    """Train loss per step and eval loss per eval, one PNG."""
+    train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("kind") == "eval"]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.6)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory when on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # macOS reports bytes, Linux KiB
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["training summary"]
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:,.4g}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        lines.append(f"  {key:<24} {value}")
+    return "\n".join(lines)

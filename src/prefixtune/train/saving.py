@@ -1,0 +1,41 @@
+"""Adapter folders from a training run: PEFT files, trainable state and the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefixtune.store import Manifest, write_adapter_folder
+
+
+def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Path]:
+    """Write every adapter of the run under root/<name>; returns name -> folder."""
+    cfg, plan, model = trainer.cfg, trainer.plan, trainer.model
+    shape = model.shape
+    out: dict[str, Path] = {}
+    progress = trainer.progress
+    tps = progress.tokens / max(progress.train_seconds, 1e-9)
+    for name, label in plan.adapter_labels.items():
+        encoder = model.encoders[name]
+        own = dict(metrics)
+        per = own.pop("per_adapter", {})
+        if name in per:
+            own["eval_loss_own"] = per[name]
+        own.update(step=progress.step, tokens_per_s=tps)
+        manifest = Manifest(
+            name=name,
+            base_model=cfg.model,
+            base_fingerprint=plan.loaded.fingerprint,
+            shape={"num_layers": shape.num_layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim},
+            prefix=encoder.config.to_dict(),
+            template=plan.template,
+            label=label,
+            labels=list(plan.adapter_labels.values()) if label is not None else plan.data.labels,
+            dataset={"source": cfg.data, "fingerprint": plan.data.fingerprint,
+                     "train_rows": len(plan.train_rows), "eval_rows": len(plan.val_rows)},
+            hyperparams=cfg.to_dict(),
+            metrics=own,
+        )
+        out[name] = write_adapter_folder(root / name, encoder.fold(), shape, encoder.config, manifest, encoder,
+                                         cfg.storage_dtype)
+    return out

@@ -1,0 +1,44 @@
+"""Shared fixtures. Model builders live in prefixtune.testing so they are importable anywhere.
+
+The SmolLM2 safetensors cache under $PREFIXTUNE_HOME (default ~/.cache/prefixtune) is deliberately NOT
+redirected: the one-time GGUF conversion (~40 s) then happens once per machine, not once per test run.
+Session-scoped objects are shared by every test: do not mutate them (copy or build your own instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from prefixtune.models import LoadedModel, load_base_model
+from prefixtune.testing import make_tiny_tokenizer, save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved 2-layer llama (seed 0) + SmolLM2 tokenizer; pass it anywhere a --model path is accepted."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir: Path) -> Iterator[LoadedModel]:
+    """load_base_model(tiny_model_dir) on CPU/fp32: frozen, eval mode, left-padding tokenizer."""
+    yield load_base_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A fresh copy of the SmolLM2 tokenizer (49152 tokens, chat template), safe to mutate."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def emotion_dir() -> Path:
+    """The shared real emotion data (train/validation/test .jsonl); skips the test when absent."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "emotion"
+    if not (path / "train.jsonl").is_file():
+        pytest.skip(f"shared emotion data not found at {path}")
+    return path
