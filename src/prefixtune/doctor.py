@@ -60,7 +60,8 @@ def untested_versions(versions: Mapping[str, str | None]) -> dict[str, str]:
         if raw is None:
             continue
         parsed = _version(raw)
-        if parsed is None or not SpecifierSet(spec).contains(parsed, prereleases=True):
+        # Explicit prereleases=False: `in` changed meaning across packaging releases; an rc is untested.
+        if parsed is None or not SpecifierSet(spec).contains(parsed, prereleases=False):
             out[name] = f"{raw} is outside the tested range {spec}"
     return out
 

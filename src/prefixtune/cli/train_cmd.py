@@ -1,0 +1,95 @@
+"""`prefixtune train` and `prefixtune demo`: flags map onto TrainConfig (a config file may set any field)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from prefixtune.cli.common import parse_csv, user_errors
+
+Opt = typer.Option
+
+
+def build_config(config_file: Optional[Path], flags: dict) -> "TrainConfig":  # noqa: F821
+    """File values first, then every flag the user actually gave (None = not given)."""
+    from prefixtune.train.config import TrainConfig, load_config_file
+
+    values = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    @user_errors
+    def train_command(
+        model: Optional[str] = Opt(None, help="Base model: smollm2-135m (bundled), a hub id, a folder or a .gguf."),
+        data: Optional[str] = Opt(None, help="Hub dataset id, or a local folder/file (jsonl, json, csv, parquet, txt)."),
+        out: Optional[str] = Opt(None, help="Run folder (checkpoints, log, loss curve, adapters)."),
+        store: Optional[str] = Opt(None, help="Also save the final adapters into this adapter store."),
+        name: Optional[str] = Opt(None, help="Adapter name (per-label: NAME-LABEL)."),
+        config: Optional[Path] = Opt(None, "--config", help="YAML/TOML/JSON file with any TrainConfig fields."),
+        text_field: Optional[str] = Opt(None, help="Field holding the text."),
+        label_field: Optional[str] = Opt(None, help="Field holding the label."),
+        label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
+        template: Optional[str] = Opt(None, help="Prompt before the text; {label} is filled in."),
+        per_label: Optional[bool] = Opt(None, "--per-label/--single", help="One adapter per label, one pass."),
+        labels: Optional[str] = Opt(None, help="Only these labels (comma-separated)."),
+        balance: Optional[bool] = Opt(None, "--balance/--no-balance", help="Equal rows per label."),
+        max_examples: Optional[int] = Opt(None, help="Cap on training rows."),
+        max_length: Optional[int] = Opt(None, help="Tokens per example (longer ones are truncated)."),
+        num_virtual_tokens: Optional[int] = Opt(None, help="Virtual tokens per adapter."),
+        prefix_projection: Optional[bool] = Opt(None, "--prefix-projection/--no-prefix-projection",
+                                                help="Train through the 2-layer MLP."),
+        init: Optional[str] = Opt(None, help="random | zero | text"),
+        init_text: Optional[str] = Opt(None, help="Text whose keys/values start the prefix (--init text)."),
+        lr: Optional[float] = Opt(None, help="Peak learning rate."),
+        schedule: Optional[str] = Opt(None, help="cosine | linear | constant"),
+        batch_size: Optional[int] = Opt(None, help="Rows per optimizer step."),
+        micro_batch_size: Optional[int] = Opt(None, help="Rows per forward (halves automatically on OOM)."),
+        epochs: Optional[float] = Opt(None, help="Passes over the data."),
+        max_steps: Optional[int] = Opt(None, help="Optimizer steps (overrides --epochs)."),
+        seed: Optional[int] = Opt(None, help="Seed for data order and init."),
+        eval_every: Optional[int] = Opt(None, help="Steps between evals."),
+        eval_examples: Optional[int] = Opt(None, help="Validation rows per eval."),
+        early_stopping: Optional[int] = Opt(None, help="Evals without gain before stopping (0 = off)."),
+        save_every: Optional[int] = Opt(None, help="Steps between checkpoints."),
+        gradient_checkpointing: Optional[bool] = Opt(None, "--gradient-checkpointing", help="Save memory."),
+        device: Optional[str] = Opt(None, help="cpu | cuda | auto"),
+        dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
+        storage_dtype: Optional[str] = Opt(None, help="Saved prefix dtype (bfloat16 halves the file)."),
+        resume: Optional[bool] = Opt(None, "--resume", help="Continue from OUT/checkpoint."),
+        no_progress: bool = Opt(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        """Train prefix adapters: label in the prompt (one adapter) or --per-label (one per label, one pass)."""
+        flags = dict(locals())
+        for key in ("config", "no_progress"):
+            flags.pop(key)
+        flags["label_names"] = parse_csv(label_names)
+        flags["labels"] = parse_csv(labels)
+        if no_progress:
+            flags["progress"] = False
+        cfg = build_config(config, flags)
+        from prefixtune.train.loop import train
+
+        result = train(cfg)
+        if result.interrupted:
+            raise typer.Exit(130)
+        for adapter, folder in result.adapters.items():
+            typer.echo(f"adapter {adapter}: {folder}")
+
+    @app.command("demo")
+    @user_errors
+    def demo_command(
+        model: str = Opt("smollm2-135m", help="Base model."),
+        data: str = Opt("dair-ai/emotion", help="Emotion data: hub id or the local folder."),
+        out: str = Opt("runs/demo", help="Run folder; adapters land in OUT/adapters."),
+        quick: bool = Opt(False, "--quick", help="A short run (CI): fewer rows and steps."),
+        steps: Optional[int] = Opt(None, help="Optimizer steps (default 150, quick 25)."),
+    ) -> None:
+        """The main job: per-label emotion adapters in one pass, then one sample per emotion in one mixed batch."""
+        from prefixtune.demo import run_demo
+
+        run_demo(model=model, data=data, out=out, quick=quick, steps=steps)
