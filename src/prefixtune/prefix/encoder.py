@@ -30,11 +30,6 @@ class PrefixConfig:
             raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise ValueError("init='text' needs init_text (the text whose keys/values start the prefix)")
-        if self.init == "text" and self.prefix_projection:
-            raise ValueError(
-                "init='text' sets the keys/values directly, which an MLP projection cannot reproduce: "
-                "use --no-prefix-projection with text initialisation."
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,10 +88,27 @@ class PrefixEncoder(nn.Module):
 
     @torch.no_grad()
     def init_from_kv(self, kv: torch.Tensor) -> None:
-        """Start the prefix at given keys/values (text initialisation); needs no projection."""
-        if self.projection:
-            raise ValueError("cannot set keys/values directly through a prefix projection")
-        self.embedding.weight.copy_(kv_to_flat(kv).to(self.embedding.weight))
+        """Start the prefix at given keys/values (text initialisation).
+
+        Through a projection the MLP's output bias carries the keys/values and its last weight starts
+        at zero, so the prefix starts exactly there and the MLP learns from the first step.
+        """
+        flat = kv_to_flat(kv).to(self.embedding.weight)  # (P, 2L*kv_heads*head_dim)
+        if not self.projection:
+            self.embedding.weight.copy_(flat)
+            return
+        if not torch.allclose(flat, flat[:1].expand_as(flat)) and flat.shape[0] > 1:
+            # One bias cannot hold P different rows; the embedding rows pick them apart via the
+            # first layer, so fit the last layer exactly by least squares on the hidden activations.
+            hidden = self.transform[1](self.transform[0](self.embedding.weight))  # (P, width)
+            ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+            design = torch.cat([hidden, ones], dim=1)  # (P, width + 1)
+            solution = torch.linalg.lstsq(design, flat).solution  # (width + 1, flat_dim)
+            self.transform[2].weight.copy_(solution[:-1].T)
+            self.transform[2].bias.copy_(solution[-1])
+        else:
+            nn.init.zeros_(self.transform[2].weight)
+            self.transform[2].bias.copy_(flat[0])
 
 
 @torch.no_grad()

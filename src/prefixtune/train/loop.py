@@ -244,8 +244,20 @@ class Trainer:
             return True
         return False
 
+    def _check_ranks_agree(self) -> None:
+        """DDP keeps replicas identical; prove it before rank 0 saves what it alone holds."""
+        if self.accelerator.num_processes < 2:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.model.encoders.parameters()]).sum()
+        gathered = self.accelerator.gather(checksum.view(1).to(self.accelerator.device)).cpu()
+        if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=1e-9):
+            raise RuntimeError(f"DDP ranks disagree on the trained prefixes: checksums {gathered.tolist()}")
+        if self.is_main:
+            self.say(f"ranks agree: {len(gathered)} processes, prefix checksum {float(gathered[0]):.6f}")
+
     def _finish(self, stopped: bool) -> TrainResult:
         progress, plan = self.progress, self.plan
+        self._check_ranks_agree()
         last_metrics = next((r for r in reversed(progress.history) if r.get("kind") == "eval"), {})
         result_dirs: dict[str, Path] = {}
         summary: dict[str, Any] = {}

@@ -101,7 +101,9 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     for name in adapter_labels:
         encoder = model.add_adapter(name, prefix_cfg)
         if cfg.init == "text":
-            encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, cfg.init_text, model.shape,
+            # "{label}" in the init text gives each per-label adapter its own starting point.
+            text = cfg.init_text.format(label=adapter_labels[name] or "")
+            encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
                                          cfg.num_virtual_tokens))
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
