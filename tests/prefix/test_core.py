@@ -173,6 +173,8 @@ def test_sparse_loss_equals_full_logits_loss():
     full = pm(ids, torch.ones_like(ids), ["a", None], labels=labels, return_logits=True)
     torch.testing.assert_close(sparse.loss, full.loss)
     assert sparse.num_tokens == full.num_tokens == 2 * 5
+    alone = pm(ids[1:], torch.ones_like(ids[1:]), [None], labels=labels[1:])
+    torch.testing.assert_close(sparse.row_loss_sum[1] / sparse.row_tokens[1], alone.loss.detach())
 
 
 def test_encoder_decoder_is_refused_clearly():

@@ -27,6 +27,8 @@ class PrefixOutput:
     loss: torch.Tensor | None  # mean token cross-entropy over labelled positions
     logits: torch.Tensor | None  # (B, T, vocab) when asked for
     num_tokens: int  # labelled tokens the loss averages over
+    row_loss_sum: torch.Tensor | None = None  # (B,) summed token losses per row, for per-adapter metrics
+    row_tokens: torch.Tensor | None = None  # (B,) labelled tokens per row
 
 
 class PrefixModel(nn.Module):
@@ -122,18 +124,21 @@ class PrefixModel(nn.Module):
             logits = self.run_base(input_ids, attention_mask, prefixes).logits  # (B, T, V)
             if labels is None:
                 return PrefixOutput(None, logits, 0)
-            targets = labels[:, 1:]
-            keep = targets != -100
-            loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
-            return PrefixOutput(loss, logits if want_logits else None, int(keep.sum()))
+            keep = labels[:, 1:] != -100
+            return self._loss(logits[:, :-1][keep], labels, keep, logits if want_logits else None)
         # Sparse head: the LM head (vocab-wide) runs only where a label is scored, not on prompt/pad tokens.
         hidden = self.run_base(input_ids, attention_mask, prefixes, backbone_only=True).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != -100
+        keep = labels[:, 1:] != -100
         picked = hidden[:, :-1][keep]  # (N, hidden)
-        logits = self.base.get_output_embeddings()(picked).float()  # (N, V)
-        loss = F.cross_entropy(logits, targets[keep])
-        return PrefixOutput(loss, None, int(keep.sum()))
+        return self._loss(self.base.get_output_embeddings()(picked), labels, keep, None)
+
+    @staticmethod
+    def _loss(scored: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, logits) -> PrefixOutput:
+        """Mean token loss over scored positions (N, V), plus per-row sums for per-adapter metrics."""
+        token_loss = F.cross_entropy(scored.float(), labels[:, 1:][keep], reduction="none")  # (N,)
+        rows = keep.nonzero()[:, 0]
+        row_sum = torch.zeros(keep.shape[0], device=token_loss.device).index_add(0, rows, token_loss.detach())
+        return PrefixOutput(token_loss.mean(), logits, int(keep.sum()), row_sum, keep.sum(-1))
 
     def _postprocessed_logits(self) -> bool:
         return any(getattr(self.base.config, name, None) for name in _LOGIT_POSTPROCESS)

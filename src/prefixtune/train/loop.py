@@ -148,14 +148,12 @@ class Trainer:
         sums: dict[str, list[float]] = {}
         for start in range(0, len(rows), self.cfg.batch_size):
             batch = collate(rows[start:start + self.cfg.batch_size], self.plan.pad_id)
-            for name in sorted(set(batch.adapters)):
-                idx = [i for i, a in enumerate(batch.adapters) if a == name]
-                part = collate([rows[start + i] for i in idx], self.plan.pad_id)
-                out = self.model(part.input_ids.to(self.device), part.attention_mask.to(self.device),
-                                 adapters=part.adapters, labels=part.labels.to(self.device))
+            out = self.model(batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
+                             adapters=batch.adapters, labels=batch.labels.to(self.device))
+            for name, loss_sum, tokens in zip(batch.adapters, out.row_loss_sum.tolist(), out.row_tokens.tolist()):
                 acc = sums.setdefault(name, [0.0, 0])
-                acc[0] += float(out.loss) * out.num_tokens
-                acc[1] += out.num_tokens
+                acc[0] += loss_sum
+                acc[1] += tokens
         loss = sum(s for s, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
         per = {name: s / max(n, 1) for name, (s, n) in sums.items()}
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "per_adapter": per}

@@ -111,6 +111,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     tok = loaded.tokenizer
     train_rows, truncated = tokenize(train_ex, tok, template, adapter_of, cfg.max_length)
     val_rows, _ = tokenize(val_ex, tok, template, adapter_of, cfg.max_length)
+    val_rows.sort(key=lambda r: len(r.input_ids))  # eval order is free; sorted batches barely pad
     if truncated:
         say(f"truncated {truncated} of {len(train_rows)} training examples to --max-length {cfg.max_length}")
 

@@ -1,0 +1,65 @@
+"""`prefixtune bench`: every benchmark prints its ratio against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prefixtune.prefix.peft_io import atomic_write, atomic_write_text
+
+
+def bar_chart(path: Path, title: str, labels: list[str], values: list[float], unit: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, values, color=["#2b8cbe", "#bdbdbd", "#fdae6b", "#a1d99b"][: len(values)])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def bench_training(loaded, data, out: Path, steps: int, rows: int, console: Console) -> dict[str, Any]:
+    from prefixtune.bench import train_speed
+
+    results = train_speed.run(loaded, data, steps=steps, rows=rows, say=console.print)
+    ours, peer = results
+    table = Table(title=f"training: {rows} emotion rows, batch 8, {steps} steps, label in the prompt")
+    for col in ("method", "real tokens/s", "seconds", "eval loss"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.method, f"{r.tokens_per_s:.1f}", f"{r.seconds:.1f}", f"{r.eval_loss:.3f}")
+    console.print(table)
+    ratio = ours.tokens_per_s / max(peer.tokens_per_s, 1e-9)
+    console.print(f"prefixtune trains {ratio:.2f}x the peer recipe's real tokens/s "
+                  f"(eval loss {ours.eval_loss:.3f} vs {peer.eval_loss:.3f})")
+    bar_chart(out / "train_tokens_per_s.png", "training speed (real tokens/s)",
+              [r.method for r in results], [r.tokens_per_s for r in results], "real tokens/s")
+    return {"results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], "speedup": ratio}
+
+
+def run_bench(model: str, data: str, out: str, steps: int = 10, rows: int = 256,
+              sections: tuple[str, ...] = ("train",)) -> dict[str, Any]:
+    from prefixtune.data import load_data
+    from prefixtune.models import load_base_model
+
+    console = Console()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"model": model, "data": data}
+    bundle = load_data(data)
+    if "train" in sections:
+        report["train"] = bench_training(load_base_model(model), bundle, out_dir, steps, rows, console)
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))
+    console.print(f"results in {out_dir}")
+    return report
