@@ -1,11 +1,68 @@
-"""`prefixtune serve` (placeholder until its issue lands)."""
+"""`prefixtune serve`: the base model and every adapter of a store behind an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from prefixtune.cli.common import user_errors
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
-    def _cmd() -> None:
-        """Serve the base model and every adapter over an OpenAI-compatible API (not built yet)."""
-        typer.echo("serve: not built yet")
-        raise typer.Exit(1)
+    @user_errors
+    def _cmd(
+        model: str = typer.Option("smollm2-135m", "--model", "-m", help="Base model: alias, local folder or .gguf."),
+        store: Optional[Path] = typer.Option(None, "--store", help="Adapter store folder (default: ~/.cache/prefixtune/adapters)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
+        port: int = typer.Option(8000, "--port", help="Port (0 = any free port)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PREFIXTUNE_API_KEY",
+                                              help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
+        max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together."),
+        max_queue: int = typer.Option(256, "--max-queue", min=0, help="Waiting rows before requests get HTTP 429."),
+        max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
+                                                    help="Virtual + prompt + new tokens per row (default: the model's limit)."),
+        max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Cap on max_tokens per choice."),
+        mode: str = typer.Option("continuous", "--batching", help="continuous (rows join/leave every step) or grouped."),
+        admin: bool = typer.Option(True, "--admin/--no-admin", help="Enable POST/DELETE /v1/adapters."),
+        adapter_root: Optional[list[Path]] = typer.Option(None, "--adapter-root",
+                                                          help="Folder POST /v1/adapters may load adapters from by path (repeatable)."),
+        max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
+        served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                        help="Base model id in the API (default: --model)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+        shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", min=0,
+                                               help="Seconds in-flight requests get to finish on SIGTERM."),
+        force: bool = typer.Option(False, "--force", help="Serve adapters trained on another base of the same shape."),
+        log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    ) -> None:
+        """Serve the base model and every adapter over an OpenAI-compatible API (model = adapter name)."""
+        from prefixtune.engine.lm import PrefixLM
+        from prefixtune.engine.scheduler import MODES, Scheduler
+        from prefixtune.server.app import ServerSettings, model_limit
+        from prefixtune.server.runner import serve
+
+        if mode not in MODES:
+            raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--batching")
+        lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
+        limit = model_limit(lm.model)
+        if max_model_len is not None and limit is not None and max_model_len > limit:
+            raise typer.BadParameter(f"{max_model_len} > the model's position limit {limit}",
+                                     param_hint="--max-model-len")
+        # A folder or .gguf path makes an awkward model id; its last component is what people type.
+        default_id = Path(model).name if ("/" in model or model.lower().endswith(".gguf")) else model
+        settings = ServerSettings(
+            model_name=served_model_name or default_id, host=host, port=port, api_key=api_key or None, admin=admin,
+            adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes,
+            max_model_len=max_model_len or limit, max_tokens=max_tokens, shutdown_timeout=shutdown_timeout,
+        )
+        scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode,
+                              max_model_len=settings.max_model_len, start=False)
+        try:
+            serve(lm, scheduler, settings, log_level=log_level)
+        except OSError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP API over one PrefixLM and its Scheduler: `create_app(lm, scheduler, settings)`.
+
+`model` in a request is the base model's id or an adapter name; rows of different adapters share the
+scheduler's batches. Route handlers only validate, tokenize and format: generation runs on the worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
+
+from prefixtune.engine.sampling import SamplingParams
+from prefixtune.engine.scheduler import Scheduler
+from prefixtune.server import protocol as P
+from prefixtune.server.adapters import AdapterRegistry
+from prefixtune.server.jobs import FINISH, EventStream, Job, check_errors
+from prefixtune.server.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServerMetrics
+from prefixtune.server.protocol import APIError
+from prefixtune.server.security import ApiKeyMiddleware, BodyLimitMiddleware
+
+
+@dataclass
+class ServerSettings:
+    """HTTP-side policy (batch and queue limits live on the Scheduler)."""
+
+    model_name: str  # the base model's id in /v1/models and in requests
+    host: str = "127.0.0.1"  # loopback unless asked otherwise
+    port: int = 8000  # 0 = any free port
+    api_key: str | None = None  # required as `Authorization: Bearer` on every endpoint but /health
+    admin: bool = True  # POST /v1/adapters and DELETE /v1/adapters/{name}
+    adapter_roots: list[Path] = field(default_factory=list)  # folders adapters may be loaded from by path
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_model_len: int | None = None  # virtual + prompt + new tokens per row; None = the model's limit
+    max_tokens: int = 1024  # cap on max_tokens per choice
+    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
+
+
+def model_limit(model) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
+    max_len = settings.max_model_len or model_limit(lm.model) or 1 << 30
+    base_ids = {settings.model_name, lm.loaded.name}
+    registry = AdapterRegistry(lm, scheduler.lm_lock, base_ids, settings.adapter_roots)
+    metrics = ServerMetrics(scheduler, registry.loaded, lambda: len(registry.names()))
+    tokenizer = lm.tokenizer  # event-loop thread only (the worker decodes with its own copy)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        scheduler.start()
+        yield
+        await run_in_threadpool(scheduler.shutdown, settings.shutdown_timeout)
+
+    app = FastAPI(title="prefixtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry, app.state.metrics, app.state.scheduler = registry, metrics, scheduler
+
+    # ---- errors in OpenAI's format -------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_req, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, err: RequestValidationError):
+        problems = err.errors()
+        if problems and problems[0].get("type") == "json_invalid":
+            where = [p for p in problems[0].get("loc", ()) if p != "body"]
+            at = f" at character {where[0]}" if where else ""
+            return JSONResponse(P.error_body(f"the request body is not valid JSON{at}"), status_code=400)
+        paths = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in problems]
+        message = "; ".join(f"{'.'.join(path) or 'body'}: {e.get('msg')}" for path, e in zip(paths, problems[:5]))
+        param = paths[0][0] if paths and paths[0] else None  # the top-level field, as OpenAI names it
+        return JSONResponse(P.error_body(message or "invalid request", param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req, err: StarletteHTTPException):
+        return JSONResponse(P.error_body(str(err.detail), code=str(err.status_code)), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req, err: Exception):
+        return JSONResponse(P.error_body(f"internal error: {type(err).__name__}: {err}", "server_error"),
+                            status_code=500)
+
+    # ---- info ------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        ok = scheduler.alive
+        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name,
+                "waiting": scheduler.waiting, "running": scheduler.running}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models():
+        cards = [P.model_card(settings.model_name)]
+        cards += [P.model_card(name, parent=settings.model_name) for name in registry.names()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        adapter = registry.resolve(model)
+        return P.model_card(settings.model_name) if adapter is None else P.model_card(adapter, settings.model_name)
+
+    # ---- admin -----------------------------------------------------------------------------------------
+    def require_admin() -> None:
+        if not settings.admin:
+            raise APIError(403, "admin endpoints are disabled on this server (--no-admin)", "permission_error",
+                           code="admin_disabled")
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: P.LoadAdapterRequest):
+        require_admin()
+        return await run_in_threadpool(registry.load, body.name, body.path)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        require_admin()
+        return await run_in_threadpool(registry.unload, name)
+
+    # ---- generation ------------------------------------------------------------------------------------
+    async def start_job(http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]], prompt_field: str,
+                        max_tokens: int | None, default_tokens: int | None) -> Job:
+        adapter = registry.resolve(body.model)
+        http.state.adapter = body.model  # metrics label, only once the model is known to be served
+        prefix = await run_in_threadpool(registry.prefix, adapter)
+        virtual = 0 if prefix is None else int(prefix.shape[2])
+        if max_tokens is not None and max_tokens > settings.max_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {settings.max_tokens}",
+                           param="max_tokens")
+        if body.n * len(prompts) > scheduler.max_queue:
+            raise APIError(400, f"n x prompts = {body.n * len(prompts)} rows exceed max_queue {scheduler.max_queue}",
+                           param="n")
+        job = Job(scheduler, metrics.ttft.labels(adapter=body.model))
+        for p, ids in enumerate(prompts):
+            room = max_len - virtual - len(ids)
+            if room < 1:
+                raise APIError(400, f"prompt {p} has {len(ids)} tokens (+{virtual} virtual); max_model_len is "
+                               f"{max_len}", param=prompt_field, code="context_length_exceeded")
+            if max_tokens is not None and max_tokens > room:
+                raise APIError(400, f"max_tokens {max_tokens} + {len(ids)} prompt + {virtual} virtual tokens "
+                               f"exceed max_model_len {max_len}", param="max_tokens", code="context_length_exceeded")
+            new = max_tokens if max_tokens is not None else min(default_tokens or room, room, settings.max_tokens)
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + p * body.n + j
+                params = SamplingParams(
+                    max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
+                    stop=list(body.stop or []), ignore_eos=body.ignore_eos,
+                )
+                job.add(ids, adapter, prefix, params)
+        job.submit()
+        return job
+
+    def encode(text: str, special: bool = True) -> list[int]:
+        # As PrefixLM.generate encodes, so greedy outputs match offline ones: a chat template already
+        # holds its special tokens (special=False), a plain prompt gets the tokenizer's usual ones.
+        return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, http: HTTPRequest):
+        if body.best_of not in (None, body.n):
+            raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
+        prompts = []
+        for item in body.prompts():
+            ids = encode(item) if isinstance(item, str) else list(item)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            if any(not 0 <= t < len(tokenizer) for t in ids):
+                raise APIError(400, f"prompt token ids must lie in [0, {len(tokenizer)})", param="prompt")
+            prompts.append(ids)
+        job = await start_job(http, body, prompts, "prompt", body.max_tokens, 16)
+        rid, created = P.new_id("cmpl"), P.now()
+        if body.stream:
+            return EventStream(_stream_completion(job, body, rid, created, prompts), job)
+        choices = await job.collect(http)
+        check_errors(choices)
+        out = [P.completion_choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)]
+        use = P.usage(sum(map(len, prompts)), sum(c.tokens for c in choices))
+        return P.envelope("text_completion", rid, created, body.model, out, use)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, http: HTTPRequest):
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, f"{settings.model_name} has no chat template; use /v1/completions",
+                           param="messages")
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - templates raise anything (e.g. jinja's TemplateError)
+            raise APIError(400, f"chat template failed: {err}", param="messages") from err
+        ids = encode(text, special=False)
+        job = await start_job(http, body, [ids], "messages", body.new_tokens(), None)
+        rid, created = P.new_id("chatcmpl"), P.now()
+        if body.stream:
+            return EventStream(_stream_chat(job, body, rid, created, len(ids)), job)
+        choices = await job.collect(http)
+        check_errors(choices)
+        out = [P.chat_choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)]
+        use = P.usage(len(ids), sum(c.tokens for c in choices))
+        return P.envelope("chat.completion", rid, created, body.model, out, use)
+
+    # Outermost first: count every generation request, then authenticate, then bound the body.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, created: int, prompts):
+    tokens = [0] * len(job.requests)
+    async for index, out in job.events():
+        if out.error:
+            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+            break
+        tokens[index] = out.completion_tokens
+        finish = FINISH.get(out.finish_reason, out.finish_reason) if out.finish_reason else None
+        if out.text or finish:
+            yield _sse(P.envelope("text_completion", rid, created, body.model,
+                                  [P.completion_choice(index, out.text, finish)]))
+    if body.include_usage():
+        yield _sse(P.envelope("text_completion", rid, created, body.model, [],
+                              P.usage(sum(map(len, prompts)), sum(tokens))))
+    yield _sse("[DONE]")
+
+
+async def _stream_chat(job: Job, body: P.ChatRequest, rid: str, created: int, prompt_tokens: int):
+    kind = "chat.completion.chunk"
+    tokens = [0] * len(job.requests)
+    for index in range(len(job.requests)):  # OpenAI opens every choice with the role
+        yield _sse(P.envelope(kind, rid, created, body.model,
+                              [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
+    async for index, out in job.events():
+        if out.error:
+            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+            break
+        tokens[index] = out.completion_tokens
+        if out.text:
+            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {"content": out.text}, None)]))
+        if out.finish_reason:
+            finish = FINISH.get(out.finish_reason, out.finish_reason)
+            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {}, finish)]))
+    if body.include_usage():
+        yield _sse(P.envelope(kind, rid, created, body.model, [], P.usage(prompt_tokens, sum(tokens))))
+    yield _sse("[DONE]")

@@ -1,0 +1,132 @@
+"""Bridge between the scheduler's worker thread and the event loop: one Job per HTTP request.
+
+The worker calls Request.emit; emit hands the Output to the loop with call_soon_threadsafe into the job's
+asyncio.Queue, so the worker never blocks on a slow client and the loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import StreamingResponse
+
+from prefixtune.engine.sampling import SamplingParams
+from prefixtune.engine.scheduler import Output, QueueFull, Request, Scheduler, SchedulerClosed
+from prefixtune.server.protocol import APIError
+
+# Engine finish reasons as the API reports them (vLLM's "abort" for rows the server gave up on).
+FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "abort": "abort"}
+
+
+@dataclass
+class Choice:
+    """One row's accumulated result."""
+
+    text: list[str] = field(default_factory=list)  # text pieces in order
+    finish_reason: str | None = None  # API finish reason once done
+    tokens: int = 0  # completion tokens
+    error: str | None = None  # engine error message
+
+
+class Job:
+    """The rows (prompts x n) of one HTTP request; collect() or stream events() exactly once."""
+
+    def __init__(self, scheduler: Scheduler, ttft=None):
+        self.scheduler = scheduler
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.requests: list[Request] = []
+        self.open: set[int] = set()  # rows not finished yet
+        self.ttft = ttft  # histogram child to observe time to first token on, or None
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+
+    def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams) -> int:
+        index = len(self.requests)
+        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix))
+        return index
+
+    def submit(self) -> None:
+        """All rows or none; QueueFull -> 429, shutting down -> 503, bad length -> 400."""
+        try:
+            self.scheduler.submit_many(self.requests)
+        except QueueFull as err:
+            raise APIError(429, f"server busy: {err}; retry later", "rate_limit_error", None, "queue_full") from err
+        except SchedulerClosed as err:
+            raise APIError(503, str(err), "server_error", None, "shutting_down") from err
+        except ValueError as err:
+            raise APIError(400, str(err), param="max_tokens") from err
+        self.open = set(range(len(self.requests)))
+
+    def _emit(self, index: int, output: Output) -> None:  # worker thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, output))
+        except RuntimeError:
+            pass  # the event loop is closed: nobody listens any more
+
+    def cancel(self) -> None:
+        """Free the batch slots of rows still running (idempotent)."""
+        for index in list(self.open):
+            self.scheduler.cancel(self.requests[index].request_id)
+
+    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+        while self.open:
+            index, output = await self.queue.get()
+            if output.finish_reason is not None:
+                self.open.discard(index)
+            if self.first_token_at is None and output.token_ids:
+                self.first_token_at = time.monotonic()
+                if self.ttft is not None:
+                    self.ttft.observe(self.first_token_at - self.start)
+            yield index, output
+
+    async def collect(self, http: HTTPRequest) -> list[Choice]:
+        """Wait for every row; a client that disconnects meanwhile cancels them."""
+        choices = [Choice() for _ in self.requests]
+        watcher = asyncio.create_task(self._cancel_on_disconnect(http))
+        try:
+            async for index, out in self.events():
+                choice = choices[index]
+                choice.text.append(out.text)
+                choice.tokens = out.completion_tokens
+                if out.finish_reason is not None:
+                    choice.finish_reason = FINISH.get(out.finish_reason, out.finish_reason)
+                    choice.error = out.error
+        finally:
+            watcher.cancel()
+            self.cancel()
+        return choices
+
+    async def _cancel_on_disconnect(self, http: HTTPRequest) -> None:
+        # The body is already read, so the next ASGI message is the disconnect (or nothing until we answer).
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+
+
+def check_errors(choices: list[Choice]) -> None:
+    failed = next((c for c in choices if c.error), None)
+    if failed is not None:
+        raise APIError(500, f"generation failed: {failed.error}", "server_error", None, "generation_failed")
+    if all(c.finish_reason == "abort" and c.tokens == 0 for c in choices):
+        raise APIError(503, "the request was aborted (server shutting down)", "server_error", None, "aborted")
+
+
+class EventStream(StreamingResponse):
+    """text/event-stream response that cancels its job however the stream ends (done, client gone, shutdown)."""
+
+    def __init__(self, content, job: Job):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()

@@ -1,0 +1,211 @@
+"""OpenAI request bodies (pydantic) and response/chunk builders, plus the OpenAI error format.
+
+Unknown fields are rejected (a typo such as `max_token` fails loudly with the field named, as OpenAI does);
+OpenAI fields we do not implement are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _neutral(name: str, value: Any, neutral: tuple[Any, ...] = (None, 0, 0.0, False, {}, [])) -> Any:
+    if value not in neutral:
+        raise ValueError(f"{name} is not supported by this server")
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False  # send a last chunk with token counts (choices empty)
+
+
+class SamplingBody(_Body):
+    """Fields completions and chat share."""
+
+    model: str = Field(min_length=1)  # base model id or adapter name (see GET /v1/models)
+    max_tokens: int | None = Field(None, ge=1)  # new tokens per choice
+    temperature: float | None = Field(None, ge=0, le=2)  # 0 = greedy; None = 1 (OpenAI's default)
+    top_p: float | None = Field(None, gt=0, le=1)  # nucleus mass
+    top_k: int | None = Field(None, ge=-1)  # extension (as vLLM): -1 / 0 = off
+    n: int = Field(1, ge=1, le=128)  # choices per prompt
+    seed: int | None = None  # reproducible sampling; choice i uses seed + i
+    stop: str | list[str] | None = None  # up to 4 stop strings, cut from the text
+    stream: bool = False  # server-sent events, OpenAI chunk format, ends with [DONE]
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension (as vLLM): keep generating past EOS
+    user: str | None = None  # accepted and ignored
+    presence_penalty: float | None = None  # only 0
+    frequency_penalty: float | None = None  # only 0
+    logit_bias: dict[str, float] | None = None  # only empty
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [] if value is None else [value] if isinstance(value, str) else list(value)
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        return _neutral(info.field_name, value)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingBody):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
+    echo: bool = False  # only false
+    logprobs: int | None = None  # only null
+    suffix: str | None = None  # only null
+    best_of: int | None = None  # only null or equal to n
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported_completion(cls, value: Any, info) -> Any:
+        return _neutral(info.field_name, value, (None, False))
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one prompt as token ids
+        return list(p)
+
+
+class TextPart(_Body):
+    type: Literal["text"]  # only text parts (no images or audio)
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(SamplingBody):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None  # only false
+    top_logprobs: int | None = None  # only null
+    tools: list[dict[str, Any]] | None = None  # only empty
+    tool_choice: str | None = None  # only null / "none"
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+
+    @field_validator("logprobs", "top_logprobs", "tools")
+    @classmethod
+    def _unsupported_chat(cls, value: Any, info) -> Any:
+        return _neutral(info.field_name, value)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value: str | None) -> str | None:
+        return _neutral("tool_choice", value, (None, "none"))
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value not in (None, {"type": "text"}):
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LoadAdapterRequest(_Body):
+    """POST /v1/adapters: load `name` from the store, or from `path` (under an allowed root) as `name`."""
+
+    name: str = Field(min_length=1)
+    path: str | None = None
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+             usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """A response or chunk: kind is text_completion | chat.completion | chat.completion.chunk."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": usage_}
+
+
+def model_card(model_id: str, parent: str | None = None, **extra: Any) -> dict[str, Any]:
+    card = {"id": model_id, "object": "model", "created": now(), "owned_by": "prefixtune"}
+    if parent is not None:
+        card["parent"] = parent  # adapters name their base model, as vLLM's LoRA cards do
+        card["root"] = parent
+    card.update(extra)
+    return card

@@ -1,0 +1,43 @@
+"""Fixtures for the serving tests: a tiny model and a store with two adapters of different prefix lengths.
+The server itself (real uvicorn on a free loopback port) comes from serve_helpers.live_server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from serve_helpers import ADAPTERS, write_adapter
+
+from prefixtune.engine.lm import PrefixLM
+from prefixtune.models import LoadedModel, load_base_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny matmuls on a busy 2-core machine run ~100x slower with 2 intra-op threads than with one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def serve_base(tiny_model_dir: Path) -> LoadedModel:
+    """Read-only: used to build adapters, never to serve."""
+    return load_base_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def serve_store(tmp_path_factory: pytest.TempPathFactory, serve_base: LoadedModel) -> Path:
+    root = tmp_path_factory.mktemp("serve-store")
+    for i, (name, p) in enumerate(ADAPTERS.items()):
+        write_adapter(root / name, serve_base, name, p, seed=100 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def serve_lm(tiny_model_dir: Path, serve_store: Path) -> PrefixLM:
+    """One PrefixLM per test module (hot-load tests register adapters on it; forward hooks come and go)."""
+    return PrefixLM(load_base_model(str(tiny_model_dir), device="cpu", dtype="float32"), serve_store)
