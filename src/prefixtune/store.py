@@ -2,7 +2,8 @@
 
 A folder holds PEFT's files (adapter_config.json + adapter_model.safetensors, loadable by `peft`), our
 trainable state, and `prefixtune.json` (base model + fingerprint, data, template, hyperparameters,
-metrics, versions). Folders appear atomically: written under a hidden temp name, then renamed.
+metrics, versions). Every write is atomic: a folder is built under a hidden temp name (hidden names are
+never listed) and renamed into place, so a crash never leaves half an adapter visible.
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ import torch
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.peft_io import (
     CONFIG_FILE,
+    WEIGHTS_FILE,
     LoadedAdapter,
     atomic_write_text,
     load_adapter,
+    read_peft_config,
     save_adapter,
 )
 from prefixtune.prefix.shapes import PrefixShape
 
 MANIFEST_FILE = "prefixtune.json"
+SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim")  # what a manifest records of PrefixShape
+RESERVED_NAMES = frozenset({"none"})  # `--adapter none` means the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HIDDEN_LEFTOVERS = (".*.tmp-*", ".*.old-*", ".*.rm-*")  # what an interrupted write/rm can leave behind
+_STALE_S = 3600  # leftovers older than this belong to dead processes
 
 
 class StoreError(ValueError):
@@ -60,6 +67,9 @@ class Manifest:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 def versions() -> dict[str, str]:
     import peft
@@ -75,12 +85,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def shape_dict(shape: PrefixShape) -> dict[str, int]:
+    return {k: getattr(shape, k) for k in SHAPE_KEYS}
+
+
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise StoreError(
             f"invalid adapter name {name!r}: use letters, digits, '-', '_' and '.', starting with a letter "
-            "or digit, no path separators or '..'"
+            "or digit, at most 128 characters, no path separators or '..'"
         )
+    if name.lower() in RESERVED_NAMES:
+        raise StoreError(f"invalid adapter name {name!r}: it is reserved (`--adapter none` = the base model)")
     return name
 
 
@@ -99,23 +115,35 @@ def write_adapter_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not overwrite:
         raise StoreError(f"{folder} exists; pass --overwrite or choose another name")
+    _remove_stale_leftovers(folder.parent)
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.versions = manifest.versions or versions()
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    tmp = _make_tmp(folder)
     try:
         save_adapter(tmp, flat, shape, config, manifest.base_model, encoder, storage_dtype)
-        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2, default=str))
-        _swap_in(tmp, folder)
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+        _swap_in(tmp, folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename tmp onto target; an old target is moved aside first and removed after."""
+def _make_tmp(target: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp is owner-only; the renamed folder should be readable like any other
+    return tmp
+
+
+def _swap_in(tmp: Path, target: Path, overwrite: bool = True) -> None:
+    """Rename tmp onto target; an old target is moved aside first and removed after.
+
+    Between the two renames the name is briefly absent, never half-written.
+    """
     old = None
     if target.exists():
+        if not overwrite:
+            raise StoreError(f"{target} appeared while writing; choose another name or pass --overwrite")
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
         os.rename(target, old)
     os.rename(tmp, target)
@@ -123,11 +151,29 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_stale_leftovers(parent: Path) -> None:
+    # A SIGKILLed write cannot clean up after itself; its hidden temp folder goes on a later write.
+    now = time.time()
+    for pattern in _HIDDEN_LEFTOVERS:
+        for path in parent.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > _STALE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def read_manifest(folder: Path) -> Manifest | None:
-    path = folder / MANIFEST_FILE
+    path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
-    return Manifest.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("expected a JSON object")
+        return Manifest.from_dict(data)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise StoreError(f"{path} is not a valid prefixtune manifest ({err}); re-import or retrain the adapter")
 
 
 def check_compatible(
@@ -135,27 +181,48 @@ def check_compatible(
 ) -> str | None:
     """Refuse an adapter trained on another base model; returns a warning when --force overrides."""
     if manifest is None:
-        return None  # foreign (PEFT) adapters carry no fingerprint; their shapes were checked on load
-    same_shape = manifest.shape == {k: getattr(shape, k) for k in manifest.shape}
+        return None  # foreign (PEFT) adapters carry no fingerprint; their shapes are checked on load
+    wanted = shape_dict(shape)
+    same_shape = {k: manifest.shape.get(k) for k in SHAPE_KEYS} == wanted
     if manifest.base_fingerprint == fingerprint and same_shape:
         return None
     problem = (
-        f"adapter {manifest.name!r} was trained on {manifest.base_model} (fingerprint "
-        f"{manifest.base_fingerprint}), but the loaded base model is {model_name} (fingerprint {fingerprint})"
+        f"adapter {manifest.name!r} was trained on base model {manifest.base_model!r} (fingerprint "
+        f"{manifest.base_fingerprint}), but the loaded base model is {model_name!r} (fingerprint {fingerprint})"
     )
     if not same_shape:
-        raise StoreError(f"{problem}, and the shapes differ ({manifest.shape} vs {shape.describe()}).")
+        raise StoreError(
+            f"{problem}, and the prefix shapes differ (adapter {manifest.shape} vs model {wanted}). "
+            f"Load it with --model {manifest.base_model}; --force cannot help when shapes differ."
+        )
     if not force:
-        raise StoreError(f"{problem}. Load it on its own base model, or pass --force (the shapes match).")
+        raise StoreError(
+            f"{problem}. Load it with --model {manifest.base_model}, or pass --force (the shapes match, but "
+            "the output is unlikely to be what the adapter learned)."
+        )
     return f"warning: {problem}; loading anyway (--force)"
 
 
 @dataclass
 class StoredAdapter:
-    name: str
-    path: Path
-    manifest: Manifest | None
-    size_bytes: int
+    """One adapter folder as the store sees it."""
+
+    name: str  # folder name = adapter name
+    path: Path  # the folder
+    manifest: Manifest | None  # None for a bare PEFT folder copied in by hand
+    size_bytes: int  # bytes of all files in the folder
+    num_virtual_tokens: int | None  # from the PEFT config
+
+
+def key_metric(manifest: Manifest | None) -> tuple[str, float] | None:
+    """The one number `adapters list` shows: the adapter's own eval loss when it has one."""
+    if manifest is None:
+        return None
+    for key in ("eval_loss_own", "eval_loss", "perplexity"):
+        value = manifest.metrics.get(key)
+        if isinstance(value, (int, float)):
+            return key, float(value)
+    return None
 
 
 class AdapterStore:
@@ -175,7 +242,7 @@ class AdapterStore:
             return []
         return sorted(
             p.name for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file()
+            if p.is_dir() and _valid(p.name) and (p / CONFIG_FILE).is_file()
         )
 
     def list(self) -> list[StoredAdapter]:
@@ -183,8 +250,22 @@ class AdapterStore:
 
     def info(self, name: str) -> StoredAdapter:
         folder = self._existing(name)
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-        return StoredAdapter(name, folder, read_manifest(folder), size)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        try:
+            tokens = int(read_peft_config(folder).get("num_virtual_tokens"))
+        except (ValueError, TypeError):
+            tokens = None
+        return StoredAdapter(name, folder, self.manifest(name), size, tokens)
+
+    def manifest(self, name: str) -> Manifest | None:
+        manifest = read_manifest(self._existing(name))
+        if manifest is not None:
+            manifest.name = name  # the folder name is the truth (a rename may crash before the rewrite)
+        return manifest
+
+    def folder(self, name: str) -> Path:
+        """The folder of an existing adapter (a clear error listing the known ones otherwise)."""
+        return self._existing(name)
 
     def _existing(self, name: str) -> Path:
         folder = self.path(name)
@@ -195,7 +276,7 @@ class AdapterStore:
 
     def load(self, name: str, shape: PrefixShape | None = None) -> tuple[LoadedAdapter, Manifest | None]:
         folder = self._existing(name)
-        return load_adapter(folder, shape), read_manifest(folder)
+        return load_adapter(folder, shape), self.manifest(name)
 
     def save(self, name: str, flat: torch.Tensor, shape: PrefixShape, config: PrefixConfig,
              manifest: Manifest, encoder: PrefixEncoder | None = None, storage_dtype: str = "float32",
@@ -214,38 +295,71 @@ class AdapterStore:
         folder = self._existing(old)
         target = self.path(new)
         if target.exists():
-            raise StoreError(f"adapter {new!r} already exists")
+            raise StoreError(f"adapter {new!r} already exists in {self.root}; remove it first or pick another name")
         manifest = read_manifest(folder)
-        os.rename(folder, target)
+        os.rename(folder, target)  # one atomic step; the manifest's name below is cosmetic
         if manifest is not None:
             manifest.name = new
-            atomic_write_text(target / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2, default=str))
+            atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+
+    def import_adapter(self, source: str | Path, name: str, shape: PrefixShape, base_model: str,
+                       fingerprint: str, force: bool = False, overwrite: bool = False) -> tuple[Path, str | None]:
+        """Copy a PEFT prefix-tuning folder (or another prefixtune adapter) in, checked against the model.
+
+        Returns the new folder and a warning when --force let a fingerprint mismatch through.
+        """
+        source = Path(source).expanduser()
+        validate_name(name)
+        if not overwrite and self.path(name).exists():
+            raise StoreError(f"adapter {name!r} already exists in {self.root}; pass --overwrite or pick another name")
+        theirs = read_manifest(source)
+        warning = check_compatible(theirs, shape, fingerprint, base_model, force)
+        loaded = load_adapter(source, shape)  # raises on shapes that do not fit this model
+        if theirs is not None:
+            manifest = theirs
+            manifest.dataset = {**manifest.dataset, "imported_from": str(source)}
+        else:
+            manifest = Manifest(
+                name=name, base_model=base_model, base_fingerprint=fingerprint, shape=shape_dict(shape),
+                prefix=loaded.config.to_dict(),
+                dataset={"imported_from": str(source),
+                         "peft_base_model": loaded.peft_config.get("base_model_name_or_path")},
+            )
+        folder = self.save(name, loaded.flat, shape, loaded.config, manifest, overwrite=overwrite)
+        return folder, warning
 
     def import_peft(self, source: str | Path, name: str, shape: PrefixShape, base_model: str,
                     fingerprint: str, overwrite: bool = False) -> Path:
-        """Copy a PEFT prefix-tuning folder in, checking its shapes against the base model."""
-        loaded = load_adapter(source, shape)
-        manifest = read_manifest(Path(source)) or Manifest(
-            name=name, base_model=base_model, base_fingerprint=fingerprint,
-            shape={k: getattr(shape, k) for k in ("num_layers", "kv_heads", "head_dim")},
-            prefix=loaded.config.to_dict(), dataset={"imported_from": str(source)},
-        )
-        return self.save(name, loaded.flat, shape, loaded.config, manifest, overwrite=overwrite)
+        """import_adapter without --force, returning only the folder (the older name)."""
+        return self.import_adapter(source, name, shape, base_model, fingerprint, overwrite=overwrite)[0]
 
-    def export(self, name: str, target: str | Path) -> Path:
-        """A PEFT-loadable copy of the adapter (our extra files ride along; PEFT ignores them)."""
+    def export(self, name: str, target: str | Path, peft_only: bool = False) -> Path:
+        """A PEFT-loadable copy of the adapter; our extra files ride along unless peft_only (PEFT ignores them)."""
         folder = self._existing(name)
-        target = Path(target)
-        if target.exists() and any(target.iterdir()):
-            raise StoreError(f"{target} exists and is not empty")
-        tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
-        shutil.copytree(folder, tmp / "a")
+        target = Path(target).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise StoreError(f"{target} exists and is not an empty folder; export into a new folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target.rmdir()
-        shutil.move(str(tmp / "a"), target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _make_tmp(target)  # same filesystem as target, so the final rename is atomic
+        try:
+            for item in folder.iterdir():
+                if item.is_file() and (not peft_only or item.name in (CONFIG_FILE, WEIGHTS_FILE)):
+                    shutil.copy2(item, tmp / item.name)
+            if target.exists():
+                target.rmdir()  # empty (checked above); rename cannot replace a folder in one step
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return target
+
+
+def _valid(name: str) -> bool:
+    try:
+        validate_name(name)
+    except StoreError:
+        return False
+    return True
 
 
 def default_store() -> Path:

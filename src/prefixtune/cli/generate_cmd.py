@@ -1,11 +1,126 @@
-"""`prefixtune generate` (placeholder until its issue lands)."""
+"""`prefixtune generate`: one prompt through one or more adapters, as one mixed batch.
+
+Every --adapter (and --adapter-path) becomes one row of the same batch, so comparing adapters costs one
+decode, and each row's output equals a run with that adapter alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from prefixtune.cli.common import user_errors
+
+BASE = "none"  # --adapter none = the base model
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
-    def _cmd() -> None:
-        """Generate text with one or more adapters (not built yet)."""
-        typer.echo("generate: not built yet")
-        raise typer.Exit(1)
+    @user_errors
+    def generate(
+        prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (after the template with --label)."),
+        adapter: list[str] = typer.Option(
+            [], "--adapter", "-a", help="Adapter from the store; repeat for several (one row each). "
+                                        "'none' = the base model. Default: none."),
+        adapter_path: list[Path] = typer.Option(
+            [], "--adapter-path", help="An adapter folder outside the store; repeatable."),
+        model: str = typer.Option("smollm2-135m", "--model", "-m", help="Base model."),
+        store: Optional[Path] = typer.Option(
+            None, "--store", help="Adapter store folder (default: $PREFIXTUNE_HOME/adapters)."),
+        label: Optional[str] = typer.Option(
+            None, "--label", help="Fill each adapter's own training template with this label (a base-model "
+                                  "row gets the first adapter's filled prompt, for comparison)."),
+        max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+        temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = all)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Fix the sampling stream (same for every row)."),
+        stop: list[str] = typer.Option([], "--stop", help="Stop string (cut from the output); repeatable."),
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        force: bool = typer.Option(False, "--force", help="Use adapters trained on another base model "
+                                                          "(only when the shapes match)."),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16"),
+    ) -> None:
+        """Generate text with one or more adapters (one result per adapter, one mixed batch)."""
+        from prefixtune.engine.sampling import SamplingParams
+        from prefixtune.store import AdapterStore, default_store, validate_name
+
+        # Everything a user can get wrong is checked before the (slow) model load.
+        if not prompt and label is None:
+            _fail("give --prompt, --label, or both")
+        names = list(adapter) or ([] if adapter_path else [BASE])
+        for name in names:
+            if name.lower() != BASE:
+                validate_name(name)
+        for folder in adapter_path:
+            if not folder.is_dir():
+                _fail(f"--adapter-path {folder} is not a folder")
+        try:
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
+        except ValueError as err:
+            _fail(str(err))
+        st = AdapterStore(store if store is not None else default_store())
+        for name in names:
+            if name.lower() != BASE:
+                st.folder(name)  # a missing adapter names the ones that exist
+
+        from prefixtune.engine.lm import PrefixLM
+        from prefixtune.models import load_base_model
+
+        lm = PrefixLM(load_base_model(model, device=device, dtype=dtype), st, force=force)
+        rows: list[str | None] = [None if n.lower() == BASE else n for n in names]
+        rows += [lm.register(str(folder), folder) for folder in adapter_path]
+        try:
+            prompts = _render_all(lm, prompt, rows, label)
+            results = lm.generate(prompts, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat)
+        except ValueError as err:
+            from prefixtune.errors import user_error_types
+
+            if isinstance(err, user_error_types()):
+                raise  # user_errors prints it
+            _fail(str(err))  # template/label/chat problems: the message says the fix
+        out = [
+            {
+                "adapter": r.adapter if r.adapter is not None else BASE,
+                "prompt": p,
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "tokens": r.tokens,
+            }
+            for p, r in zip(prompts, results)
+        ]
+        if as_json:
+            typer.echo(json.dumps(out, indent=2))
+            return
+        for item in out:
+            header = (f"── {item['adapter']} · {item['prompt_tokens']} prompt + {item['completion_tokens']} "
+                      f"generated tokens · {item['finish_reason']} ──")
+            typer.echo(typer.style(header, bold=True))
+            # A completion continues its prompt; a chat answer is a new turn, so it starts a new line.
+            typer.echo(typer.style(item["prompt"], dim=True) + ("\n" if chat else "") + item["text"])
+            typer.echo()
+
+
+def _render_all(lm, prompt: str, rows: list, label: str | None) -> list[str]:
+    """Each row's prompt; with --label, base-model rows see the first adapter's filled template."""
+    rendered = [None if row is None else lm.render(prompt, row, label) for row in rows]
+    if label is not None and None in rows:
+        reference = next((r for r in rendered if r is not None), None)
+        if reference is None:
+            raise ValueError("--label fills an adapter's training template; the base model has none "
+                             "(add an --adapter, or pass the whole --prompt)")
+        return [reference if r is None else r for r in rendered]
+    return [prompt if r is None else r for r in rendered]

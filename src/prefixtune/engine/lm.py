@@ -1,7 +1,15 @@
-"""PrefixLM: one frozen base model, many adapters, swapped or mixed per row without reloading."""
+"""PrefixLM: one frozen base model, many adapters, swapped or mixed per row without reloading.
+
+An adapter is read from disk once, folded to its keys/values (2L, kv_heads, P, head_dim) on the model's
+device, and kept in an LRU bounded by count and bytes; a swap is a dictionary lookup, a miss one small
+safetensors read. The base model is never touched.
+"""
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -14,37 +22,57 @@ import torch
 from prefixtune.engine.generate import generate_ids
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.prefix.encoder import flat_to_kv
-from prefixtune.prefix.peft_io import load_adapter
+from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import AdapterStore, Manifest, check_compatible, default_store, read_manifest
+from prefixtune.store import AdapterStore, Manifest, StoreError, check_compatible, default_store, read_manifest
 
 
 @dataclass
 class Generation:
     """One prompt's result."""
 
-    text: str  # generated text (stop string cut off)
-    tokens: list[int]  # generated token ids
-    finish_reason: str  # "stop" | "length"
+    text: str  # generated text (stop string cut off, special tokens skipped)
+    tokens: list[int]  # generated token ids (EOS not included)
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
     prompt_tokens: int  # tokens in the prompt
     adapter: str | None  # adapter used (None = base model)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
 class CachedAdapter:
+    """A folded adapter ready to inject."""
+
     kv: torch.Tensor  # (2L, kv_heads, P, head_dim) on the model's device and dtype
-    manifest: Manifest | None
+    manifest: Manifest | None  # None for a bare PEFT folder
     load_ms: float  # time it took to read from disk and place on the device
+    stamp: tuple[int, ...] = ()  # (inode, mtime_ns, size) of the weights file it was read from
+    folder: Path | None = None  # where it was read from
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
 
 
 class AdapterCache:
-    """LRU of folded prefixes, bounded by count and bytes; evicts the least recently used."""
+    """LRU of folded prefixes, bounded by count and bytes; evicts the least recently used.
+
+    The entry just added is never evicted, so one adapter larger than max_bytes still works (alone).
+    """
 
     def __init__(self, max_adapters: int = 64, max_bytes: int | None = None):
+        if max_adapters < 1:
+            raise ValueError(f"the adapter cache must hold at least 1 adapter, got max_adapters={max_adapters}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive or None (no byte limit), got {max_bytes}")
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, CachedAdapter] = OrderedDict()
-        self.evictions = 0
+        self.evictions = 0  # adapters pushed out since creation
+        self._bytes = 0
 
     def get(self, name: str) -> CachedAdapter | None:
         item = self._items.get(name)
@@ -53,23 +81,36 @@ class AdapterCache:
         return item
 
     def put(self, name: str, item: CachedAdapter) -> None:
+        self.drop(name)
         self._items[name] = item
-        self._items.move_to_end(name)
+        self._bytes += item.nbytes
         while len(self._items) > self.max_adapters or (
-            self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._items) > 1
+            self.max_bytes is not None and self._bytes > self.max_bytes and len(self._items) > 1
         ):
-            self._items.popitem(last=False)
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
             self.evictions += 1
 
     def drop(self, name: str) -> bool:
-        return self._items.pop(name, None) is not None
+        item = self._items.pop(name, None)
+        if item is not None:
+            self._bytes -= item.nbytes
+        return item is not None
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(i.kv.numel() * i.kv.element_size() for i in self._items.values())
+        return self._bytes
 
     def names(self) -> list[str]:
+        """Cached adapters, least recently used first."""
         return list(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
 
     def __len__(self) -> int:
         return len(self._items)
@@ -78,34 +119,45 @@ class AdapterCache:
 class PrefixLM:
     """Generate with any adapter of a store; a batch may mix adapters and base-model rows (None)."""
 
-    def __init__(self, loaded, store: AdapterStore | None = None, cache_size: int = 64,
+    def __init__(self, loaded, store: AdapterStore | str | Path | None = None, cache_size: int = 64,
                  cache_bytes: int | None = None, force: bool = False):
-        self.loaded = loaded
+        self.loaded = loaded  # LoadedModel (models.load_base_model)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.shape = prefix_shape(self.model.config)
-        self.store = store or AdapterStore(default_store())
+        if store is None or isinstance(store, (str, Path)):
+            store = AdapterStore(store if store is not None else default_store())
+        self.store = store
         self.cache = AdapterCache(cache_size, cache_bytes)
-        self.force = force
+        self.force = force  # load adapters from another base model when the shapes match
         self.paths: dict[str, Path] = {}  # adapters registered from outside the store
+        self.warnings: list[str] = []  # --force warnings issued so far
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", store: str | Path | None = None, device: str | None = None,
              dtype: str | None = None, **kwargs: Any) -> PrefixLM:
+        """Load the base model once; kwargs: cache_size, cache_bytes, force."""
         from prefixtune.models import load_base_model
 
-        root = Path(store) if store is not None else default_store()
-        return cls(load_base_model(model, device=device, dtype=dtype), AdapterStore(root), **kwargs)
+        return cls(load_base_model(model, device=device, dtype=dtype), store, **kwargs)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     # ---- adapters -------------------------------------------------------------------------------
-    def register(self, name: str, folder: str | Path) -> None:
-        """Serve an adapter from a folder outside the store under `name`."""
-        self.paths[name] = Path(folder)
+    def register(self, name: str, folder: str | Path) -> str:
+        """Serve an adapter from a folder outside the store under `name` (it shadows a store adapter)."""
+        folder = Path(folder).expanduser()
+        if not (folder / CONFIG_FILE).is_file():
+            raise StoreError(f"{folder} is not an adapter folder (no {CONFIG_FILE})")
+        self.paths[name] = folder
         self.cache.drop(name)
+        return name
 
     def unload(self, name: str) -> bool:
         self.paths.pop(name, None)
@@ -114,44 +166,81 @@ class PrefixLM:
     def available(self) -> list[str]:
         return sorted(set(self.store.names()) | set(self.paths))
 
+    def _folder(self, name: str) -> Path:
+        return self.paths[name] if name in self.paths else self.store.folder(name)
+
     def adapter(self, name: str) -> CachedAdapter:
-        """Folded prefix of `name`, from the LRU or from disk (checked against the base model)."""
+        """Folded prefix of `name`, from the LRU or from disk (checked against the base model).
+
+        A cached entry is reused only while its weights file is the same one (an atomic rewrite makes a
+        new file), so retraining into the store is picked up without a restart.
+        """
+        folder = self._folder(name)
+        stamp = _stamp(folder)
         item = self.cache.get(name)
-        if item is not None:
+        if item is not None and item.stamp == stamp and item.folder == folder:
             return item
         start = time.perf_counter()
-        folder = self.paths.get(name) or self.store._existing(name)
-        loaded = load_adapter(folder, self.shape)
         manifest = read_manifest(folder)
+        if manifest is not None and name not in self.paths:
+            manifest.name = name  # the folder name is the truth
+        # The manifest check comes first: it names both models, where a raw shape error could not.
         warning = check_compatible(manifest, self.shape, self.loaded.fingerprint, self.loaded.name, self.force)
         if warning:
-            print(warning)
-        dtype = next(self.model.parameters()).dtype
-        kv = flat_to_kv(loaded.flat, self.shape).to(self.device, dtype).contiguous()  # (2L, kv, P, hd)
-        item = CachedAdapter(kv, manifest, (time.perf_counter() - start) * 1000)
+            self.warnings.append(warning)
+            print(warning, file=sys.stderr)
+        loaded = load_adapter(folder, self.shape)
+        # Move the contiguous flat tensor, then view it: no extra copy here, since stack_prefixes pads
+        # (copies) each prefix per batch anyway; a .contiguous() would only double the load cost.
+        flat = loaded.flat.to(self.device, self.dtype)  # (P, 2L*kv_heads*head_dim)
+        kv = flat_to_kv(flat, self.shape)  # (2L, kv_heads, P, head_dim), a view of flat
+        item = CachedAdapter(kv, manifest, (time.perf_counter() - start) * 1000, stamp, folder)
         self.cache.put(name, item)
         return item
+
+    def manifest(self, name: str) -> Manifest | None:
+        return self.adapter(name).manifest
 
     def template(self, name: str | None) -> str | None:
         if name is None:
             return None
-        manifest = self.adapter(name).manifest
+        manifest = self.manifest(name)
         return manifest.template if manifest else None
 
     def render(self, prompt: str, adapter: str | None, label: str | None = None, chat: bool = False) -> str:
-        """Fill the adapter's training template for `label` (the text after it is `prompt`)."""
+        """The prompt as the adapter was trained: its template filled with `label`, then `prompt` after it.
+
+        Training saw "<template> <text>", so generation continues "<template>" (or "<template> <prompt>").
+        """
         if label is not None:
-            template = self.template(adapter)
-            if template is None:
-                raise ValueError(f"adapter {adapter!r} has no training template; pass the whole prompt instead")
-            prompt = template.format(label=label) + (" " + prompt if prompt else "")
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"{self.loaded.name} has no chat template; drop --chat")
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-        return prompt
+            if adapter is None:
+                raise ValueError("--label fills an adapter's training template; the base model has none")
+            manifest = self.manifest(adapter)
+            template = manifest.template if manifest else None
+            if not template:
+                raise ValueError(
+                    f"adapter {adapter!r} has no training template (an imported PEFT adapter, or trained on "
+                    "plain text); pass the whole prompt instead of --label"
+                )
+            if "{label}" in template:
+                if manifest.labels and label not in manifest.labels:
+                    raise ValueError(f"adapter {adapter!r} knows labels {', '.join(manifest.labels)}, not {label!r}")
+                template = template.replace("{label}", label)  # not str.format: templates may hold braces
+            elif manifest.label is not None and label != manifest.label:
+                raise ValueError(
+                    f"adapter {adapter!r} is conditioned on label {manifest.label!r}, not {label!r}; "
+                    f"use the adapter for {label!r} or drop --label"
+                )
+            prompt = template + (" " + prompt if prompt else "")
+        return self.chat_prompt(prompt) if chat else prompt
+
+    def chat_prompt(self, text: str) -> str:
+        """`text` as one user turn of the model's chat template, ready for the assistant's answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.loaded.name} has no chat template; drop --chat (base models have none)")
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
 
     # ---- generation -----------------------------------------------------------------------------
     def eos_ids(self) -> set[int]:
@@ -160,9 +249,15 @@ class PrefixLM:
         ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
         return {i for i in ids if i is not None}
 
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    def encode(self, prompts: Sequence[str], add_special_tokens: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Left-padded ids and mask (B, T) and each prompt's length."""
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
+                             add_special_tokens=add_special_tokens)
         lengths = enc.attention_mask.sum(-1).tolist()
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(f"prompt(s) {empty} tokenize to nothing; give each row some text")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device), lengths
 
     @torch.no_grad()
@@ -177,42 +272,112 @@ class PrefixLM:
         seed: int | Sequence[int | None] | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        chat: bool = False,
     ) -> list[Generation]:
-        """One result per prompt; rows may use different adapters (None = the base model)."""
+        """One result per prompt; rows may use different adapters (None = the base model).
+
+        temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates.
+        chat=True wraps each prompt in the model's chat template.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
             adapters = [adapters] * len(prompts)
+        adapters = list(adapters)
         if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter per prompt")
+        if not prompts:
+            return []
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         params = [
             SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos)
             for s in seeds
         ]
         for p in params:
             p.validate()
-        prefixes = [None if a is None else self.adapter(a).kv for a in adapters]
-        input_ids, mask, lengths = self.encode(prompts)
+        # One lookup per distinct adapter: the same tensor object on many rows is padded once, and a
+        # small cache cannot evict a row's adapter between its rows.
+        kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None}
+        prefixes = [None if a is None else kv[a] for a in adapters]
+        if chat:
+            prompts = [self.chat_prompt(p) for p in prompts]
+        input_ids, mask, lengths = self.encode(prompts, add_special_tokens=not chat)
+        self._check_positions(lengths, [0 if a is None else int(kv[a].shape[2]) for a in adapters], max_new_tokens)
         outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
                             self._stop_check(params))
         results = []
         for out, p, n, name in zip(outs, params, lengths, adapters):
             text, _ = cut_at_stop(self.tokenizer.decode(out.tokens, skip_special_tokens=True), p.stop)
-            results.append(Generation(text, out.tokens, out.finish_reason or "length", n, name))
+            results.append(Generation(text, out.tokens, out.finish_reason or "length", int(n), name))
         return results
+
+    def _check_positions(self, lengths: Sequence[int], virtual: Sequence[int], max_new_tokens: int) -> None:
+        """Refuse rows that would run past the model's positions (learned position tables crash there)."""
+        limit = max_positions(self.model.config)
+        if limit is None:
+            return
+        need = max(n + p for n, p in zip(lengths, virtual)) + max_new_tokens
+        if need > limit:
+            raise ValueError(
+                f"{need} positions needed (virtual tokens + prompt + max_new_tokens) but {self.loaded.name} has "
+                f"{limit}; shorten the prompt or lower max_new_tokens"
+            )
 
     def _stop_check(self, params: Sequence[SamplingParams]):
         if not any(p.stop for p in params):
             return None
+        window = 8 + max(len(s) for p in params for s in p.stop)  # a token holds at least one character
 
         def check(row: int, tokens: list[int]) -> bool:
             stops = params[row].stop
             # Only the tail can hold a new stop string; decode a window, not the whole output.
-            return bool(stops) and cut_at_stop(self.tokenizer.decode(tokens[-16:]), stops)[1]
+            tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+            return bool(stops) and cut_at_stop(tail, stops)[1]
 
         return check
+
+
+def max_positions(config: Any) -> int | None:
+    """The model's context length in positions, when its config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _stamp(folder: Path) -> tuple[int, ...]:
+    path = folder / WEIGHTS_FILE
+    try:
+        st = os.stat(path if path.is_file() else folder / CONFIG_FILE)
+    except FileNotFoundError:
+        raise StoreError(f"adapter folder {folder} disappeared while loading; retry") from None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Text up to the first stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def measure_swap_ms(lm: PrefixLM, name: str, repeats: int = 5) -> float:
+    """Median milliseconds to load adapter `name` from disk onto the model's device (cache dropped each time).
+
+    For the benchmark and for tests that print it; never assert on it (machines differ). The OS file
+    cache is warm after the first repeat, as it is for a server swapping among its adapters.
+    """
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        lm.cache.drop(name)
+        start = time.perf_counter()
+        lm.adapter(name)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)  # the copy to the device is part of the swap
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM", "cut_at_stop", "measure_swap_ms"]
