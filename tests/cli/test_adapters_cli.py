@@ -21,14 +21,6 @@ from prefixtune.testing import make_tiny_model
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest on one thread: thread wake-ups cost more than their microsecond kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def cli(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})

@@ -20,14 +20,6 @@ runner = CliRunner()
 PROMPT = "The weather today is"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest on one thread: thread wake-ups cost more than their microsecond kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def cli(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args])

@@ -13,14 +13,6 @@ from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, Manifest, StoreError, shape_dict, write_adapter_folder
 from prefixtune.testing import make_tiny_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest on one thread: thread wake-ups cost more than their microsecond kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 PROMPTS = ["Emotion: joy\nText:", "The weather today is", "Once upon a time, in a land far away,", "Hi"]
 

@@ -3,24 +3,14 @@ The server itself (real uvicorn on a free loopback port) comes from serve_helper
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from serve_helpers import ADAPTERS, write_adapter
 
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.models import LoadedModel, load_base_model
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny matmuls on a busy 2-core machine run ~100x slower with 2 intra-op threads than with one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

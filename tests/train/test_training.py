@@ -148,3 +148,13 @@ def test_per_label_on_unlabelled_data_is_refused(tmp_path, tiny_model_dir, tiny_
     data.write_text("one line\nanother line\n")
     with pytest.raises(DataError, match="--per-label needs labelled data"):
         train(_cfg(tmp_path, tiny_model_dir, data, per_label=True), loaded=tiny_lm)
+
+
+def test_bad_adapter_name_fails_before_training(tmp_path, tiny_model_dir, tiny_lm):
+    from prefixtune.data import DataError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "so glad", "label": "very happy"}\n{"text": "so sad", "label": "sad"}\n')
+    with pytest.raises(DataError, match="invalid adapter name 'emotion-very happy'"):
+        train(_cfg(tmp_path, tiny_model_dir, data, per_label=True), loaded=tiny_lm)
+    assert not (tmp_path / "run").exists()

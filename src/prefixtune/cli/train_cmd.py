@@ -12,7 +12,7 @@ from prefixtune.cli.common import parse_csv, user_errors
 Opt = typer.Option
 
 
-def build_config(config_file: Optional[Path], flags: dict) -> "TrainConfig":  # noqa: F821
+def build_config(config_file: Optional[Path], flags: dict):
     """File values first, then every flag the user actually gave (None = not given)."""
     from prefixtune.train.config import TrainConfig, load_config_file
 

@@ -53,8 +53,9 @@ class RowSampler:
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature
         if p.top_k > 0:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            # By index, not by threshold: ties with the k-th logit must not widen the set beyond k.
+            keep = torch.topk(logits, min(p.top_k, logits.shape[-1])).indices
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits[keep])
         probs = torch.softmax(logits, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

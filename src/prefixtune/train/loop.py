@@ -13,12 +13,10 @@ from typing import Any
 
 import torch
 
-from prefixtune.prefix.encoder import PrefixConfig
-from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import AdapterStore
 from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.examples import collate, epoch_batches, tokenize
+from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, write_log
 from prefixtune.train.saving import save_adapters
@@ -284,6 +282,8 @@ class Trainer:
             if self.cfg.store:
                 store = AdapterStore(self.cfg.store)
                 for name, folder in result_dirs.items():
+                    if store.exists(name):
+                        self.say(f"store {store.root}: replacing adapter {name} with this run's")
                     result_dirs[name] = store.path(name)
                     _copy_into_store(folder, store.path(name))
             self.say(format_summary(summary))
@@ -298,9 +298,12 @@ def _copy_into_store(folder: Path, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    shutil.rmtree(tmp)
-    shutil.copytree(folder, tmp)
-    _swap_in(tmp, target)
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -11,6 +11,7 @@ from typing import Any
 from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.prefix.encoder import PrefixConfig, text_kv
 from prefixtune.prefix.model import PrefixModel
+from prefixtune.store import StoreError, validate_name
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 
@@ -95,6 +96,11 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         adapter_labels = {cfg.name: None}
         adapter_of = lambda ex: cfg.name  # noqa: E731
 
+    for name in adapter_labels:  # before training, not after it: a bad label must not cost a whole run
+        try:
+            validate_name(name)
+        except StoreError as err:
+            raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
     model = PrefixModel(loaded.model)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)
