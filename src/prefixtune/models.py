@@ -332,6 +332,10 @@ def load_base_model(
 
     name = os.fspath(name)
     dev, dt = resolve_device_dtype(device, dtype)
+    if dev.type == "cpu":
+        from prefixtune.runtime import configure_threads
+
+        configure_threads(say=lambda m: print(m, file=sys.stderr))
     location, gguf_file = _resolve(name)
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:

@@ -70,7 +70,7 @@ def run_peer(loaded, rows: list[Tokenized], cfg: TrainConfig, pad_id: int) -> tu
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.max_steps,
-            learning_rate=cfg.lr, warmup_ratio=cfg.warmup_ratio, lr_scheduler_type="cosine", max_grad_norm=1.0,
+            learning_rate=cfg.lr, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type="cosine", max_grad_norm=1.0,
             report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=loaded.device.type == "cpu",
             dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed,
         )
