@@ -48,8 +48,28 @@ def bench_training(loaded, data, out: Path, steps: int, rows: int, console: Cons
     return {"results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], "speedup": ratio}
 
 
+def bench_serving(loaded, out: Path, console: Console) -> dict[str, Any]:
+    from prefixtune.bench import serve_speed
+
+    r = serve_speed.run(loaded, say=console.print)
+    speeds = {k: v for k, v in r.items() if not k.endswith("ms")}
+    table = Table(title="serving 6 adapters, 24 requests (16-32 new tokens), one base model")
+    table.add_column("method")
+    table.add_column("generated tokens/s")
+    table.add_column("x peft grouped")
+    for name, value in speeds.items():
+        table.add_row(name, f"{value:.1f}", f"{value / r['peft grouped']:.2f}")
+    console.print(table)
+    console.print(f"continuous mixed batching: {r['prefixtune continuous'] / r['prefixtune grouped']:.2f}x "
+                  f"grouping by adapter; adapter swap {r['adapter swap ms']:.2f} ms = "
+                  f"{r['base reload ms'] / max(r['adapter swap ms'], 1e-6):.0f}x faster than reloading the base")
+    bar_chart(out / "serve_tokens_per_s.png", "serving speed (generated tokens/s)", list(speeds),
+              list(speeds.values()), "tokens/s")
+    return r
+
+
 def run_bench(model: str, data: str, out: str, steps: int = 10, rows: int = 256,
-              sections: tuple[str, ...] = ("train",)) -> dict[str, Any]:
+              sections: tuple[str, ...] = ("train", "serve")) -> dict[str, Any]:
     from prefixtune.data import load_data
     from prefixtune.models import load_base_model
 
@@ -57,9 +77,11 @@ def run_bench(model: str, data: str, out: str, steps: int = 10, rows: int = 256,
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"model": model, "data": data}
-    bundle = load_data(data)
+    bundle = load_data(data) if "train" in sections else None
     if "train" in sections:
         report["train"] = bench_training(load_base_model(model), bundle, out_dir, steps, rows, console)
+    if "serve" in sections:
+        report["serve"] = bench_serving(load_base_model(model), out_dir, console)
     atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))
     console.print(f"results in {out_dir}")
     return report

@@ -44,9 +44,16 @@ def eval_loss(model: PrefixModel, flat: torch.Tensor, rows: list[Tokenized], pad
     return total / max(count, 1)
 
 
-def run_peer(loaded, rows: list[Tokenized], cfg: TrainConfig, pad_id: int) -> tuple[float, int, torch.Tensor]:
-    """PEFT + HF Trainer with every row padded to 128 tokens, as the measured peer recipe."""
+def peer_model(loaded, cfg: TrainConfig):
     from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(loaded.model, PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=True,
+        encoder_hidden_size=loaded.model.config.hidden_size))
+
+
+def run_peer(model, rows: list[Tokenized], cfg: TrainConfig, pad_id: int, on_cpu: bool):
+    """PEFT + HF Trainer with every row padded to 128 tokens, as the measured peer recipe."""
     from transformers import Trainer, TrainingArguments
 
     class Padded(torch.utils.data.Dataset):
@@ -64,14 +71,11 @@ def run_peer(loaded, rows: list[Tokenized], cfg: TrainConfig, pad_id: int) -> tu
                 "labels": torch.tensor(labels[:128] + [-100] * pad),
             }
 
-    model = get_peft_model(loaded.model, PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=True,
-        encoder_hidden_size=loaded.model.config.hidden_size))
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=cfg.max_steps,
             learning_rate=cfg.lr, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type="cosine", max_grad_norm=1.0,
-            report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=loaded.device.type == "cpu",
+            report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=on_cpu,
             dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed,
         )
         trainer = Trainer(model=model, args=args, train_dataset=Padded())
@@ -100,6 +104,9 @@ def run(loaded, data, steps: int = 10, rows: int = 256, say=print) -> list[Speed
                       progress=False, loss_check_steps=10**9)
     plan = plan_run(cfg, loaded, data, say=lambda *_: None)
     trainer = OurTrainer(cfg, plan, say=lambda *_: None)
+    peer = peer_model(loaded, cfg)
+    # Same starting weights for both, so the eval losses differ only by how each trained.
+    trainer.model.encoders[cfg.name].load_state_dict(peer.prompt_encoder["default"].state_dict())
     start = time.perf_counter()
     trainer.run()
     ours_s = time.perf_counter() - start
@@ -107,7 +114,7 @@ def run(loaded, data, steps: int = 10, rows: int = 256, say=print) -> list[Speed
     results = [SpeedResult("prefixtune", trainer.progress.train_seconds, trainer.progress.tokens,
                            eval_loss(plan.model, flat, plan.val_rows, plan.pad_id))]
     say(f"prefixtune: {steps} steps in {ours_s:.1f} s (training steps {trainer.progress.train_seconds:.1f} s)")
-    peer_s, peer_tokens, peer_flat = run_peer(loaded, plan.train_rows, cfg, plan.pad_id)
+    peer_s, peer_tokens, peer_flat = run_peer(peer, plan.train_rows, cfg, plan.pad_id, loaded.device.type == "cpu")
     eval_model = PrefixModel(loaded.model)
     results.append(SpeedResult("peft+trainer (pad 128)", peer_s, peer_tokens,
                                eval_loss(eval_model, peer_flat, plan.val_rows, plan.pad_id)))

@@ -1,0 +1,87 @@
+"""Serving speed: many adapters, one base model. Continuous mixed batching vs grouping by adapter,
+and vs PEFT's way (one adapter active at a time, `generate` per adapter group), in the same run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["Text:", "Text: i feel", "Text: today", "Text: my friend"]
+
+
+def write_random_adapters(loaded, root: Path, count: int, tokens: int = 20) -> list[str]:
+    """Random prefixes in a store: speed does not depend on what the prefix learned."""
+    from prefixtune.prefix.encoder import PrefixConfig
+    from prefixtune.prefix.model import PrefixModel
+    from prefixtune.store import AdapterStore, Manifest, shape_dict
+
+    model = PrefixModel(loaded.model)
+    store = AdapterStore(root)
+    names = []
+    for i in range(count):
+        name = f"bench-{i}"
+        torch.manual_seed(i)
+        enc = model.add_adapter(name, PrefixConfig(tokens, prefix_projection=False))
+        with torch.no_grad():
+            enc.embedding.weight.mul_(0.1)  # keep generations in-distribution-ish
+        manifest = Manifest(name=name, base_model=loaded.name, base_fingerprint=loaded.fingerprint,
+                            shape=shape_dict(model.shape), prefix=enc.config.to_dict(), template="Text:")
+        store.save(name, enc.fold(), model.shape, enc.config, manifest)
+        names.append(name)
+    return names
+
+
+def peft_grouped_tokens_per_s(loaded, store_root: Path, names: list[str], prompts: list[str],
+                              adapters: list[str], new_tokens: int) -> float:
+    """PEFT: load every adapter into one PeftModel, then per adapter `set_adapter` + one batched generate."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(loaded.model, store_root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(store_root / name, adapter_name=name)
+    model.eval()
+    tok = loaded.tokenizer
+    generated = 0
+    start = time.perf_counter()
+    for name in names:
+        group = [p for p, a in zip(prompts, adapters) if a == name]
+        if not group:
+            continue
+        model.set_adapter(name)
+        enc = tok(group, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        generated += (out.shape[1] - enc.input_ids.shape[1]) * len(group)
+    return generated / (time.perf_counter() - start)
+
+
+def run(loaded, adapters: int = 6, requests: int = 24, new_tokens: int = 32, say=print) -> dict[str, float]:
+    from prefixtune.engine.lm import PrefixLM, measure_swap_ms
+    from prefixtune.engine.scheduler import bench_scheduler
+    from prefixtune.models import load_base_model
+    from prefixtune.store import AdapterStore
+
+    root = Path(tempfile.mkdtemp(prefix="prefixtune-bench-store-"))
+    names = write_random_adapters(loaded, root, adapters)
+    lm = PrefixLM(loaded, AdapterStore(root))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    rows = [names[i % len(names)] for i in range(requests)]
+    # Mixed output lengths, as real traffic: continuous batching frees short rows' slots early.
+    lengths = [new_tokens // 2 if i % 3 == 0 else new_tokens for i in range(requests)]
+    results: dict[str, float] = {}
+    for mode in ("continuous", "grouped"):
+        results[f"prefixtune {mode}"] = bench_scheduler(lm, prompts, rows, mode=mode, max_new_tokens=lengths,
+                                                        max_batch=requests)
+        say(f"prefixtune {mode}: {results[f'prefixtune {mode}']:.1f} generated tokens/s")
+    results["peft grouped"] = peft_grouped_tokens_per_s(loaded, root, names, prompts, rows, new_tokens)
+    say(f"peft grouped (set_adapter + generate per adapter): {results['peft grouped']:.1f} tokens/s")
+    results["adapter swap ms"] = measure_swap_ms(lm, names[0], repeats=9)
+    start = time.perf_counter()
+    load_base_model(loaded.name, device=str(loaded.device))
+    results["base reload ms"] = (time.perf_counter() - start) * 1000
+    say(f"adapter swap {results['adapter swap ms']:.2f} ms vs base-model reload {results['base reload ms']:.0f} ms")
+    return results
