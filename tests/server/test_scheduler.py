@@ -7,14 +7,9 @@ import threading
 import pytest
 
 from prefixtune.engine.sampling import SamplingParams
-from prefixtune.engine.scheduler import (
-    QueueFull,
-    Request,
-    Scheduler,
-    SchedulerClosed,
-    TextTracker,
-    bench_scheduler,
-)
+from prefixtune.bench.serve_speed import bench_scheduler
+from prefixtune.engine.scheduler import QueueFull, Request, Scheduler, SchedulerClosed
+from prefixtune.engine.text import TextTracker
 
 PROMPTS = ["Hello there", "The cat sat on the mat and", "I am feeling", "x y z"]
 ADAPTER_ROWS = ["alpha", "beta", None, "alpha"]

@@ -4,10 +4,15 @@ and vs PEFT's way (one adapter active at a time, `generate` per adapter group), 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from prefixtune.engine.sampling import SamplingParams
+from prefixtune.engine.scheduler import Output, Request, Scheduler
 
 PROMPTS = ["Text:", "Text: i feel", "Text: today", "Text: my friend"]
 
@@ -59,9 +64,42 @@ def peft_grouped_tokens_per_s(loaded, store_root: Path, names: list[str], prompt
     return generated / (time.perf_counter() - start)
 
 
+def bench_scheduler(lm, prompts: Sequence[str], adapters: Sequence[str | None], mode: str = "continuous",
+                    max_new_tokens: int | Sequence[int] = 32, max_batch: int = 16, timeout: float = 600.0) -> float:
+    """Generated tokens per second for all prompts submitted at once (EOS ignored, greedy).
+
+    Pass a list of max_new_tokens to mimic mixed output lengths, where freeing slots early matters.
+    """
+    if len(adapters) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+    lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=len(prompts), mode=mode, start=False)
+    done = threading.Semaphore(0)
+
+    def emit(out: Output) -> None:
+        if out.finish_reason is not None:
+            done.release()
+
+    requests = []
+    for prompt, adapter, n in zip(prompts, adapters, lengths):
+        prefix = None if adapter is None else lm.adapter(adapter).kv  # loaded before the clock starts
+        requests.append(Request(lm.tokenizer(prompt).input_ids, adapter,
+                                SamplingParams(max_new_tokens=n, ignore_eos=True), emit, prefix))
+    scheduler.submit_many(requests)
+    start = time.perf_counter()
+    scheduler.start()
+    for _ in requests:
+        if not done.acquire(timeout=timeout):
+            break
+    elapsed = time.perf_counter() - start
+    scheduler.shutdown(timeout=1.0, drain=False)
+    if scheduler.error:
+        raise RuntimeError(f"benchmark failed: {scheduler.error}")
+    return scheduler.stats.generated_tokens / max(elapsed, 1e-9)
+
+
 def run(loaded, adapters: int = 6, requests: int = 24, new_tokens: int = 32, say=print) -> dict[str, float]:
     from prefixtune.engine.lm import PrefixLM, measure_swap_ms
-    from prefixtune.engine.scheduler import bench_scheduler
     from prefixtune.models import load_base_model
     from prefixtune.store import AdapterStore
 

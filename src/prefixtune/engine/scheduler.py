@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from prefixtune.engine.decode import RunningBatch
-from prefixtune.engine.lm import cut_at_stop
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+from prefixtune.engine.text import TextTracker
 
 MODES = ("continuous", "grouped")
 FINISH_REASONS = ("stop", "length", "cancelled", "abort", "error")
@@ -65,53 +65,6 @@ class Request:
     prefix: torch.Tensor | None = None  # folded kv (2L, kv_heads, P, head_dim); None: lm.adapter(adapter).kv
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # handle for cancel()
     cancelled: bool = False  # set by Scheduler.cancel; the worker drops the row before its next step
-
-
-class TextTracker:
-    """Incremental detokenizer of one row: decode all tokens, emit the new suffix.
-
-    Decoding the whole list (not token by token) keeps multi-token characters and tokenizer spacing exactly
-    as an offline decode; text that could be the start of a stop string, or a half UTF-8 character (U+FFFD),
-    is held back until the next token decides it.
-    """
-
-    def __init__(self, tokenizer, stops: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
-        self.tokens: list[int] = []
-        self.sent = 0  # characters of the decoded text already emitted
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (new text, whether a stop string ended the text)."""
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut, stopped = cut_at_stop(text, self.stops)
-        if stopped:
-            return self._take(cut, len(cut)), True
-        end = len(text) - max((_overlap(text, s) for s in self.stops), default=0)
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
-        return self._take(text, end), False
-
-    def flush(self) -> str:
-        """Everything not yet emitted (the row ended without a stop string)."""
-        if not self.tokens:
-            return ""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        return self._take(text, len(text))
-
-    def _take(self, text: str, end: int) -> str:
-        delta = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest proper prefix of `stop` that `text` ends with."""
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:k]):
-            return k
-    return 0
 
 
 @dataclass
@@ -422,37 +375,3 @@ class Scheduler:
                 f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
                 f"{need} > max_model_len {self.max_model_len}"
             )
-
-
-def bench_scheduler(lm, prompts: Sequence[str], adapters: Sequence[str | None], mode: str = "continuous",
-                    max_new_tokens: int | Sequence[int] = 32, max_batch: int = 16, timeout: float = 600.0) -> float:
-    """Generated tokens per second for all prompts submitted at once (EOS ignored, greedy).
-
-    Pass a list of max_new_tokens to mimic mixed output lengths, where freeing slots early matters.
-    """
-    if len(adapters) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
-    lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    scheduler = Scheduler(lm, max_batch=max_batch, max_queue=len(prompts), mode=mode, start=False)
-    done = threading.Semaphore(0)
-
-    def emit(out: Output) -> None:
-        if out.finish_reason is not None:
-            done.release()
-
-    requests = []
-    for prompt, adapter, n in zip(prompts, adapters, lengths):
-        prefix = None if adapter is None else lm.adapter(adapter).kv  # loaded before the clock starts
-        requests.append(Request(lm.tokenizer(prompt).input_ids, adapter,
-                                SamplingParams(max_new_tokens=n, ignore_eos=True), emit, prefix))
-    scheduler.submit_many(requests)
-    start = time.perf_counter()
-    scheduler.start()
-    for _ in requests:
-        if not done.acquire(timeout=timeout):
-            break
-    elapsed = time.perf_counter() - start
-    scheduler.shutdown(timeout=1.0, drain=False)
-    if scheduler.error:
-        raise RuntimeError(f"benchmark failed: {scheduler.error}")
-    return scheduler.stats.generated_tokens / max(elapsed, 1e-9)
