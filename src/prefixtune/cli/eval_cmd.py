@@ -1,17 +1,151 @@
-"""`prefixtune eval` and `prefixtune compare` (placeholders until the evaluation issue lands)."""
+"""`prefixtune eval` and `prefixtune compare`: flags map onto EvalConfig / CompareConfig."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+
+from prefixtune.cli.common import parse_csv, user_errors
+
+Opt = typer.Option
+
+
+def _config_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad settings (judge spec, methods, config file) are user errors too: one line, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from prefixtune.eval.compare import CompareConfigError, TrainingFailed
+        from prefixtune.eval.judge import JudgeError
+
+        try:
+            return fn(*args, **kwargs)
+        except (JudgeError, CompareConfigError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except TrainingFailed as err:  # the child printed its own traceback; one line is enough here
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _given(flags: dict[str, Any], csv: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The flags the user actually gave (None = not given), comma lists split."""
+    out = {k: v for k, v in flags.items() if v is not None}
+    for key in csv:
+        if key in out:
+            out[key] = parse_csv(out[key])
+    return out
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
-    def _eval() -> None:
-        """Evaluate an adapter: loss, perplexity, conditioning accuracy (not built yet)."""
-        typer.echo("eval: not built yet")
-        raise typer.Exit(1)
+    @user_errors
+    @_config_errors
+    def eval_command(
+        adapter: str = Opt(..., help="Adapter name, or NAME of a per-label family NAME-<label>."),
+        data: Optional[str] = Opt(None, help="Data to evaluate on (default: the adapter's training data)."),
+        store: Optional[str] = Opt(None, help="Adapter store (default $PREFIXTUNE_HOME/adapters)."),
+        model: Optional[str] = Opt(None, help="Base model (default: the one the adapter was trained on)."),
+        split: Optional[str] = Opt(None, help="Split to evaluate (default test)."),
+        samples_per_label: Optional[int] = Opt(None, help="Generated samples per label (default 8)."),
+        seed: Optional[int] = Opt(None, help="Seed for row sampling and every sample's stream."),
+        eval_examples: Optional[int] = Opt(None, help="Rows scored for eval loss (default 256)."),
+        max_new_tokens: Optional[int] = Opt(None, help="Tokens per sample (default 40)."),
+        temperature: Optional[float] = Opt(None, help="Sampling temperature (default 0.8)."),
+        top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 0.95)."),
+        eval_batch_size: Optional[int] = Opt(None, "--batch-size", help="Rows per forward pass (default 16)."),
+        reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L."),
+        reference_rows: Optional[int] = Opt(None, help="Rows scored against references (default 100)."),
+        judge: Optional[str] = Opt(None, help="Custom judge as module:factory (default TF-IDF + logistic regression)."),
+        latency_tokens: Optional[int] = Opt(None, help="Tokens per row when timing generation (default 32)."),
+        latency_repeats: Optional[int] = Opt(None, help="Timed generation runs (default 3; 0 = skip latency)."),
+        out: Optional[str] = Opt(None, help="Report folder (default runs/eval/ADAPTER)."),
+        text_field: Optional[str] = Opt(None, help="Field holding the text (default: as in training)."),
+        label_field: Optional[str] = Opt(None, help="Field holding the label (default: as in training)."),
+        label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
+        device: Optional[str] = Opt(None, help="cpu | cuda | auto"),
+        dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
+        no_progress: bool = Opt(False, "--no-progress", help="No progress bars."),
+    ) -> None:
+        """Evaluate an adapter: eval loss, perplexity, conditioning accuracy (per label + confusion matrix),
+        diversity, copying, latency; BLEU/chrF/ROUGE-L with --reference-field."""
+        flags = dict(locals())  # first statement: locals() is exactly the flags here
+        flags.pop("no_progress")
+        from prefixtune.eval.run_eval import EvalConfig, run_eval
+
+        values = _given(flags, csv=("label_names",))
+        if no_progress:
+            values["progress"] = False
+        report = run_eval(EvalConfig(**values))
+        r = report["result"]
+        cond = r.get("conditioning")
+        typer.echo(f"eval loss {r['eval_loss']:.4f}, perplexity {r['perplexity']:.2f}"
+                   + (f", conditioning accuracy {cond['accuracy']:.3f}" if cond else ""))
 
     @app.command("compare")
-    def _compare() -> None:
-        """Compare prefix tuning, LoRA and prompting on the same data (not built yet)."""
-        typer.echo("compare: not built yet")
-        raise typer.Exit(1)
+    @user_errors
+    @_config_errors
+    def compare_command(
+        data: Optional[str] = Opt(None, help="Labelled data: hub id or local folder/file."),
+        methods: Optional[str] = Opt(None, help="Comma-separated: prefix,lora,prompt (default all three)."),
+        steps: Optional[int] = Opt(None, help="Optimizer steps for every trained method (default 50)."),
+        out: Optional[str] = Opt(None, help="Output folder (default runs/compare)."),
+        config: Optional[Path] = Opt(None, "--config", help="A previous run's config.json (or YAML/TOML): "
+                                                            "re-run it; flags given here override it."),
+        model: Optional[str] = Opt(None, help="Base model shared by all methods (default smollm2-135m)."),
+        batch_size: Optional[int] = Opt(None, help="Rows per optimizer step (default 8)."),
+        seed: Optional[int] = Opt(None, help="Seed for data order, init and sampling."),
+        lr: Optional[float] = Opt(None, help="Peak learning rate for every trained method."),
+        prefix_lr: Optional[float] = Opt(None, help="Learning rate for prefix tuning only."),
+        lora_lr: Optional[float] = Opt(None, help="Learning rate for LoRA only."),
+        schedule: Optional[str] = Opt(None, help="cosine | linear | constant"),
+        balance: Optional[bool] = Opt(None, "--balance/--no-balance", help="Equal training rows per label."),
+        max_examples: Optional[int] = Opt(None, help="Cap on training rows."),
+        max_length: Optional[int] = Opt(None, help="Tokens per example."),
+        labels: Optional[str] = Opt(None, help="Only these labels (comma-separated)."),
+        text_field: Optional[str] = Opt(None, help="Field holding the text."),
+        label_field: Optional[str] = Opt(None, help="Field holding the label."),
+        label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
+        template: Optional[str] = Opt(None, help="Training prompt with {label} (prefix and LoRA)."),
+        num_virtual_tokens: Optional[int] = Opt(None, help="Prefix length (default 20)."),
+        prefix_projection: Optional[bool] = Opt(None, "--prefix-projection/--no-prefix-projection",
+                                                help="Train the prefix through the MLP."),
+        per_label: Optional[bool] = Opt(None, "--per-label/--single", help="Prefix: one adapter per label."),
+        lora_r: Optional[int] = Opt(None, help="LoRA rank (default 8)."),
+        lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (default 16)."),
+        lora_targets: Optional[str] = Opt(None, help="LoRA target modules (default: attention projections)."),
+        instruction: Optional[str] = Opt(None, help="Prompting baseline request with {label}."),
+        split: Optional[str] = Opt(None, help="Split every method is evaluated on (default test)."),
+        eval_examples: Optional[int] = Opt(None, help="Rows scored for eval loss (default 256)."),
+        samples_per_label: Optional[int] = Opt(None, help="Generated samples per label (default 8)."),
+        max_new_tokens: Optional[int] = Opt(None, help="Tokens per sample (default 40)."),
+        latency_tokens: Optional[int] = Opt(None, help="Tokens per row when timing generation (default 32)."),
+        latency_repeats: Optional[int] = Opt(None, help="Timed generation runs (default 3; 0 = skip)."),
+        judge: Optional[str] = Opt(None, help="Custom judge as module:factory."),
+        device: Optional[str] = Opt(None, help="cpu | cuda | auto"),
+        dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
+        isolate: Optional[bool] = Opt(None, "--isolate/--no-isolate",
+                                      help="Train each method in its own process (honest peak memory)."),
+        no_progress: bool = Opt(False, "--no-progress", help="No progress bars."),
+    ) -> None:
+        """Compare prefix tuning, LoRA and prompting: same data, steps, batches and seed; one table."""
+        flags = dict(locals())  # first statement: locals() is exactly the flags here
+        for key in ("config", "no_progress"):
+            flags.pop(key)
+        from prefixtune.eval.compare import CompareConfig, load_compare_config, run_compare
+
+        values = load_compare_config(config) if config else {}
+        values.update(_given(flags, csv=("methods", "labels", "label_names", "lora_targets")))
+        if no_progress:
+            values["progress"] = False
+        results = run_compare(CompareConfig(**values))
+        for row in results["methods"]:
+            acc = row.get("conditioning_accuracy")
+            typer.echo(f"{row['method']:>7}: eval loss {row['eval_loss']:.4f}"
+                       + (f", conditioning accuracy {acc:.3f}" if acc is not None else ""))

@@ -1,0 +1,294 @@
+"""`prefixtune compare`: prefix tuning vs LoRA vs prompting, same data, steps, batches and seed.
+
+Each trained method trains in a fresh Python process by default (`isolate`), so "peak memory during
+training" is that method's own peak and not the high-water mark of everything that ran before it in this
+process. Evaluation then runs every method on one loaded base model, one split and one set of seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
+from prefixtune.eval.judge import describe_judge, load_judge
+from prefixtune.eval.lora import LoraSettings
+from prefixtune.eval.report import compare_markdown, plot_bars, plot_loss_curves, write_json
+from prefixtune.eval.readme import readme_section
+from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.train.config import TrainConfig
+from prefixtune.train.examples import render_prompt
+
+METHODS = ("prefix", "lora", "prompt")
+DEFAULT_INSTRUCTION = "Write a short tweet that expresses {label}."
+
+
+class CompareConfigError(ValueError):
+    """A bad compare setting or config file; the message names the setting and the fix."""
+
+
+class TrainingFailed(RuntimeError):
+    """A method's training process failed; the message has its last error line and where the traceback is."""
+
+
+@dataclass
+class CompareConfig(EvalSettings):
+    """Everything a comparison needs; saved as OUT/config.json so `--config` repeats the run."""
+
+    model: str = "smollm2-135m"  # base model shared by every method
+    data: str = "dair-ai/emotion"  # labelled data: hub id or local folder/file
+    out: str = "runs/compare"  # results, plots and each method's run folder
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # any of prefix, lora, prompt
+    steps: int = 50  # optimizer steps for every trained method
+    batch_size: int = 8  # rows per optimizer step
+    lr: float = 3e-4  # peak learning rate (AdamW) for every trained method
+    prefix_lr: float | None = None  # override lr for prefix tuning only
+    lora_lr: float | None = None  # override lr for LoRA only
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.06  # share of steps spent warming up
+    schedule: str = "cosine"  # cosine | linear | constant
+    grad_clip: float = 1.0  # gradient norm clip
+    balance: bool = False  # equal training rows per label
+    max_examples: int | None = None  # cap on training rows
+    labels: list[str] | None = None  # only these labels (default: all)
+    text_field: str = "text"  # field holding the text
+    label_field: str = "label"  # field holding the label
+    label_names: list[str] | None = None  # names for integer labels
+    template: str | None = None  # training prompt with {label} (default: TrainConfig's)
+    num_virtual_tokens: int = 20  # prefix length
+    prefix_projection: bool = True  # train the prefix through the MLP
+    per_label: bool = False  # prefix: one adapter per label instead of the label in the prompt
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA alpha
+    lora_dropout: float = 0.0  # LoRA dropout
+    lora_targets: list[str] | None = None  # LoRA target modules (default: attention projections)
+    instruction: str = DEFAULT_INSTRUCTION  # the prompting baseline's request, {label} filled in
+    chat: bool = True  # wrap the instruction in the model's chat template (when it has one)
+    judge: str | None = None  # module:factory of a custom judge
+    device: str | None = None  # cpu | cuda | auto
+    dtype: str | None = None  # float32 | bfloat16 | float16 | auto
+    isolate: bool = True  # train each method in its own process (honest peak memory)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise CompareConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise CompareConfigError(f"--methods lists a method twice: {', '.join(self.methods)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise CompareConfigError("--steps and --batch-size must be >= 1")
+        if "{label}" not in self.instruction:
+            raise CompareConfigError(f"--instruction {self.instruction!r} must contain {{label}}")
+        try:  # fail here, not minutes later inside a training process
+            self.train_config("prefix").validate()
+            LoraSettings(**self.lora_settings()).validate()
+        except ValueError as err:
+            raise CompareConfigError(str(err)) from None
+
+    def train_config(self, method: str) -> TrainConfig:
+        lr = {"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr
+        return TrainConfig(
+            model=self.model, data=self.data, out=str(Path(self.out) / method), store=None, name=method,
+            text_field=self.text_field, label_field=self.label_field, label_names=self.label_names,
+            template=self.template, per_label=self.per_label and method == "prefix", labels=self.labels,
+            balance=self.balance, max_examples=self.max_examples, max_length=self.max_length,
+            num_virtual_tokens=self.num_virtual_tokens, prefix_projection=self.prefix_projection, lr=lr,
+            weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio, schedule=self.schedule,
+            grad_clip=self.grad_clip, batch_size=self.batch_size, max_steps=self.steps, seed=self.seed,
+            eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0, device=self.device,
+            dtype=self.dtype, progress=self.progress)
+
+    def lora_settings(self) -> dict[str, Any]:
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "targets": self.lora_targets}
+
+
+def load_compare_config(path: str | Path) -> dict[str, Any]:
+    """CompareConfig fields from a JSON/YAML/TOML file (e.g. a previous run's config.json)."""
+    from prefixtune.train.config import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CompareConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
+    if path.suffix not in (".json", ".yaml", ".yml", ".toml"):
+        raise CompareConfigError(f"--config {path}: use a .json, .yaml or .toml file")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        elif path.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as err:  # json, toml and yaml each raise their own error type
+        raise CompareConfigError(f"--config {path}: not valid {path.suffix[1:].upper()} ({err})") from None
+    if not isinstance(values, dict):
+        raise CompareConfigError(f"--config {path}: expected a mapping of settings")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in fields(CompareConfig)}
+    if unknown := sorted(set(values) - known):
+        raise CompareConfigError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    return values
+
+
+# ---- training -------------------------------------------------------------------------------------------
+
+def train_method(method: str, cfg: CompareConfig, say=print, loaded=None, data=None,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Train one method, in a child process when cfg.isolate; returns its summary, adapters and history."""
+    run = Path(cfg.out) / method
+    spec = {"method": method, "train": asdict(cfg.train_config(method)), "lora": cfg.lora_settings(),
+            "result": str(run / "result.json")}
+    if not cfg.isolate:
+        from prefixtune.eval.worker import run_training
+
+        return run_training(spec, loaded=loaded, data=data, say=say)
+    run.mkdir(parents=True, exist_ok=True)
+    spec_path = run / "spec.json"
+    atomic_write_text(spec_path, json.dumps(spec, indent=2))
+    (run / "result.json").unlink(missing_ok=True)
+    say(f"training {method} in a fresh process ({cfg.steps} steps x batch {cfg.batch_size})")
+    env = dict(os.environ)
+    if threads is not None:  # each child would otherwise pick its own count from the load at its start
+        from prefixtune.runtime import THREADS_ENV
+
+        env[THREADS_ENV] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "prefixtune.eval.worker", str(spec_path)], env=env)
+    if proc.returncode != 0 or not (run / "result.json").is_file():
+        error = run / "error.txt"
+        detail = error.read_text().strip().splitlines()[-1] if error.is_file() else f"exit code {proc.returncode}"
+        raise TrainingFailed(f"training {method} failed: {detail} (traceback: {error})")
+    return json.loads((run / "result.json").read_text())
+
+
+# ---- methods for evaluation -----------------------------------------------------------------------------
+
+def prompt_method(lm, labels: list[str], cfg: CompareConfig) -> Method:
+    """The zero-training baseline: the (instruct) base model asked in words for each label."""
+    prompts = {}
+    for label in labels:
+        request = cfg.instruction.replace("{label}", label)
+        chat = cfg.chat and bool(getattr(lm.tokenizer, "chat_template", None))
+        prompts[label] = lm.chat_prompt(request) if chat else request + "\n"
+    lengths = [len(lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts.values()]
+    return Method("prompt", prompts, {}, sum(lengths) / len(lengths))
+
+
+def trained_prompts(cfg: CompareConfig, labels: list[str]) -> dict[str, str]:
+    """What the trained methods (and the base-model latency reference) are prompted with per label."""
+    template = cfg.train_config("lora").resolved_template()  # label in the prompt (LoRA never trains per label)
+    return {label: render_prompt(template, label) for label in labels}
+
+
+def _adapter_bytes(folders: list[str | Path]) -> int:
+    return sum((Path(f) / "adapter_model.safetensors").stat().st_size for f in folders)
+
+
+def _row(method: str, trained: dict[str, Any] | None, evaluation: dict[str, Any], base_params: int) -> dict:
+    s = (trained or {}).get("summary", {})
+    row = {
+        "method": method,
+        "trained": trained is not None,
+        "trainable_params": int(s.get("trainable params", 0)),
+        "trainable_pct": float(s.get("trainable %", 0.0)),
+        "adapter_bytes": _adapter_bytes(list(trained["adapters"].values())) if trained else 0,
+        "peak_train_memory_mb": float(s.get("peak memory MB", 0.0)),
+        "train_seconds": float(s.get("train seconds", 0.0)),
+        "train_tokens_per_s": float(s.get("real tokens/s", 0.0)),
+        "steps": int(s.get("steps", 0)),
+        "train_load_average": s.get("load average"),  # 1-minute load average of the machine while training
+        "base_params": base_params,
+    }
+    row.update({k: v for k, v in evaluation.items() if k not in ("method", "samples")})
+    return row
+
+
+# ---- the comparison -------------------------------------------------------------------------------------
+
+def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
+    """Train, evaluate and report every method; writes results.json/.md, PNGs and config.json under cfg.out."""
+    from prefixtune.data import load_data
+    from prefixtune.engine.lm import PrefixLM
+    from prefixtune.eval.lora import lora_applied
+    from prefixtune.eval.run_eval import method_from_adapters
+    from prefixtune.models import load_base_model
+
+    cfg.validate()
+    out = Path(cfg.out)
+    write_json(out / "config.json", asdict(cfg))  # first, so even a failed run can be repeated
+    started = time.perf_counter()
+    data = load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    if not data.labels:
+        raise CompareConfigError(f"{cfg.data}: compare needs labelled data (conditioning is what it measures)")
+    data.split(cfg.split)
+    labels = cfg.labels or data.labels
+    judge = load_judge(data, cfg.judge, say) if cfg.samples_per_label > 0 else None
+
+    from prefixtune.runtime import configure_threads
+
+    threads = configure_threads(say)  # decided once: every method trains and is timed with the same threads
+    loaded = None if cfg.isolate else load_base_model(cfg.model, cfg.device, cfg.dtype)
+    trained = {m: train_method(m, cfg, say, loaded, data, threads) for m in cfg.methods if m != "prompt"}
+
+    loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
+    base_params = sum(p.numel() for p in loaded.model.parameters())
+    lm = PrefixLM(loaded, out / "prefix")
+    # The bare model on the trained methods' short prompts is every method's 0% latency reference.
+    base_prompts = list(trained_prompts(cfg, labels).values())
+
+    rows = []
+    for method in cfg.methods:
+        if method == "prompt":
+            evaluation = evaluate_method(lm, prompt_method(lm, labels, cfg), data, cfg, judge, base_prompts, say=say)
+        elif method == "prefix":
+            folders = trained["prefix"]["adapters"]
+            for name, folder in folders.items():
+                lm.register(name, folder)
+            m = method_from_adapters("prefix", {n: Path(f) for n, f in folders.items()}, labels)
+            m.prompts = {label: p for label, p in m.prompts.items() if label in labels}
+            evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, say=say)
+        else:
+            # LoRA is injected into the shared base model for its evaluation only and removed afterwards;
+            # disable_adapter() gives the bare model for the interleaved base timing.
+            with lora_applied(loaded.model, trained["lora"]["adapters"]["lora"]) as peft_model:
+                m = Method("lora", dict(zip(labels, base_prompts)), {}, 0)
+                evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, peft_model.disable_adapter,
+                                             say=say)
+        write_json(out / method / "samples.json", evaluation["samples"])
+        rows.append(_row(method, trained.get(method), evaluation, base_params))
+
+    bases = [r["base_latency_ms_per_token"] for r in rows if r.get("base_latency_ms_per_token") is not None]
+    base_latency = statistics.median(bases) if bases else None
+    results = {"config": asdict(cfg), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+               "cpu_count": os.cpu_count(), "torch_threads": threads, "base_params": base_params, "base_latency_ms_per_token": base_latency,
+               "judge": describe_judge(judge) if judge is not None else None, "labels": labels,
+               "data_fingerprint": data.fingerprint, "seconds": time.perf_counter() - started, "methods": rows}
+    write_outputs(results, out, {m: t.get("history", []) for m, t in trained.items()})
+    say(f"wrote {out / 'results.md'} ({results['seconds']:.0f} s)")
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path, histories: dict[str, list]) -> None:
+    rows = results["methods"]
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", compare_markdown(results))
+    plot_bars(rows, out / "bars_quality.png",
+              [("eval_loss", "eval loss (lower is better)"), ("conditioning_accuracy", "conditioning accuracy"),
+               ("distinct_2", "distinct-2")], "quality")
+    plot_bars([{**r, "adapter_kb": r["adapter_bytes"] / 1024} for r in rows], out / "bars_cost.png",
+              [("trainable_params", "trainable params"), ("adapter_kb", "adapter file (KB)"),
+               ("peak_train_memory_mb", "peak train memory (MB)"), ("train_seconds", "train time (s)"),
+               ("latency_ms_per_token", "ms / generated token")], "cost")
+    plot_loss_curves(histories, out / "loss_curves.png")
+    atomic_write_text(out / "readme_section.md", readme_section(results))
