@@ -25,6 +25,7 @@ from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, Manifest, StoreError, check_compatible, default_store, read_manifest
+from prefixtune.templates import fill_template
 
 
 @dataclass
@@ -225,7 +226,7 @@ class PrefixLM:
             if "{label}" in template:
                 if manifest.labels and label not in manifest.labels:
                     raise ValueError(f"adapter {adapter!r} knows labels {', '.join(manifest.labels)}, not {label!r}")
-                template = template.replace("{label}", label)  # not str.format: templates may hold braces
+                template = fill_template(template, label)
             elif manifest.label is not None and label != manifest.label:
                 raise ValueError(
                     f"adapter {adapter!r} is conditioned on label {manifest.label!r}, not {label!r}; "

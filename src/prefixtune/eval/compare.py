@@ -24,7 +24,7 @@ from prefixtune.eval.report import compare_markdown, plot_bars, plot_loss_curves
 from prefixtune.eval.readme import readme_section
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.examples import render_prompt
+from prefixtune.templates import fill_template
 
 METHODS = ("prefix", "lora", "prompt")
 DEFAULT_INSTRUCTION = "Write a short tweet that expresses {label}."
@@ -178,7 +178,7 @@ def prompt_method(lm, labels: list[str], cfg: CompareConfig) -> Method:
     """The zero-training baseline: the (instruct) base model asked in words for each label."""
     prompts = {}
     for label in labels:
-        request = cfg.instruction.replace("{label}", label)
+        request = fill_template(cfg.instruction, label)
         chat = cfg.chat and bool(getattr(lm.tokenizer, "chat_template", None))
         prompts[label] = lm.chat_prompt(request) if chat else request + "\n"
     lengths = [len(lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts.values()]
@@ -188,7 +188,7 @@ def prompt_method(lm, labels: list[str], cfg: CompareConfig) -> Method:
 def trained_prompts(cfg: CompareConfig, labels: list[str]) -> dict[str, str]:
     """What the trained methods (and the base-model latency reference) are prompted with per label."""
     template = cfg.train_config("lora").resolved_template()  # label in the prompt (LoRA never trains per label)
-    return {label: render_prompt(template, label) for label in labels}
+    return {label: fill_template(template, label) for label in labels}
 
 
 def _adapter_bytes(folders: list[str | Path]) -> int:

@@ -1,7 +1,7 @@
 """The LoRA baseline: PEFT LoRA trained on exactly the batches prefix tuning sees.
 
 Rows, template, tokenization, batch order, optimizer, schedule, clipping and the loss code path are the prefix
-trainer's own (select_rows, tokenize, epoch_batches, collate, AdamW + get_scheduler, PrefixModel's loss), so
+trainer's own (split_rows, tokenize, epoch_batches, collate, AdamW + get_scheduler, PrefixModel's loss), so
 a difference in the comparison comes from the adaptation method and nothing else.
 """
 
@@ -24,7 +24,7 @@ from prefixtune.data import DataError
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.examples import Tokenized, collate, epoch_batches, tokenize
-from prefixtune.train.plan import select_rows
+from prefixtune.train.plan import split_rows
 from prefixtune.train.report import peak_memory_mb, plot_losses, write_log
 
 ADAPTER_DIR = "adapter"  # run folder subfolder holding PEFT's adapter_config.json + adapter_model.safetensors
@@ -86,18 +86,7 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings):
 
 def _rows(cfg: TrainConfig, data, tokenizer, say) -> tuple[list[Tokenized], list[Tokenized], int]:
     """Train/validation rows exactly as train.plan.plan_run builds them for a single adapter."""
-    labelled = data.labels is not None
-    template = cfg.resolved_template() if (labelled or cfg.template is not None) else ""
-    if "{label}" in template and not labelled:
-        raise DataError(f"template {template!r} uses {{label}} but {cfg.data} has no labels")
-    train_ex = select_rows(cfg, data, "train", say)
-    if "validation" in data.splits:
-        val_ex = select_rows(cfg, data, "validation", say)
-    else:  # same hold-out rule as plan_run, so both methods train on the same rows
-        k = max(1, min(cfg.eval_examples, len(train_ex) // 20))
-        val_ex, train_ex = train_ex[:k], train_ex[k:]
-    if not train_ex:
-        raise DataError(f"{cfg.data}: no training rows left after filtering")
+    template, train_ex, val_ex = split_rows(cfg, data, say)
     adapter_of = lambda ex: "lora"  # noqa: E731  (one adapter; the label is in the prompt)
     train_rows, truncated = tokenize(train_ex, tokenizer, template, adapter_of, cfg.max_length)
     val_rows, _ = tokenize(val_ex, tokenizer, template, adapter_of, cfg.max_length)

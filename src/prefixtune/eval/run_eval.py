@@ -14,7 +14,7 @@ from prefixtune.eval.judge import describe_judge, load_judge
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
-from prefixtune.train.examples import render_prompt
+from prefixtune.templates import fill_template
 
 __all__ = ["EvalConfig", "method_from_adapters", "resolve_adapters", "run_eval"]
 
@@ -67,7 +67,7 @@ def method_from_adapters(name: str, folders: dict[str, Path], labels: list[str] 
     if len(folders) > 1 or family:
         if len(family) != len(folders):
             raise StoreError(f"{name}: mixes per-label adapters with unlabelled ones ({', '.join(folders)})")
-        prompts = {label: render_prompt(manifests[a].template or "", label) for label, a in sorted(family.items())}
+        prompts = {label: fill_template(manifests[a].template or "", label) for label, a in sorted(family.items())}
         return Method(name, prompts, dict(sorted(family.items())), length)
     adapter, manifest = next(iter(manifests.items()))
     template = manifest.template or ""
@@ -77,7 +77,7 @@ def method_from_adapters(name: str, folders: dict[str, Path], labels: list[str] 
     if not known:
         raise DataError(f"adapter {adapter!r} puts a label in its prompt but neither it nor the data names the "
                         f"labels. Fix: evaluate on its labelled training data")
-    return Method(name, {label: render_prompt(template, label) for label in known},
+    return Method(name, {label: fill_template(template, label) for label in known},
                   {label: adapter for label in known}, length)
 
 

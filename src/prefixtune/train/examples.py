@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from prefixtune.data import Example
+from prefixtune.templates import fill_template
 
 
 @dataclass
@@ -37,10 +38,6 @@ class Batch:
                      self.adapters[start:stop])
 
 
-def render_prompt(template: str, label: str | None) -> str:
-    return template.format(label=label) if "{label}" in template else template
-
-
 def tokenize(
     examples: Sequence[Example],
     tokenizer,
@@ -56,7 +53,7 @@ def tokenize(
     eos = tokenizer.eos_token_id
     truncated = 0
     rows: list[Tokenized] = []
-    prompts = [render_prompt(template, ex.label) for ex in examples]
+    prompts = [fill_template(template, ex.label) for ex in examples]
     texts = [f"{p} {ex.text}" if p else ex.text for p, ex in zip(prompts, examples)]
     enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
     for ex, prompt, ids, offsets in zip(examples, prompts, enc["input_ids"], enc["offset_mapping"]):

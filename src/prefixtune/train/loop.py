@@ -180,6 +180,8 @@ class Trainer:
             self.say(f"resumed from {self.run_dir / 'checkpoint'} at step {progress.step}")
         elif has_checkpoint(self.run_dir) and self.is_main:
             self.say(f"note: {self.run_dir} holds a checkpoint; starting fresh (use --resume to continue it)")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         bar = _progress_bar(self.total_steps, progress.step, cfg.progress and self.is_main)
         interrupted = Interrupted()
         with interrupted.installed():
@@ -265,17 +267,19 @@ class Trainer:
             result_dirs = {n: (best_root / n if (best_root / n).is_dir() else p) for n, p in last.items()}
             trainable = sum(p.numel() for p in self.model.encoders.parameters())
             base_params = sum(p.numel() for p in self.model.base.parameters())
-            first = next(iter(result_dirs.values()))
+            sizes = [(p / "adapter_model.safetensors").stat().st_size for p in result_dirs.values()]
             summary = {
                 "adapters": len(result_dirs),
                 "steps": progress.step,
                 "train rows": len(plan.train_rows),
                 "trainable params": trainable,
                 "trainable %": 100.0 * trainable / base_params,
-                "adapter file bytes": (first / "adapter_model.safetensors").stat().st_size,
+                "adapter file bytes": sizes[0],  # one adapter (per-label adapters share the shape)
+                "all adapters bytes": sum(sizes),
                 "train seconds": progress.train_seconds,
                 "real tokens/s": progress.tokens / max(progress.train_seconds, 1e-9),
                 "best eval loss": progress.best_eval if progress.best_eval is not None else float("nan"),
+                # CUDA: this run's peak (reset at start); CPU: the process's peak resident memory.
                 "peak memory MB": peak_memory_mb(self.device),
                 "truncated examples": plan.truncated,
             }

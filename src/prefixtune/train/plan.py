@@ -12,6 +12,7 @@ from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.prefix.encoder import PrefixConfig, text_kv
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import StoreError, validate_name
+from prefixtune.templates import fill_template
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 
@@ -61,22 +62,12 @@ def select_rows(cfg: TrainConfig, data: DataBundle, split: str, say) -> list[Exa
     return rows
 
 
-def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print) -> TrainPlan:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    from prefixtune.data import load_data
-    from prefixtune.models import load_base_model
-
-    loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
-    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+def split_rows(cfg: TrainConfig, data: DataBundle, say=print) -> tuple[str, list[Example], list[Example]]:
+    """The template and the train/eval rows a run uses; every trainer (prefix, LoRA) calls this one."""
     labelled = data.labels is not None
-    if cfg.per_label and not labelled:
-        raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
     template = cfg.resolved_template() if (labelled or cfg.template is not None) else ""
     if "{label}" in template and not labelled:
         raise DataError(f"template {template!r} uses {{label}} but {cfg.data} has no labels")
-
     train_ex = select_rows(cfg, data, "train", say)
     if "validation" in data.splits:
         val_ex = select_rows(cfg, data, "validation", say)
@@ -86,6 +77,21 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         say(f"no validation split: holding out {k} training rows for evaluation")
     if not train_ex:
         raise DataError(f"{cfg.data}: no training rows left after filtering")
+    return template, train_ex, val_ex
+
+
+def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print) -> TrainPlan:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from prefixtune.data import load_data
+    from prefixtune.models import load_base_model
+
+    loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
+    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    if cfg.per_label and data.labels is None:
+        raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
+    template, train_ex, val_ex = split_rows(cfg, data, say)
 
     labels = cfg.labels or (data.labels or [])
     if cfg.per_label:
@@ -108,7 +114,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         encoder = model.add_adapter(name, prefix_cfg)
         if cfg.init == "text":
             # "{label}" in the init text gives each per-label adapter its own starting point.
-            text = cfg.init_text.format(label=adapter_labels[name] or "")
+            text = fill_template(cfg.init_text, adapter_labels[name])
             encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
                                          cfg.num_virtual_tokens))
     if cfg.gradient_checkpointing:
