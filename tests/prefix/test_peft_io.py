@@ -90,3 +90,15 @@ def test_not_a_prefix_adapter(tmp_path):
         load_adapter(tmp_path)
     with pytest.raises(AdapterFormatError, match="no adapter_config.json"):
         load_adapter(tmp_path / "missing")
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+
+    pm = PrefixModel(make_tiny_model("llama"))
+    enc = pm.add_adapter("a", PrefixConfig(num_virtual_tokens=2))
+    save_adapter(tmp_path, enc.fold(), pm.shape, enc.config, "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
