@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/prefixtune demo --model $(MODEL) --data $(DATA) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 bench: setup
-	$(BIN)/prefixtune bench --model $(MODEL) --data $(DATA) --out runs/bench
+	$(BIN)/prefixtune bench --model $(MODEL) --data $(DATA) --steps 20 --out runs/bench
 
 doctor: setup
 	$(BIN)/prefixtune doctor

@@ -22,6 +22,7 @@ def bar_chart(path: Path, title: str, labels: list[str], values: list[float], un
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(labels, values, color=["#2b8cbe", "#bdbdbd", "#fdae6b", "#a1d99b"][: len(values)])
     ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylim(0, max(values) * 1.15 if values else 1)  # room for the labels above the bars
     ax.set_ylabel(unit)
     ax.set_title(title)
     fig.tight_layout()
