@@ -12,6 +12,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+class ConfigError(ValueError):
+    """A bad training setting (flag or config file); the message names it."""
+
+
 DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
@@ -71,13 +75,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+            raise ConfigError("batch sizes must be >= 1")
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
+            raise ConfigError("max_steps must be >= 1")
         if self.lr < 0:
-            raise ValueError("lr must be >= 0")
+            raise ConfigError("lr must be >= 0")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -93,12 +97,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     elif path.suffix == ".json":
         data = json.loads(text)
     else:
-        raise ValueError(f"{path}: config files are .yaml, .toml or .json")
+        raise ConfigError(f"{path}: config files are .yaml, .toml or .json")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
+        raise ConfigError(f"{path}: expected a mapping of settings")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return data

@@ -1,0 +1,58 @@
+"""The real `prefixtune train` command on a tiny model: config file + flags, early stopping, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from prefixtune.cli import app
+from prefixtune.store import read_manifest
+
+runner = CliRunner()
+
+
+def test_config_file_and_flags(tmp_path, tiny_model_dir, emotion_dir):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\ndata: {emotion_dir}\nmax-examples: 32\neval_examples: 8\nmax_steps: 5\n"
+        "num_virtual_tokens: 3\nlr: 0.01\nname: emo\ndevice: cpu\n"
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--max-steps", "2", "--out", str(out),
+                                 "--store", str(tmp_path / "store"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "store" / "emo")
+    assert manifest.hyperparams["max_steps"] == 2, "a flag overrides the file"
+    assert manifest.hyperparams["num_virtual_tokens"] == 3 and manifest.hyperparams["max_examples"] == 32
+    assert "adapter emo:" in result.output
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('learning_rate = 0.1\n')
+    result = runner.invoke(app, ["train", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "unknown settings learning_rate" in result.output
+
+
+def test_early_stopping(tmp_path, tiny_model_dir, emotion_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_model_dir), "--data", str(emotion_dir), "--out", str(out),
+        "--max-examples", "64", "--eval-examples", "8", "--max-steps", "8", "--eval-every", "1", "--lr", "0",
+        "--early-stopping", "2", "--num-virtual-tokens", "2", "--no-progress", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "early stopping at step 3" in result.output  # lr 0: evals 2 and 3 bring no gain over eval 1
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+
+
+def test_bad_data_is_one_line_error(tmp_path, tiny_model_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine", "label": "joy"}\n{"text": "   ", "label": "joy"}\n')
+    result = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--data", str(data),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "line 2" in result.output
