@@ -226,3 +226,20 @@ def test_load_by_name_and_swap_time(tiny_model_dir, tiny_lm, tmp_path):
     ms = measure_swap_ms(lm, "big", repeats=7)
     print(f"\nadapter swap: {ms:.2f} ms median for a {size / 1e6:.2f} MB adapter from disk (target < 10 ms)")
     assert ms > 0 and "big" in lm.cache
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    """Candidates-first nucleus sampling draws only nucleus tokens, also when it spans beyond the candidates."""
+    import torch
+
+    from prefixtune.engine.sampling import RowSampler, SamplingParams
+
+    for scale in (3.0, 0.01):  # peaked: small nucleus; flat: nucleus larger than the 1024 candidates
+        logits = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * scale
+        probs = torch.softmax(logits, -1)
+        ordered, order = torch.sort(probs, descending=True)
+        nucleus = set(order[(ordered.cumsum(-1) - ordered) < 0.9].tolist())
+        sampler = RowSampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0), torch.device("cpu"))
+        drawn = {sampler(logits) for _ in range(300)}
+        assert drawn <= nucleus
+        assert len(drawn) > 1

@@ -34,6 +34,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
+_NUCLEUS_CANDIDATES = 1024
+
+
 class RowSampler:
     """Draws the next token of one row from its logits with its own generator."""
 
@@ -57,13 +60,16 @@ class RowSampler:
             keep = torch.topk(logits, min(p.top_k, logits.shape[-1])).indices
             logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits[keep])
         probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest set whose mass reaches top_p (always at least the top token).
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if p.top_p >= 1.0:
+            return int(torch.multinomial(probs, 1, generator=self.generator))
+        # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead
+        # of all of it is exact whenever their mass reaches top_p (else fall back to the full sort).
+        top, order = torch.topk(probs, min(_NUCLEUS_CANDIDATES, probs.shape[-1]))  # sorted, descending
+        if float(top.sum()) < p.top_p:
+            top, order = torch.sort(probs, descending=True)
+        # Keep the smallest set whose mass reaches top_p (always at least the top token).
+        top = top.masked_fill(top.cumsum(-1) - top >= p.top_p, 0.0)
+        return int(order[torch.multinomial(top, 1, generator=self.generator)])
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
