@@ -15,8 +15,8 @@ from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.model import PrefixModel, kv_from_flat
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import MANIFEST_FILE, AdapterStore, Manifest, shape_dict, write_adapter_folder
-from prefixtune.testing import make_tiny_model
+from prefixtune.store import MANIFEST_FILE, AdapterStore
+from prefixtune.testing import make_tiny_model, write_random_adapter
 
 runner = CliRunner()
 
@@ -28,15 +28,9 @@ def cli(*args, code=0):
     return result
 
 
-def write_adapter(root, name, loaded, tokens=3, seed=0, fingerprint=None, base=None, metrics=None):
-    shape = prefix_shape(loaded.model.config)
-    torch.manual_seed(seed)
-    config = PrefixConfig(num_virtual_tokens=tokens, prefix_projection=False)
-    enc = PrefixEncoder(shape, config)
-    manifest = Manifest(name=name, base_model=base or loaded.name, base_fingerprint=fingerprint or loaded.fingerprint,
-                        shape=shape_dict(shape), prefix=config.to_dict(), metrics=metrics or {},
-                        template="Emotion: {label}\nText:")
-    return write_adapter_folder(root / name, enc.fold(), shape, config, manifest, enc)
+def write_adapter(root, name, loaded, tokens=3, metrics=None, **kwargs):
+    return write_random_adapter(root / name, loaded, name, tokens=tokens, scale=1.0, metrics=metrics or {},
+                                template="Emotion: {label}\nText:", **kwargs)
 
 
 def test_list_empty_store(tmp_path, monkeypatch):

@@ -6,15 +6,13 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from prefixtune.cli import app
 from prefixtune.models import model_fingerprint
-from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import AdapterStore, Manifest, shape_dict, write_adapter_folder
-from prefixtune.testing import make_tiny_model
+from prefixtune.store import AdapterStore
+from prefixtune.testing import make_tiny_model, write_random_adapter
 
 runner = CliRunner()
 PROMPT = "The weather today is"
@@ -27,17 +25,9 @@ def cli(*args, code=0):
     return result
 
 
-def write_adapter(root, name, loaded, tokens=4, seed=0, fingerprint=None, base=None, shape=None):
+def write_adapter(root, name, loaded, **kwargs):
     """A random adapter in training's folder format, strong enough to change greedy output."""
-    shape = shape or prefix_shape(loaded.model.config)
-    torch.manual_seed(seed)
-    config = PrefixConfig(num_virtual_tokens=tokens, prefix_projection=False)
-    enc = PrefixEncoder(shape, config)
-    with torch.no_grad():
-        enc.embedding.weight.mul_(3.0)
-    manifest = Manifest(name=name, base_model=base or loaded.name, base_fingerprint=fingerprint or loaded.fingerprint,
-                        shape=shape_dict(shape), prefix=config.to_dict())
-    return write_adapter_folder(root / name, enc.fold(), shape, config, manifest, enc)
+    return write_random_adapter(root / name, loaded, name, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,18 @@ import torch
 
 from prefixtune.engine.lm import AdapterCache, CachedAdapter, Generation, PrefixLM, cut_at_stop, measure_swap_ms
 from prefixtune.models import model_fingerprint
-from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.peft_io import WEIGHTS_FILE
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import AdapterStore, Manifest, StoreError, shape_dict, write_adapter_folder
-from prefixtune.testing import make_tiny_model
+from prefixtune.store import AdapterStore, StoreError
+from prefixtune.testing import make_tiny_model, write_random_adapter
 
 
 PROMPTS = ["Emotion: joy\nText:", "The weather today is", "Once upon a time, in a land far away,", "Hi"]
 
 
-def write_adapter(root, name, loaded, tokens=4, seed=0, scale=3.0, fingerprint=None, base=None, shape=None,
-                  **manifest_fields):
+def write_adapter(root, name, loaded, **kwargs):
     """A random adapter in the exact folder format training writes; strong enough to change the output."""
-    shape = shape or prefix_shape(loaded.model.config)
-    torch.manual_seed(seed)
-    config = PrefixConfig(num_virtual_tokens=tokens, prefix_projection=False)
-    enc = PrefixEncoder(shape, config)
-    with torch.no_grad():
-        enc.embedding.weight.mul_(scale)
-    manifest = Manifest(name=name, base_model=base or loaded.name,
-                        base_fingerprint=fingerprint or loaded.fingerprint, shape=shape_dict(shape),
-                        prefix=config.to_dict(), **manifest_fields)
-    return write_adapter_folder(root / name, enc.fold(), shape, config, manifest, enc)
+    return write_random_adapter(root / name, loaded, name, **kwargs)
 
 
 @pytest.fixture(scope="module")

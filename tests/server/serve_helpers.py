@@ -10,17 +10,14 @@ from pathlib import Path
 
 import httpx
 import openai
-import torch
 import uvicorn
 
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.models import LoadedModel
-from prefixtune.prefix.encoder import PrefixConfig
-from prefixtune.prefix.model import PrefixModel
 from prefixtune.server import ServerSettings, create_app
 from prefixtune.server.runner import GracefulServer, bind
-from prefixtune.store import Manifest, write_adapter_folder
+from prefixtune.testing import write_random_adapter
 
 API_KEY = "sk-test-key"
 ADAPTERS = {"alpha": 4, "beta": 7}  # name -> num_virtual_tokens (different lengths must mix in one batch)
@@ -28,18 +25,8 @@ ADAPTERS = {"alpha": 4, "beta": 7}  # name -> num_virtual_tokens (different leng
 
 def write_adapter(folder: Path, loaded: LoadedModel, name: str, num_virtual_tokens: int, seed: int) -> Path:
     """A random adapter strong enough that greedy outputs differ from the base model and from each other."""
-    torch.manual_seed(seed)
-    pm = PrefixModel(loaded.model)
-    encoder = pm.add_adapter(name, PrefixConfig(num_virtual_tokens=num_virtual_tokens, prefix_projection=False))
-    with torch.no_grad():
-        encoder.embedding.weight.mul_(10.0)
-    s = pm.shape
-    manifest = Manifest(
-        name=name, base_model=loaded.name, base_fingerprint=loaded.fingerprint,
-        shape={"num_layers": s.num_layers, "kv_heads": s.kv_heads, "head_dim": s.head_dim},
-        prefix=encoder.config.to_dict(), template="Emotion: {label}\nText:",
-    )
-    return write_adapter_folder(folder, encoder.fold(), s, encoder.config, manifest, encoder)
+    return write_random_adapter(folder, loaded, name, tokens=num_virtual_tokens, seed=seed, scale=10.0,
+                                template="Emotion: {label}\nText:")
 
 
 class LiveServer:

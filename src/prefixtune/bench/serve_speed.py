@@ -19,23 +19,11 @@ PROMPTS = ["Text:", "Text: i feel", "Text: today", "Text: my friend"]
 
 def write_random_adapters(loaded, root: Path, count: int, tokens: int = 20) -> list[str]:
     """Random prefixes in a store: speed does not depend on what the prefix learned."""
-    from prefixtune.prefix.encoder import PrefixConfig
-    from prefixtune.prefix.model import PrefixModel
-    from prefixtune.store import AdapterStore, Manifest, shape_dict
+    from prefixtune.testing import write_random_adapter
 
-    model = PrefixModel(loaded.model)
-    store = AdapterStore(root)
-    names = []
-    for i in range(count):
-        name = f"bench-{i}"
-        torch.manual_seed(i)
-        enc = model.add_adapter(name, PrefixConfig(tokens, prefix_projection=False))
-        with torch.no_grad():
-            enc.embedding.weight.mul_(0.1)  # keep generations in-distribution-ish
-        manifest = Manifest(name=name, base_model=loaded.name, base_fingerprint=loaded.fingerprint,
-                            shape=shape_dict(model.shape), prefix=enc.config.to_dict(), template="Text:")
-        store.save(name, enc.fold(), model.shape, enc.config, manifest)
-        names.append(name)
+    names = [f"bench-{i}" for i in range(count)]
+    for i, name in enumerate(names):  # a small scale keeps generations in-distribution-ish
+        write_random_adapter(root / name, loaded, name, tokens=tokens, seed=i, scale=0.1, template="Text:")
     return names
 
 
