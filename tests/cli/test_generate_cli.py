@@ -18,7 +18,6 @@ runner = CliRunner()
 PROMPT = "The weather today is"
 
 
-
 def cli(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
