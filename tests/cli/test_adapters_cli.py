@@ -21,7 +21,6 @@ from prefixtune.testing import make_tiny_model, write_random_adapter
 runner = CliRunner()
 
 
-
 def cli(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
     assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"

@@ -12,7 +12,6 @@ from prefixtune.engine.lm import PrefixLM
 from prefixtune.models import LoadedModel, load_base_model
 
 
-
 @pytest.fixture(scope="session")
 def serve_base(tiny_model_dir: Path) -> LoadedModel:
     """Read-only: used to build adapters, never to serve."""
