@@ -82,7 +82,7 @@ def list_adapters(
     table.add_column("tokens", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("created", no_wrap=True)
-    table.add_column("metric", no_wrap=True)
+    table.add_column("metric", overflow="fold", min_width=11)  # never cropped to "loss 3."
     for a in items:
         m = a.manifest
         table.add_row(
@@ -90,7 +90,7 @@ def list_adapters(
             m.base_model if m else "? (bare PEFT)",
             str(a.num_virtual_tokens) if a.num_virtual_tokens is not None else "?",
             human_size(a.size_bytes),
-            (m.created or "-")[:16].replace("T", " ") if m else "-",
+            (m.created or "-")[:10] if m else "-",  # the date; `adapters show` has the time
             _metric_text(key_metric(m)),
         )
     Console(soft_wrap=False).print(table)
