@@ -29,7 +29,7 @@ from prefixtune.testing import make_tiny_model
 
 def _write(root: Path, name: str, shape, fingerprint="f" * 16, base="tiny", tokens=3, metrics=None) -> Path:
     torch.manual_seed(len(name))
-    config = PrefixConfig(num_virtual_tokens=tokens, prefix_projection=False)
+    config = PrefixConfig(num_virtual_tokens=tokens)  # with the MLP: all four files are written
     enc = PrefixEncoder(shape, config)
     manifest = Manifest(name=name, base_model=base, base_fingerprint=fingerprint, shape=shape_dict(shape),
                         prefix=config.to_dict(), metrics=metrics or {})

@@ -158,3 +158,17 @@ def test_bad_adapter_name_fails_before_training(tmp_path, tiny_model_dir, tiny_l
     with pytest.raises(DataError, match="invalid adapter name 'emotion-very happy'"):
         train(_cfg(tmp_path, tiny_model_dir, data, per_label=True), loaded=tiny_lm)
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_continues_through_the_saved_mlp(tmp_path, tiny_model_dir, tiny_lm, emotion_dir):
+    first = train(_cfg(tmp_path / "a", tiny_model_dir, emotion_dir, max_steps=2), loaded=tiny_lm)
+    folder = first.adapters["emotion"]
+    said = []
+    cfg = _cfg(tmp_path / "b", tiny_model_dir, emotion_dir, max_steps=1, lr=0.0, init_from=str(folder))
+    second = train(cfg, loaded=tiny_lm, say=said.append)
+    assert any("embedding + MLP" in s for s in said)
+    # lr 0: the continued adapter is exactly the one it started from, MLP and all
+    torch.testing.assert_close(load_adapter(second.adapters["emotion"]).flat, load_adapter(folder).flat)
+    wrong = _cfg(tmp_path / "c", tiny_model_dir, emotion_dir, num_virtual_tokens=7, init_from=str(folder))
+    with pytest.raises(ValueError, match="--num-virtual-tokens 4"):
+        train(wrong, loaded=tiny_lm)

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
                                                 help="Train through the 2-layer MLP."),
         init: Optional[str] = Opt(None, help="random | zero | text"),
         init_text: Optional[str] = Opt(None, help="Text whose keys/values start the prefix (--init text)."),
+        init_from: Optional[str] = Opt(None, help="Continue this adapter folder (through its MLP if saved)."),
         lr: Optional[float] = Opt(None, help="Peak learning rate."),
         schedule: Optional[str] = Opt(None, help="cosine | linear | constant"),
         batch_size: Optional[int] = Opt(None, help="Rows per optimizer step."),

@@ -105,7 +105,7 @@ def save_adapter(
     cfg = peft_config_dict(shape, config, base_model)
     tensor = flat.detach().to("cpu", STORAGE_DTYPES[storage_dtype]).contiguous()
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file({"prompt_embeddings": tensor}, tmp))
-    if encoder is not None:
+    if encoder is not None and encoder.projection:  # without an MLP the PEFT file already is the state
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         atomic_write(folder / TRAINABLE_FILE, lambda tmp: save_file(state, tmp))
     atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True, default=str))

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefixtune.data import DataBundle, DataError, Example
-from prefixtune.prefix.encoder import PrefixConfig, text_kv
+from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder, flat_to_kv, text_kv
+from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import StoreError, validate_name
 from prefixtune.templates import fill_template
-from prefixtune.train.config import TrainConfig
+from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 
 
@@ -60,6 +61,22 @@ def select_rows(cfg: TrainConfig, data: DataBundle, split: str, say) -> list[Exa
         # A seeded sample, not the head of the file: the head of a sorted file can miss labels.
         rows = random.Random(cfg.seed + (split != "train")).sample(rows, limit)
     return rows
+
+
+def start_from(encoder: PrefixEncoder, folder: str, say) -> None:
+    """Continue a saved adapter: its embedding + MLP when saved and shaped alike, else its folded prefix."""
+    saved = load_adapter(folder, encoder.shape)
+    if saved.num_virtual_tokens != encoder.config.num_virtual_tokens:
+        raise ConfigError(f"--init-from {folder} has {saved.num_virtual_tokens} virtual tokens; pass "
+                          f"--num-virtual-tokens {saved.num_virtual_tokens}")
+    state = saved.trainable
+    if state is not None and set(state) == set(encoder.state_dict()) and all(
+            state[k].shape == v.shape for k, v in encoder.state_dict().items()):
+        encoder.load_state_dict(state)
+        say(f"starting from {folder} (embedding + MLP)")
+    else:
+        encoder.init_from_kv(flat_to_kv(saved.flat, encoder.shape))
+        say(f"starting from {folder} (its folded prefix)")
 
 
 def split_rows(cfg: TrainConfig, data: DataBundle, say=print) -> tuple[str, list[Example], list[Example]]:
@@ -117,6 +134,8 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
             text = fill_template(cfg.init_text, adapter_labels[name])
             encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
                                          cfg.num_virtual_tokens))
+        if cfg.init_from:
+            start_from(encoder, cfg.init_from, say)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
