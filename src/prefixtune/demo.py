@@ -36,7 +36,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
         balance=True,
         max_examples=120 if quick else 960,
         max_steps=steps or (30 if quick else 150),
-        eval_every=0,
+        eval_every=0 if quick else 50,
         eval_examples=48 if quick else 192,
         num_virtual_tokens=10 if quick else 20,
         # Measured on this data (30 steps, 10 tokens): text init + direct KV at lr 1e-2 reached eval loss

@@ -30,7 +30,9 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "prefixt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.6)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train loss", alpha=0.35)
+        ax.plot(steps, _ema(losses), label="train loss (EMA 0.9)")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
@@ -42,6 +44,15 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "prefixt
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
+
+
+def _ema(values, decay: float = 0.9) -> list[float]:
+    """Per-step losses jump with batch content; the smoothed line shows the trend."""
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
