@@ -146,7 +146,12 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool = True) -> None:
             raise StoreError(f"{target} appeared while writing; choose another name or pass --overwrite")
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
         os.rename(target, old)
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)  # put the previous adapter back rather than leave it hidden
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

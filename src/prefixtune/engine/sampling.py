@@ -22,8 +22,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
+            raise ValueError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -31,10 +31,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, logits / temperature overflow to inf and sampling is argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
 
 _NUCLEUS_CANDIDATES = 1024
+MIN_TEMPERATURE = 1e-5
 
 
 class RowSampler:
@@ -45,8 +47,8 @@ class RowSampler:
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                self.generator.manual_seed(int(params.seed))
+            if params.seed is not None:  # any integer works: torch takes 64 bits
+                self.generator.manual_seed(int(params.seed) % 2**63)
             else:
                 self.generator.seed()
 

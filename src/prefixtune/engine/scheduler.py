@@ -253,21 +253,24 @@ class Scheduler:
             return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
 
     def _admit(self, requests: list[Request]) -> None:
-        ready, prefixes = [], []
+        device = next(self.model.parameters()).device
+        ready, prefixes, rows = [], [], []
         for r in requests:
-            try:
+            try:  # everything that can fail for one request alone happens here, before it joins a batch
                 prefix = r.prefix
                 if prefix is None and r.adapter is not None:
                     with self.lm_lock:
                         prefix = self.lm.adapter(r.adapter).kv
                     self._check_length(r, int(prefix.shape[2]))
-                ready.append(r)
-                prefixes.append(prefix)
-            except Exception as exc:  # noqa: BLE001 - an unloadable adapter fails only its own request
+                row = _Row(r, RowSampler(r.params, device), TextTracker(self.tokenizer, r.params.stop))
+            except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
                 self._finish(r, "error", 0, f"{type(exc).__name__}: {exc}")
+                continue
+            ready.append(r)
+            prefixes.append(prefix)
+            rows.append(row)
         if not ready:
             return
-        device = next(self.model.parameters()).device
         width = max(len(r.prompt_ids) for r in ready)
         ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
         mask = torch.zeros((len(ready), width), dtype=torch.long)  # (B, T)
@@ -276,18 +279,19 @@ class Scheduler:
             mask[i, width - len(r.prompt_ids):] = 1
         try:
             batch, logits = RunningBatch.prefill(self.model, ids.to(device), mask.to(device), prefixes)
+            if self._batch is not None:
+                merged = torch.cat([self._logits, logits])  # (B_running + B_new, V)
+                self._batch.merge(batch)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: fail the newcomers, keep the batch
             for r in ready:
                 self._finish(r, "error", 0, f"{type(exc).__name__}: {exc}")
             return
         self.stats.prefills += 1
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in ready)
-        rows = [_Row(r, RowSampler(r.params, device), TextTracker(self.tokenizer, r.params.stop)) for r in ready]
         if self._batch is None:
             self._batch, self._logits = batch, logits
         else:
-            self._batch.merge(batch)
-            self._logits = torch.cat([self._logits, logits])  # (B_running + B_new, V)
+            self._logits = merged
         self._rows.extend(rows)
 
     def _decode(self) -> None:

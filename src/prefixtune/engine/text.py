@@ -28,9 +28,11 @@ class TextTracker:
         cut, stopped = cut_at_stop(text, self.stops)
         if stopped:
             return self._take(cut, len(cut)), True
-        end = len(text) - max((_overlap(text, s) for s in self.stops), default=0)
+        # Drop a half-decoded character first: a stop string's start right before it must be held back too.
+        end = len(text)
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
+        end -= max((_overlap(text[:end], s) for s in self.stops), default=0)
         return self._take(text, end), False
 
     def flush(self) -> str:

@@ -131,12 +131,18 @@ def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> Loaded
     """Read a folder written by prefixtune or by `peft`; with `shape`, check it fits that model."""
     folder = Path(folder)
     cfg = read_peft_config(folder)
-    if (folder / WEIGHTS_FILE).is_file():
-        weights = load_file(str(folder / WEIGHTS_FILE))
-    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        weights = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    else:
-        raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        if (folder / WEIGHTS_FILE).is_file():
+            weights = load_file(str(folder / WEIGHTS_FILE))
+        elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+            weights = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterFormatError(f"{folder} has no {WEIGHTS_FILE}")
+    except AdapterFormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors/pickle errors have no common base class
+        raise AdapterFormatError(f"{folder}: the weights file is unreadable ({type(err).__name__}: {err}); "
+                                 "re-export or retrain the adapter") from err
     key = next((k for k in weights if k.endswith("prompt_embeddings")), None)
     if key is None:
         raise AdapterFormatError(f"{folder}/{WEIGHTS_FILE} holds no prompt_embeddings ({', '.join(weights)})")

@@ -75,7 +75,7 @@ class AdapterRegistry:
                 if folder is not None:
                     self.lm.register(name, folder)
                 item = self.lm.adapter(name)
-            except user_error_types() + (OSError,) as err:
+            except Exception as err:  # noqa: BLE001 - whatever broke, roll back so no broken name stays listed
                 self.lm.unload(name)
                 if previous is not None:
                     self.lm.register(name, previous)
