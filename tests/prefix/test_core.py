@@ -146,12 +146,13 @@ def test_gradients_reach_only_the_prefix(checkpointing):
     assert all(p.grad is None for p in pm.base.parameters())
 
 
-def test_gradient_checkpointing_keeps_the_prefix():
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_gradient_checkpointing_keeps_the_prefix(arch):
     """HF drops caches under checkpointing by default; ours must survive with identical loss and grads."""
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        pm = PrefixModel(make_tiny_model("llama"))
+        pm = PrefixModel(make_tiny_model(arch))
         enc = pm.add_adapter("a", PrefixConfig(num_virtual_tokens=3))
         if checkpointing:
             pm.enable_gradient_checkpointing()
@@ -188,3 +189,22 @@ def test_shapes_come_from_the_config():
     shape = prefix_shape(make_tiny_model("qwen3").config)
     assert shape.head_dim == make_tiny_model("qwen3").config.head_dim
     assert shape.flat_dim == 2 * shape.num_layers * shape.kv_heads * shape.head_dim
+
+
+def test_text_start_through_a_too_narrow_mlp_is_refused():
+    from prefixtune.prefix.encoder import PrefixEncoder
+
+    shape = prefix_shape(make_tiny_model("llama").config)
+    enc = PrefixEncoder(shape, PrefixConfig(num_virtual_tokens=12, encoder_hidden_size=4))
+    with pytest.raises(ValueError, match="--encoder-hidden-size 11"):
+        enc.init_from_kv(torch.randn(2 * shape.num_layers, shape.kv_heads, 12, shape.head_dim))
+
+
+def test_rows_without_scored_tokens_give_zero_loss_not_nan():
+    pm = PrefixModel(make_tiny_model("llama"))
+    pm.add_adapter("a", PrefixConfig(num_virtual_tokens=2))
+    ids = _ids(pm.base, batch=2, length=3)
+    out = pm(ids, torch.ones_like(ids), ["a", "a"], labels=torch.full_like(ids, -100))
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and out.num_tokens == 0
+    assert all(torch.isfinite(p.grad).all() for p in pm.encoders.parameters() if p.grad is not None)

@@ -172,3 +172,29 @@ def test_init_from_continues_through_the_saved_mlp(tmp_path, tiny_model_dir, tin
     wrong = _cfg(tmp_path / "c", tiny_model_dir, emotion_dir, num_virtual_tokens=7, init_from=str(folder))
     with pytest.raises(ValueError, match="--num-virtual-tokens 4"):
         train(wrong, loaded=tiny_lm)
+
+
+def test_held_out_rows_are_a_sample_not_the_head(tmp_path, tiny_model_dir, tiny_lm, emotion_dir):
+    from prefixtune.train.plan import plan_run
+
+    rows = sorted(load_data(str(emotion_dir)).split("train")[:400], key=lambda ex: ex.label)
+    data = tmp_path / "sorted.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}) + "\n" for ex in rows))
+    plan = plan_run(_cfg(tmp_path, tiny_model_dir, data, per_label=True, max_examples=None, eval_examples=20),
+                    loaded=tiny_lm, say=lambda *_: None)
+    assert len({row.adapter for row in plan.val_rows}) > 1
+
+
+def test_short_loss_check_window_still_warns(tmp_path, tiny_model_dir, tiny_lm, emotion_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, emotion_dir, lr=0.0, max_steps=6, loss_check_steps=6, eval_every=0)
+    assert any("has not fallen after 6 steps" in w for w in train(cfg, loaded=tiny_lm).warnings)
+
+
+def test_fewer_batches_than_processes_is_refused(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch):
+    from accelerate import Accelerator
+
+    from prefixtune.train.config import ConfigError
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ConfigError, match="fewer than the 2 processes"):
+        train(_cfg(tmp_path, tiny_model_dir, emotion_dir, max_examples=6), loaded=tiny_lm)

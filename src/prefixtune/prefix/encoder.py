@@ -100,10 +100,17 @@ class PrefixEncoder(nn.Module):
         if not torch.allclose(flat, flat[:1].expand_as(flat)) and flat.shape[0] > 1:
             # One bias cannot hold P different rows; the embedding rows pick them apart via the
             # first layer, so fit the last layer exactly by least squares on the hidden activations.
+            width = self.transform[0].out_features
+            if flat.shape[0] > width + 1:
+                raise ValueError(
+                    f"cannot start {flat.shape[0]} virtual tokens exactly through an MLP of width {width}: "
+                    f"use --encoder-hidden-size {flat.shape[0] - 1} or more, or --no-prefix-projection"
+                )
             hidden = self.transform[1](self.transform[0](self.embedding.weight))  # (P, width)
             ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
             design = torch.cat([hidden, ones], dim=1)  # (P, width + 1)
-            solution = torch.linalg.lstsq(design, flat).solution  # (width + 1, flat_dim)
+            # On the CPU: CUDA's lstsq solves only overdetermined systems, and this one is underdetermined.
+            solution = torch.linalg.lstsq(design.cpu(), flat.cpu()).solution.to(flat)  # (width + 1, flat_dim)
             self.transform[2].weight.copy_(solution[:-1].T)
             self.transform[2].bias.copy_(solution[-1])
         else:

@@ -79,11 +79,18 @@ class PrefixModel(nn.Module):
                 "this transformers version has no checkpointing hook prefixtune knows; "
                 "train without --gradient-checkpointing"
             )
-        # HF checkpoints only in train mode; keep dropout off so the frozen model stays deterministic.
+        # Some backbones (GPT-2) drop the cache themselves when checkpointing: keep only the per-layer
+        # flags, whose replay our idempotent cache makes safe.
+        if getattr(self.base.base_model, "gradient_checkpointing", False):
+            self.base.base_model.gradient_checkpointing = False
+        # HF checkpoints only in train mode; zero every dropout so the frozen model stays deterministic
+        # (GPT-2's attention reads its dropout rate from the module, not from the mode).
         self.base.train()
         for module in self.base.modules():
             if isinstance(module, nn.Dropout):
-                module.eval()
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
 
     # ---- forward --------------------------------------------------------------------------------
     def run_base(
@@ -138,7 +145,9 @@ class PrefixModel(nn.Module):
         token_loss = F.cross_entropy(scored.float(), labels[:, 1:][keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]
         row_sum = torch.zeros(keep.shape[0], device=token_loss.device).index_add(0, rows, token_loss.detach())
-        return PrefixOutput(token_loss.mean(), logits, int(keep.sum()), row_sum, keep.sum(-1))
+        # No scored token (e.g. rows of length 1): a zero that still connects to the graph, not NaN.
+        loss = token_loss.mean() if token_loss.numel() else scored.sum() * 0.0
+        return PrefixOutput(loss, logits, int(keep.sum()), row_sum, keep.sum(-1))
 
     def _postprocessed_logits(self) -> bool:
         return any(getattr(self.base.config, name, None) for name in _LOGIT_POSTPROCESS)

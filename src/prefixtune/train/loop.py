@@ -158,9 +158,10 @@ class Trainer:
 
     def _check_loss_falls(self) -> None:
         losses = [r["loss"] for r in self.progress.history if r.get("kind") == "train"]
-        if len(losses) < 20 or self.progress.step != self.cfg.loss_check_steps:
+        if len(losses) < 2 or self.progress.step != self.cfg.loss_check_steps:
             return
-        first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+        window = min(10, len(losses) // 2)
+        first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
         if last > first * 0.98:
             msg = (
                 f"the loss has not fallen after {self.progress.step} steps ({first:.3f} -> {last:.3f}). "
@@ -187,6 +188,8 @@ class Trainer:
         with interrupted.installed():
             while progress.step < self.total_steps and interrupted.signal is None:
                 batches = plan.shard(epoch_batches(plan.train_rows, cfg.batch_size, cfg.seed, progress.epoch))
+                if not batches:  # plan_run refuses this; never spin through empty epochs
+                    raise RuntimeError("no batches for this process")
                 if progress.batch_in_epoch >= len(batches):
                     progress.epoch += 1
                     progress.batch_in_epoch = 0

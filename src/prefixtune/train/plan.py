@@ -88,9 +88,11 @@ def split_rows(cfg: TrainConfig, data: DataBundle, say=print) -> tuple[str, list
     train_ex = select_rows(cfg, data, "train", say)
     if "validation" in data.splits:
         val_ex = select_rows(cfg, data, "validation", say)
-    else:  # hold out a slice of train so eval loss still means something
+    else:  # hold out a seeded sample of train (not its head: a file sorted by label would give one label)
         k = max(1, min(cfg.eval_examples, len(train_ex) // 20))
-        val_ex, train_ex = train_ex[:k], train_ex[k:]
+        held = set(random.Random(cfg.seed + 7).sample(range(len(train_ex)), k))
+        val_ex = [ex for i, ex in enumerate(train_ex) if i in held]
+        train_ex = [ex for i, ex in enumerate(train_ex) if i not in held]
         say(f"no validation split: holding out {k} training rows for evaluation")
     if not train_ex:
         raise DataError(f"{cfg.data}: no training rows left after filtering")
@@ -150,8 +152,11 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         cpu=loaded.device.type == "cpu",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.per_label)],
     )
-    per_epoch = max(1, (len(train_rows) // cfg.batch_size + (len(train_rows) % cfg.batch_size > 0))
-                    // accelerator.num_processes)
+    batches = math.ceil(len(train_rows) / cfg.batch_size)
+    if batches < accelerator.num_processes:
+        raise ConfigError(f"{len(train_rows)} training rows make {batches} batch(es) of {cfg.batch_size}, fewer "
+                          f"than the {accelerator.num_processes} processes: use more rows or a smaller --batch-size")
+    per_epoch = batches // accelerator.num_processes
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if accelerator.is_main_process:
