@@ -109,8 +109,8 @@ class Scheduler:
                  max_model_len: int | None = None, start: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:  # every request passes through the queue: 0 would refuse all
+            raise ValueError("max_batch and max_queue must be >= 1")
         self.lm = lm
         self.model = lm.model
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode

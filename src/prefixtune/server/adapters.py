@@ -68,7 +68,7 @@ class AdapterRegistry:
                     raise APIError(404, f"no adapter {name!r} in the store {self.lm.store.root}", param="name",
                                    code="adapter_not_found")
                 self.lm.cache.drop(name)  # reload from disk: the folder may have been replaced
-                previous = None
+                previous = self.lm.paths.get(name)  # a failed reload keeps a by-path registration
             else:
                 previous = self.lm.paths.get(name)
             try:
