@@ -338,6 +338,19 @@ class AdapterStore:
         """import_adapter without --force, returning only the folder (the older name)."""
         return self.import_adapter(source, name, shape, base_model, fingerprint, overwrite=overwrite)[0]
 
+    def put(self, name: str, folder: str | Path) -> Path:
+        """Copy a finished adapter folder in as `name`, replacing one of that name, atomically."""
+        target = self.path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_tmp(target)
+        try:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            _swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
     def export(self, name: str, target: str | Path, peft_only: bool = False) -> Path:
         """A PEFT-loadable copy of the adapter; our extra files ride along unless peft_only (PEFT ignores them)."""
         folder = self._existing(name)

@@ -291,26 +291,9 @@ class Trainer:
                 for name, folder in result_dirs.items():
                     if store.exists(name):
                         self.say(f"store {store.root}: replacing adapter {name} with this run's")
-                    result_dirs[name] = store.path(name)
-                    _copy_into_store(folder, store.path(name))
+                    result_dirs[name] = store.put(name, folder)
             self.say(format_summary(summary))
         return TrainResult(self.run_dir, result_dirs, summary, stopped, self.warnings)
-
-
-def _copy_into_store(folder: Path, target: Path) -> None:
-    import shutil
-    import tempfile
-
-    from prefixtune.store import _swap_in
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
