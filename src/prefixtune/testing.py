@@ -81,10 +81,10 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Pat
     return path
 
 
-def write_random_adapter(folder: str | Path, loaded: Any, name: str | None = None, tokens: int = 4,
+def write_random_adapter(root: str | Path, name: str, loaded: Any, tokens: int = 4,
                          seed: int = 0, scale: float = 3.0, fingerprint: str | None = None,
                          base: str | None = None, shape: Any = None, **manifest_fields: Any) -> Path:
-    """A random prefix adapter in exactly the folder format training writes.
+    """A random prefix adapter in exactly the folder format training writes, as root/name.
 
     `scale` > 1 makes the prefix strong enough to change greedy output; `fingerprint`/`base`/`shape`
     let a test fake an adapter trained on another model.
@@ -93,14 +93,13 @@ def write_random_adapter(folder: str | Path, loaded: Any, name: str | None = Non
     from prefixtune.prefix.shapes import prefix_shape
     from prefixtune.store import Manifest, shape_dict, write_adapter_folder
 
-    folder = Path(folder)
     shape = shape or prefix_shape(loaded.model.config)
     torch.manual_seed(seed)
     config = PrefixConfig(num_virtual_tokens=tokens, prefix_projection=False)
     encoder = PrefixEncoder(shape, config)
     with torch.no_grad():
         encoder.embedding.weight.mul_(scale)
-    manifest = Manifest(name=name or folder.name, base_model=base or loaded.name,
+    manifest = Manifest(name=name, base_model=base or loaded.name,
                         base_fingerprint=fingerprint or loaded.fingerprint, shape=shape_dict(shape),
                         prefix=config.to_dict(), **manifest_fields)
-    return write_adapter_folder(folder, encoder.fold(), shape, config, manifest, encoder)
+    return write_adapter_folder(Path(root) / name, encoder.fold(), shape, config, manifest, encoder)

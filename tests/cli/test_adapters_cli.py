@@ -28,7 +28,7 @@ def cli(*args, code=0):
 
 
 def write_adapter(root, name, loaded, tokens=3, metrics=None, **kwargs):
-    return write_random_adapter(root / name, loaded, name, tokens=tokens, scale=1.0, metrics=metrics or {},
+    return write_random_adapter(root, name, loaded, tokens=tokens, scale=1.0, metrics=metrics or {},
                                 template="Emotion: {label}\nText:", **kwargs)
 
 

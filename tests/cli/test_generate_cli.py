@@ -12,7 +12,7 @@ from prefixtune.cli import app
 from prefixtune.models import model_fingerprint
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore
-from prefixtune.testing import make_tiny_model, write_random_adapter
+from prefixtune.testing import make_tiny_model, write_random_adapter as write_adapter
 
 runner = CliRunner()
 PROMPT = "The weather today is"
@@ -22,11 +22,6 @@ def cli(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
     return result
-
-
-def write_adapter(root, name, loaded, **kwargs):
-    """A random adapter in training's folder format, strong enough to change greedy output."""
-    return write_random_adapter(root / name, loaded, name, **kwargs)
 
 
 @pytest.fixture(scope="module")

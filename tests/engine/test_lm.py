@@ -10,15 +10,10 @@ from prefixtune.models import model_fingerprint
 from prefixtune.prefix.peft_io import WEIGHTS_FILE
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, StoreError
-from prefixtune.testing import make_tiny_model, write_random_adapter
+from prefixtune.testing import make_tiny_model, write_random_adapter as write_adapter
 
 
 PROMPTS = ["Emotion: joy\nText:", "The weather today is", "Once upon a time, in a land far away,", "Hi"]
-
-
-def write_adapter(root, name, loaded, **kwargs):
-    """A random adapter in the exact folder format training writes; strong enough to change the output."""
-    return write_random_adapter(root / name, loaded, name, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ ADAPTERS = {"alpha": 4, "beta": 7}  # name -> num_virtual_tokens (different leng
 
 def write_adapter(folder: Path, loaded: LoadedModel, name: str, num_virtual_tokens: int, seed: int) -> Path:
     """A random adapter strong enough that greedy outputs differ from the base model and from each other."""
-    return write_random_adapter(folder, loaded, name, tokens=num_virtual_tokens, seed=seed, scale=10.0,
+    return write_random_adapter(folder.parent, name, loaded, tokens=num_virtual_tokens, seed=seed, scale=10.0,
                                 template="Emotion: {label}\nText:")
 
 

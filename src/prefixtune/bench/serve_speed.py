@@ -23,7 +23,7 @@ def write_random_adapters(loaded, root: Path, count: int, tokens: int = 20) -> l
 
     names = [f"bench-{i}" for i in range(count)]
     for i, name in enumerate(names):  # a small scale keeps generations in-distribution-ish
-        write_random_adapter(root / name, loaded, name, tokens=tokens, seed=i, scale=0.1, template="Text:")
+        write_random_adapter(root, name, loaded, tokens=tokens, seed=i, scale=0.1, template="Text:")
     return names
 
 
