@@ -17,7 +17,8 @@ import torch
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.examples import Tokenized, collate
+from prefixtune.train.evaluation import eval_loss
+from prefixtune.train.examples import Tokenized
 
 
 @dataclass
@@ -32,16 +33,11 @@ class SpeedResult:
         return self.real_tokens / max(self.seconds, 1e-9)
 
 
-@torch.no_grad()
-def eval_loss(model: PrefixModel, flat: torch.Tensor, rows: list[Tokenized], pad_id: int) -> float:
+def adapter_eval_loss(model: PrefixModel, flat: torch.Tensor, rows: list[Tokenized], pad_id: int) -> float:
+    """Eval loss of one folded prefix on every row, whichever method trained it."""
     kv = flat_to_kv(flat.to(next(model.base.parameters())), model.shape)  # (2L, kv_heads, P, head_dim)
-    total = count = 0.0
-    for start in range(0, len(rows), 8):
-        batch = collate(rows[start:start + 8], pad_id)
-        out = model(batch.input_ids, batch.attention_mask, labels=batch.labels, prefixes=[kv] * len(batch.adapters))
-        total += float(out.loss) * out.num_tokens
-        count += out.num_tokens
-    return total / max(count, 1)
+    device = next(model.base.parameters()).device
+    return eval_loss(model, rows, pad_id, 8, device, prefix_of=lambda _: kv).loss
 
 
 def peer_model(loaded, cfg: TrainConfig):
@@ -112,12 +108,12 @@ def run(loaded, data, steps: int = 10, rows: int = 256, say=print) -> list[Speed
     ours_s = time.perf_counter() - start
     flat = trainer.model.encoders[cfg.name].fold()
     results = [SpeedResult("prefixtune", trainer.progress.train_seconds, trainer.progress.tokens,
-                           eval_loss(plan.model, flat, plan.val_rows, plan.pad_id))]
+                           adapter_eval_loss(plan.model, flat, plan.val_rows, plan.pad_id))]
     say(f"prefixtune: {steps} steps in {ours_s:.1f} s (training steps {trainer.progress.train_seconds:.1f} s)")
     peer_s, peer_tokens, peer_flat = run_peer(peer, plan.train_rows, cfg, plan.pad_id, loaded.device.type == "cpu")
     eval_model = PrefixModel(loaded.model)
     results.append(SpeedResult("peft+trainer (pad 128)", peer_s, peer_tokens,
-                               eval_loss(eval_model, peer_flat, plan.val_rows, plan.pad_id)))
+                               adapter_eval_loss(eval_model, peer_flat, plan.val_rows, plan.pad_id)))
     for r in results:
         if math.isnan(r.eval_loss):
             say(f"warning: {r.method} eval loss is NaN")

@@ -20,7 +20,8 @@ from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.eval.judge import Judge, check_judge_labels
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
 from prefixtune.prefix.model import PrefixModel
-from prefixtune.train.examples import collate, tokenize
+from prefixtune.train.evaluation import eval_loss as token_eval_loss
+from prefixtune.train.examples import tokenize
 
 __all__ = ["EvalSettings", "Method", "evaluate_method", "measure_latency"]
 
@@ -98,18 +99,11 @@ def eval_loss(lm, method: Method, rows: list[Example], settings: EvalSettings) -
     tokenized.sort(key=lambda r: len(r.input_ids))  # similar lengths together: little padding
     model = PrefixModel(lm.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total_loss, total_tokens = 0.0, 0
     bar = _bar(len(tokenized), f"{method.name}: eval loss", settings.progress)
-    for start in range(0, len(tokenized), settings.eval_batch_size):
-        batch = collate(tokenized[start:start + settings.eval_batch_size], pad_id)
-        prefixes = [None if a is None else lm.adapter(a).kv for a in batch.adapters]
-        out = model(batch.input_ids.to(lm.device), batch.attention_mask.to(lm.device), prefixes=prefixes,
-                    labels=batch.labels.to(lm.device))
-        total_loss += float(out.loss) * out.num_tokens
-        total_tokens += out.num_tokens
-        bar.update(len(batch.adapters))
+    result = token_eval_loss(model, tokenized, pad_id, settings.eval_batch_size, lm.device,
+                       prefix_of=lambda a: None if a is None else lm.adapter(a).kv, bar=bar)
     bar.close()
-    loss = total_loss / max(total_tokens, 1)
+    loss, total_tokens = result.loss, result.tokens
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "eval_rows": len(tokenized),
             "eval_tokens": total_tokens, "skipped_rows": skipped}
 

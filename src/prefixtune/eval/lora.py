@@ -23,6 +23,7 @@ import torch
 from prefixtune.data import DataError
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.config import TrainConfig
+from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import Tokenized, collate, epoch_batches, tokenize
 from prefixtune.train.plan import split_rows
 from prefixtune.train.report import peak_memory_mb, plot_losses, write_log
@@ -93,15 +94,14 @@ def _rows(cfg: TrainConfig, data, tokenizer, say) -> tuple[list[Tokenized], list
     return train_rows, val_rows, truncated
 
 
-def _loss(model: PrefixModel, batch, device, micro: int, total: int, backward: bool) -> float:
-    """Token-weighted mean loss of a batch in micro-batches (the prefix trainer's weighting)."""
+def _loss(model: PrefixModel, batch, device, micro: int, total: int) -> float:
+    """Forward/backward in micro-batches, each weighted by its share of the tokens (as the prefix trainer)."""
     loss_sum = 0.0
     for start in range(0, len(batch.adapters), micro):
         part = batch.rows(start, start + micro)
         out = model(part.input_ids.to(device), part.attention_mask.to(device),
                     adapters=[None] * len(part.adapters), labels=part.labels.to(device))
-        if backward:
-            (out.loss * (out.num_tokens / max(total, 1))).backward()
+        (out.loss * (out.num_tokens / max(total, 1))).backward()
         loss_sum += float(out.loss.detach()) * out.num_tokens
     return loss_sum / max(total, 1)
 
@@ -111,13 +111,9 @@ def _evaluate(model: PrefixModel, rows: list[Tokenized], batch_size: int, pad_id
               progress: bool) -> float:
     from tqdm.auto import tqdm
 
-    total_loss, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(rows), batch_size), desc="lora: eval", disable=not progress, leave=False):
-        batch = collate(rows[start:start + batch_size], pad_id)
-        tokens = int((batch.labels[:, 1:] != -100).sum())
-        total_loss += _loss(model, batch, device, batch_size, tokens, backward=False) * tokens
-        total_tokens += tokens
-    return total_loss / max(total_tokens, 1)
+    with tqdm(total=len(rows), desc="lora: eval", disable=not progress, leave=False) as bar:
+        # LoRA lives in the base weights: every row runs without a prefix.
+        return eval_loss(model, rows, pad_id, batch_size, device, prefix_of=lambda _: None, bar=bar).loss
 
 
 def train_lora(cfg: TrainConfig, settings: LoraSettings | None = None, loaded=None, data=None,
@@ -183,7 +179,7 @@ def train_lora(cfg: TrainConfig, settings: LoraSettings | None = None, loaded=No
                 batch = collate([train_rows[i] for i in indices], pad_id)
                 started = time.perf_counter()
                 total = int((batch.labels[:, 1:] != -100).sum())
-                loss = _loss(wrapper, batch, device, micro, total, backward=True)
+                loss = _loss(wrapper, batch, device, micro, total)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()

@@ -16,6 +16,7 @@ import torch
 from prefixtune.store import AdapterStore
 from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
+from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, write_log
@@ -143,18 +144,9 @@ class Trainer:
         rows = self.plan.val_rows
         if not rows:
             return {}
-        sums: dict[str, list[float]] = {}
-        for start in range(0, len(rows), self.cfg.batch_size):
-            batch = collate(rows[start:start + self.cfg.batch_size], self.plan.pad_id)
-            out = self.model(batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
-                             adapters=batch.adapters, labels=batch.labels.to(self.device))
-            for name, loss_sum, tokens in zip(batch.adapters, out.row_loss_sum.tolist(), out.row_tokens.tolist()):
-                acc = sums.setdefault(name, [0.0, 0])
-                acc[0] += loss_sum
-                acc[1] += tokens
-        loss = sum(s for s, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
-        per = {name: s / max(n, 1) for name, (s, n) in sums.items()}
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "per_adapter": per}
+        result = eval_loss(self.model, rows, self.plan.pad_id, self.cfg.batch_size, self.device)
+        return {"eval_loss": result.loss, "perplexity": math.exp(min(result.loss, 50)),
+                "per_adapter": result.per_adapter}
 
     def _check_loss_falls(self) -> None:
         losses = [r["loss"] for r in self.progress.history if r.get("kind") == "train"]
