@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from prefixtune.prefix.peft_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoadedAdapter,
+    atomic_folder,
     atomic_write_text,
     load_adapter,
     read_peft_config,
@@ -118,42 +118,13 @@ def write_adapter_folder(
     _remove_stale_leftovers(folder.parent)
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.versions = manifest.versions or versions()
-    tmp = _make_tmp(folder)
     try:
-        save_adapter(tmp, flat, shape, config, manifest.base_model, encoder, storage_dtype)
-        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
-        _swap_in(tmp, folder, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(folder, overwrite) as tmp:
+            save_adapter(tmp, flat, shape, config, manifest.base_model, encoder, storage_dtype)
+            atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+    except FileExistsError as err:
+        raise StoreError(str(err)) from None
     return folder
-
-
-def _make_tmp(target: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp is owner-only; the renamed folder should be readable like any other
-    return tmp
-
-
-def _swap_in(tmp: Path, target: Path, overwrite: bool = True) -> None:
-    """Rename tmp onto target; an old target is moved aside first and removed after.
-
-    Between the two renames the name is briefly absent, never half-written.
-    """
-    old = None
-    if target.exists():
-        if not overwrite:
-            raise StoreError(f"{target} appeared while writing; choose another name or pass --overwrite")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.rename(old, target)  # put the previous adapter back rather than leave it hidden
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale_leftovers(parent: Path) -> None:
@@ -341,14 +312,8 @@ class AdapterStore:
     def put(self, name: str, folder: str | Path) -> Path:
         """Copy a finished adapter folder in as `name`, replacing one of that name, atomically."""
         target = self.path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_tmp(target)
-        try:
+        with atomic_folder(target) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
-            _swap_in(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     def export(self, name: str, target: str | Path, peft_only: bool = False) -> Path:
@@ -357,18 +322,10 @@ class AdapterStore:
         target = Path(target).expanduser()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise StoreError(f"{target} exists and is not an empty folder; export into a new folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_tmp(target)  # same filesystem as target, so the final rename is atomic
-        try:
+        with atomic_folder(target) as tmp:  # an empty target folder is replaced
             for item in folder.iterdir():
                 if item.is_file() and (not peft_only or item.name in (CONFIG_FILE, WEIGHTS_FILE)):
                     shutil.copy2(item, tmp / item.name)
-            if target.exists():
-                target.rmdir()  # empty (checked above); rename cannot replace a folder in one step
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ import torch
 
 from prefixtune.data import DataError
 from prefixtune.prefix.model import PrefixModel
+from prefixtune.prefix.peft_io import atomic_folder
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import Tokenized, collate, epoch_batches, tokenize
@@ -222,16 +221,8 @@ def train_lora(cfg: TrainConfig, settings: LoraSettings | None = None, loaded=No
 
 def _save(peft_model, target: Path) -> Path:
     """PEFT's save_pretrained into a temp folder renamed into place: the folder appears whole or not at all."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_folder(target) as tmp:
         peft_model.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

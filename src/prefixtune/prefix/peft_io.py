@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,38 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole.
+
+    An old `target` is moved aside, then removed (put back if the rename fails); between the two renames
+    the name is briefly absent, never half-written. On failure the temp folder goes and `target` stays.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp is owner-only; the result should read like any other folder
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None and not target.exists():
+                os.rename(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from prefixtune.prefix.peft_io import atomic_folder
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -50,9 +49,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, encoders, optimizer, scheduler, progress: Progress) -> Path:
     """Write run_dir/checkpoint as a whole: a temp folder renamed over the old one."""
     target = run_dir / CHECKPOINT_DIR
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint.tmp-"))
-    try:
+    with atomic_folder(target) as tmp:
         torch.save(
             {
                 "encoders": encoders.state_dict(),
@@ -63,17 +60,6 @@ def save_checkpoint(run_dir: Path, encoders, optimizer, scheduler, progress: Pro
             tmp / "state.pt",
         )
         (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
-        old = None
-        if target.exists():
-            old = run_dir / f".checkpoint.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
