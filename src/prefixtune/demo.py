@@ -46,6 +46,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
         init="text",
         init_text="i feel {label} because",
         save_every=50,
+        overwrite=True,  # the demo owns its folder: `make demo` again replaces the previous demo run
     )
     result = train(cfg, loaded=loaded, data=bundle, say=console.print)
     if result.interrupted:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.peft_io import (
+    _umask,
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoadedAdapter,
@@ -315,6 +317,27 @@ class AdapterStore:
         with atomic_folder(target) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
         return target
+
+    def put_all(self, folders: dict[str, str | Path]) -> dict[str, Path]:
+        """Publish several adapters together: every copy is staged (hidden) first, then each is swapped in.
+
+        A failure while staging leaves the store untouched; only the final renames run one after another.
+        """
+        from prefixtune.prefix.peft_io import swap_in
+
+        staged: dict[str, Path] = {}
+        try:
+            for name, folder in folders.items():
+                target = self.path(name)
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{name}.tmp-"))
+                shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                tmp.chmod(0o777 & ~_umask())
+                staged[name] = tmp
+            return {name: swap_in(tmp, self.path(name)) for name, tmp in staged.items()}
+        finally:
+            for tmp in staged.values():
+                shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
 
     def export(self, name: str, target: str | Path, peft_only: bool = False) -> Path:
         """A PEFT-loadable copy of the adapter; our extra files ride along unless peft_only (PEFT ignores them)."""

@@ -94,7 +94,7 @@ def test_judge_from_spec_loads_a_factory_and_rejects_bad_specs(tmp_path, monkeyp
 
 
 def test_lora_targets_are_the_attention_projections():
-    from prefixtune.eval.lora import attention_targets
+    from prefixtune.train.methods import attention_targets
     from prefixtune.testing import make_tiny_model
 
     llama = attention_targets(make_tiny_model("llama"))

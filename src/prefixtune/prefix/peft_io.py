@@ -67,12 +67,31 @@ def _umask() -> int:
     return mask
 
 
+def swap_in(tmp: Path, target: Path, overwrite: bool = True) -> Path:
+    """Rename the finished folder `tmp` to `target`; an old `target` is moved aside first and put back if the
+    rename fails. Between the two renames the name is briefly absent, never half-written."""
+    old = None
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 @contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole.
+    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole (swap_in).
 
-    An old `target` is moved aside, then removed (put back if the rename fails); between the two renames
-    the name is briefly absent, never half-written. On failure the temp folder goes and `target` stays.
+    On failure the temp folder goes and `target` stays.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,20 +99,7 @@ def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp is owner-only; the result should read like any other folder
     try:
         yield tmp
-        old = None
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None and not target.exists():
-                os.rename(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -65,6 +65,12 @@ class TrainConfig:
     storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
     resume: bool = False  # continue from out/checkpoint
     progress: bool = True  # show a progress bar
+    overwrite: bool = False  # replace a previous run in a non-empty out (default: refuse it)
+    method: str = "prefix"  # what trains: prefix | lora (every method runs in the same loop)
+    lora_r: int = 8  # LoRA rank (method=lora)
+    lora_alpha: int = 16  # LoRA scaling numerator, update scaled by alpha / r (method=lora)
+    lora_dropout: float = 0.0  # dropout on the LoRA input (method=lora)
+    lora_targets: list[str] | None = None  # modules LoRA adapts; None = every attention projection (method=lora)
 
     def resolved_template(self) -> str:
         if self.template is not None:
@@ -75,6 +81,10 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> None:
+        """Every setting checked before anything loads; bad values raise ConfigError naming the fix."""
+        from prefixtune.train.preflight import check_settings
+
+        check_settings(self)
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
             raise ConfigError("batch sizes must be >= 1")
         if self.schedule not in ("cosine", "linear", "constant"):

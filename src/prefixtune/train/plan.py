@@ -31,6 +31,7 @@ class TrainPlan:
     pad_id: int
     total_steps: int
     accelerator: Any  # accelerate.Accelerator (one process unless launched with `accelerate launch`)
+    method: Any = None  # train.methods.TrainMethod: what trains (prefix encoders, LoRA, ...)
 
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This process's batches; every rank gets the same count so DDP never waits on a missing one."""
@@ -129,7 +130,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     model = PrefixModel(loaded.model)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)
-    for name in adapter_labels:
+    for name in adapter_labels if cfg.method == "prefix" else ():  # other methods build their own weights
         encoder = model.add_adapter(name, prefix_cfg)
         if cfg.init == "text":
             # "{label}" in the init text gives each per-label adapter its own starting point.
@@ -162,5 +163,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     if accelerator.is_main_process:
         say(f"{len(adapter_labels)} adapter(s) on {loaded.name} ({model.shape.describe()}), "
             f"{len(train_rows)} train / {len(val_rows)} eval rows, {total} steps")
+    from prefixtune.train.methods import build_method
+
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator)
+                     total, accelerator, build_method(cfg, model))
