@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class Manifest:
 
     name: str  # adapter name in the store
     base_model: str  # what the base model was asked as (e.g. smollm2-135m)
-    base_fingerprint: str  # hash of the base model's config + a few weights
+    base_fingerprint: str  # hash of the base model's class, config and every weight (prefixtune.fingerprint)
     shape: dict[str, Any]  # PrefixShape fields the prefix was built for
     prefix: dict[str, Any]  # PrefixConfig fields
     created: str = ""  # ISO time
@@ -63,10 +64,12 @@ class Manifest:
     hyperparams: dict[str, Any] = field(default_factory=dict)  # training settings
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...
     versions: dict[str, str] = field(default_factory=dict)  # prefixtune/torch/transformers/peft
+    fingerprint_version: int = 2  # how base_fingerprint was computed (1 = legacy, blind to the blocks)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         known = {f for f in cls.__dataclass_fields__}
+        data = {"fingerprint_version": 1, **data}  # manifests from before the field: the legacy fingerprint
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +165,13 @@ def check_compatible(
         return None  # foreign (PEFT) adapters carry no fingerprint; their shapes are checked on load
     wanted = shape_dict(shape)
     same_shape = {k: manifest.shape.get(k) for k in SHAPE_KEYS} == wanted
+    if _legacy(manifest):
+        from prefixtune.fingerprint import legacy_fingerprint_of
+
+        legacy = legacy_fingerprint_of(fingerprint)
+        if legacy is not None and manifest.base_fingerprint == legacy and same_shape:
+            _warn_legacy(manifest)
+            return None
     if manifest.base_fingerprint == fingerprint and same_shape:
         return None
     problem = (
@@ -179,6 +189,29 @@ def check_compatible(
             "the output is unlikely to be what the adapter learned)."
         )
     return f"warning: {problem}; loading anyway (--force)"
+
+
+class LegacyFingerprintWarning(UserWarning):
+    """An adapter recorded its base model with the legacy (version 1) fingerprint."""
+
+
+_WARNED_LEGACY: set[str] = set()
+
+
+def _legacy(manifest: Manifest) -> bool:
+    from prefixtune.fingerprint import FINGERPRINT_VERSION
+
+    return int(manifest.fingerprint_version or 1) < FINGERPRINT_VERSION
+
+
+def _warn_legacy(manifest: Manifest) -> None:
+    """Once per adapter and process: the old fingerprint matched, but it only saw 3 tensors of the model."""
+    if manifest.name in _WARNED_LEGACY:
+        return
+    _WARNED_LEGACY.add(manifest.name)
+    warnings.warn(f"adapter {manifest.name!r} records its base model with the legacy fingerprint (a few values of "
+                  "3 tensors, blind to the transformer blocks); loaded, but re-save it (retrain, or `prefixtune "
+                  "adapters import` it again) to record the full fingerprint", LegacyFingerprintWarning, stacklevel=3)
 
 
 @dataclass
@@ -296,6 +329,10 @@ class AdapterStore:
         if theirs is not None:
             manifest = theirs
             manifest.dataset = {**manifest.dataset, "imported_from": str(source)}
+            if warning is None and _legacy(manifest):  # it matched this model's legacy fingerprint: upgrade it
+                from prefixtune.fingerprint import FINGERPRINT_VERSION
+
+                manifest.base_fingerprint, manifest.fingerprint_version = fingerprint, FINGERPRINT_VERSION
         else:
             manifest = Manifest(
                 name=name, base_model=base_model, base_fingerprint=fingerprint, shape=shape_dict(shape),
