@@ -104,13 +104,28 @@ def load_checkpoint(run_dir: Path, load_trainable, optimizer, scheduler) -> Prog
         state = torch.load(target / "state.pt", map_location="cpu", weights_only=True)
         progress = Progress(**json.loads((target / "progress.json").read_text()))
     except Exception as err:  # noqa: BLE001 - torch/json raise many types for a damaged file
+        first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's refusal runs to a page
         raise CheckpointError(f"--resume: the checkpoint in {target} is unreadable ({type(err).__name__}: "
-                              f"{err}); start again with --overwrite") from None
+                              f"{first}); start again with --overwrite") from None
     load_trainable(state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return progress
+
+
+def recover_checkpoint(run_dir: Path) -> None:
+    """Undo a swap cut short by a kill: atomic_folder moves the old checkpoint aside (`.checkpoint.old-*`)
+    only after the new one (`.checkpoint.tmp-*`) is complete; the candidate with the highest readable step
+    is put back (state.pt is written before progress.json, so a readable progress.json means a whole one)."""
+    if has_checkpoint(run_dir) or not run_dir.is_dir():
+        return
+    if not any(run_dir.glob(f".{CHECKPOINT_DIR}.old-*")):
+        return  # no swap was cut short
+    candidates = [(step, p) for p in run_dir.glob(f".{CHECKPOINT_DIR}.*-*")
+                  if (step := _saved_step(p)) is not None and (p / "state.pt").is_file()]
+    if candidates:
+        max(candidates, key=lambda c: c[0])[1].rename(run_dir / CHECKPOINT_DIR)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

@@ -124,14 +124,16 @@ def check_out(cfg: TrainConfig) -> bool:
     Fresh run: OUT must be empty (or `--overwrite`). `--resume`: OUT must be a run folder; without a
     checkpoint yet (the run was killed before its first one) the run starts again from step 0.
     """
-    from prefixtune.train.checkpoint import has_checkpoint
+    from prefixtune.train.checkpoint import has_checkpoint, recover_checkpoint
 
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; point --out at a folder")
     if cfg.resume:
-        _need(out.is_dir() and ((out / RUN_FILE).is_file() or has_checkpoint(out)),
-              f"--resume: {out} holds no run to continue; start without --resume")
+        recover_checkpoint(out)
+        # An empty OUT is a run killed before it started: --resume then simply starts it.
+        _need(_is_empty(out) or (out / RUN_FILE).is_file() or has_checkpoint(out),
+              f"--resume: {out} holds files but no run to continue; start without --resume or pick another --out")
     elif not _is_empty(out):
         _need(cfg.overwrite, f"--out {out} already holds files (a previous run?); pass --resume to continue "
                              "it, --overwrite to replace it, or choose another --out")
