@@ -158,14 +158,30 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}; is it an adapter folder?")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFormatError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "PREFIX_TUNING":
         raise AdapterFormatError(
             f"{path} describes a {cfg.get('peft_type')} adapter; prefixtune loads PREFIX_TUNING adapters "
             "(LoRA adapters are for `prefixtune compare`, not the prefix engine)."
         )
     return cfg
+
+
+_MAX_CONFIG_INT = 1 << 20  # no real prefix has a million virtual tokens, layers or widths
+
+
+def _config_int(folder: Path, cfg: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """An integer field of adapter_config.json, refused clearly when absent-but-required, non-integer or absurd."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_CONFIG_INT:
+        raise AdapterFormatError(f"{folder}/{CONFIG_FILE}: {key}={value!r} is not a sensible size (a whole number "
+                                 f"from 1 to {_MAX_CONFIG_INT}); re-export the adapter")
+    return value
 
 
 def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> LoadedAdapter:
@@ -187,19 +203,30 @@ def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> Loaded
     key = next((k for k in weights if k.endswith("prompt_embeddings")), None)
     if key is None:
         raise AdapterFormatError(f"{folder}/{WEIGHTS_FILE} holds no prompt_embeddings ({', '.join(weights)})")
-    flat = weights[key].float()
-    p = int(cfg.get("num_virtual_tokens") or flat.shape[0])
+    flat = weights[key]
+    if flat.dim() != 2 or not flat.is_floating_point():
+        raise AdapterFormatError(f"{folder}: prompt_embeddings must be a 2-D float tensor (virtual tokens x width), "
+                                 f"got {flat.dtype} of shape {tuple(flat.shape)}; re-export or retrain the adapter")
+    flat = flat.float()
+    if not torch.isfinite(flat).all():
+        raise AdapterFormatError(f"{folder}: prompt_embeddings hold NaN or inf values (a diverged run?); retrain it")
+    p = _config_int(folder, cfg, "num_virtual_tokens", default=flat.shape[0])
     if flat.shape[0] != p:
         raise AdapterFormatError(f"{folder}: config says {p} virtual tokens, weights have {flat.shape[0]}")
     if shape is not None:
-        check_size("num_layers", cfg.get("num_layers"), shape.num_layers, shape)
-        check_size("token_dim", cfg.get("token_dim"), shape.token_dim, shape)
-        check_size("num_attention_heads (kv heads)", cfg.get("num_attention_heads"), shape.kv_heads, shape)
+        check_size("num_layers", _config_int(folder, cfg, "num_layers"), shape.num_layers, shape)
+        check_size("token_dim", _config_int(folder, cfg, "token_dim"), shape.token_dim, shape)
+        check_size("num_attention_heads (kv heads)", _config_int(folder, cfg, "num_attention_heads"), shape.kv_heads,
+                   shape)
         check_size("prompt_embeddings width", flat.shape[1], shape.flat_dim, shape)
     config = PrefixConfig(
         num_virtual_tokens=p,
         prefix_projection=bool(cfg.get("prefix_projection", False)),
-        encoder_hidden_size=cfg.get("encoder_hidden_size"),
+        encoder_hidden_size=_config_int(folder, cfg, "encoder_hidden_size"),
     )
-    trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else None
+    try:
+        trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterFormatError(f"{folder}/{TRAINABLE_FILE} is unreadable ({type(err).__name__}: {err}); delete "
+                                 "it to use the folded prefix alone, or retrain the adapter") from err
     return LoadedAdapter(flat, config, cfg, trainable)
