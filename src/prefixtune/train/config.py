@@ -66,6 +66,7 @@ class TrainConfig:
     resume: bool = False  # continue from out/checkpoint
     progress: bool = True  # show a progress bar
     overwrite: bool = False  # replace a previous run in a non-empty out (default: refuse it)
+    skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping at the first
     method: str = "prefix"  # what trains: prefix | lora (every method runs in the same loop)
     lora_r: int = 8  # LoRA rank (method=lora)
     lora_alpha: int = 16  # LoRA scaling numerator, update scaled by alpha / r (method=lora)

@@ -108,7 +108,10 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     from prefixtune.models import load_base_model
 
     loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
-    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
+                             skip_bad_rows=cfg.skip_bad_rows)
+    if data.skipped:
+        say(f"--skip-bad-rows: skipped {len(data.skipped)} bad row(s); first: {data.skipped[0]}")
     if cfg.per_label and data.labels is None:
         raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
     template, train_ex, val_ex = split_rows(cfg, data, say)
