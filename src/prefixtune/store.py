@@ -65,6 +65,11 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...
     versions: dict[str, str] = field(default_factory=dict)  # prefixtune/torch/transformers/peft
     fingerprint_version: int = 2  # how base_fingerprint was computed (1 = legacy, blind to the blocks)
+    guidance: dict[str, Any] = field(default_factory=dict)  # recommended {"scale": float, "negative": name|None}
+
+    @classmethod
+    def empty(cls) -> Manifest:
+        return cls(name="", base_model="", base_fingerprint="", shape={}, prefix={})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

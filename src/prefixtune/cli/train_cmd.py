@@ -69,6 +69,14 @@ def register(app: typer.Typer) -> None:
         lora_r: Optional[int] = Opt(None, help="LoRA rank (--method lora)."),
         lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (--method lora)."),
         lora_targets: Optional[str] = Opt(None, help="LoRA target modules, comma-separated (default: attention)."),
+        family_rate: Optional[float] = Opt(None, help="Per-label: share of rows training NAME-all, the family's "
+                                                      "unconditional adapter (the guidance negative)."),
+        contrastive_weight: Optional[float] = Opt(None, help="Per-label: weight of the loss that makes each "
+                                                             "prefix explain its own label's texts best."),
+        contrastive_negatives: Optional[int] = Opt(None, help="Per-label: other prefixes scored per row for it "
+                                                              "(0 = all; each costs one more forward)."),
+        guidance_scale: Optional[float] = Opt(None, help="Per-label: guidance scale recommended in the manifests "
+                                                         "(generate/serve use it by default)."),
         no_progress: bool = Opt(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train prefix adapters: label in the prompt (one adapter) or --per-label (one per label, one pass)."""
