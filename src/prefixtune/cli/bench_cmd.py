@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("runs/bench", help="Where results.json and the PNG charts go."),
         steps: int = typer.Option(10, help="Training steps per method."),
         rows: int = typer.Option(256, help="Training rows."),
-        sections: str = typer.Option("train,serve", help="Comma-separated: train, serve."),
+        sections: str = typer.Option("train,serve", help="Comma-separated: train (steps), e2e (whole "
+                                                                 "train command vs the peer script), serve."),
     ) -> None:
         """Benchmarks that print ratios against a baseline measured in the same run."""
         from prefixtune.bench.run import run_bench
