@@ -82,17 +82,18 @@ class Manifest:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import transformers
+    """Installed versions from package metadata (importing peft just to ask would cost every save ~0.5 s)."""
+    from importlib import metadata
 
     import prefixtune
 
-    return {
-        "prefixtune": prefixtune.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    found = {"prefixtune": prefixtune.__version__, "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def shape_dict(shape: PrefixShape) -> dict[str, int]:
