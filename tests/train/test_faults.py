@@ -21,7 +21,9 @@ from prefixtune.store import AdapterStore
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.loop import train
 
-TRIALS = 3  # independent runs, each killed KILLS times at random moments before it may finish
+# Independent runs, each killed up to KILLS times at random moments before it may finish. The default keeps
+# the suite quick; PREFIXTUNE_FAULT_TRIALS=20 is what docs/RELIABILITY.md reports.
+TRIALS = int(os.environ.get("PREFIXTUNE_FAULT_TRIALS", "2"))
 KILLS = 3
 
 
@@ -63,7 +65,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_result(tmp
         return run
 
     ctx = multiprocessing.get_context("fork")
-    rng = random.Random(13)
+    rng = random.Random(int(os.environ.get("PREFIXTUNE_FAULT_SEED", "13")))
     kills_done = 0
     for trial in range(TRIALS):
         settings = _settings(tmp_path, tiny_model_dir, emotion_dir, trial)
@@ -85,4 +87,5 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_result(tmp
         for name, flat in final.items():
             torch.testing.assert_close(flat, expected[name])
             torch.testing.assert_close(load_adapter(tmp_path / f"run-{trial}" / "last" / name).flat, expected[name])
+    print(f"fault test: {kills_done} SIGKILLs over {TRIALS} trials, every resume matched")  # shown with -s
     assert kills_done >= TRIALS, "the random delays should kill most attempts"
