@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,24 @@ def cached_fingerprints(model: Any, location: str, gguf_file: str | None, dtype:
         except OSError:  # a read-only home only costs the next load the hashing again
             pass
     return found
+
+
+class LegacyFingerprintWarning(UserWarning):
+    """An adapter recorded its base model with the legacy (version 1) fingerprint."""
+
+
+_WARNED_LEGACY: set[str] = set()
+
+
+def is_legacy(version: int | None) -> bool:
+    return int(version or 1) < FINGERPRINT_VERSION
+
+
+def warn_legacy(adapter: str) -> None:
+    """Once per adapter and process: the old fingerprint matched, but it only saw 3 tensors of the model."""
+    if adapter in _WARNED_LEGACY:
+        return
+    _WARNED_LEGACY.add(adapter)
+    warnings.warn(f"adapter {adapter!r} records its base model with the legacy fingerprint (a few values of 3 "
+                  "tensors, blind to the transformer blocks); loaded, but re-save it (retrain, or `prefixtune "
+                  "adapters import` it again) to record the full fingerprint", LegacyFingerprintWarning, stacklevel=4)

@@ -14,13 +14,19 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prefixtune.fingerprint import (  # noqa: F401 - LegacyFingerprintWarning is part of the store's API
+    FINGERPRINT_VERSION,
+    LegacyFingerprintWarning,
+    is_legacy,
+    legacy_fingerprint_of,
+    warn_legacy,
+)
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.peft_io import (
     _umask,
@@ -64,7 +70,7 @@ class Manifest:
     hyperparams: dict[str, Any] = field(default_factory=dict)  # training settings
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...
     versions: dict[str, str] = field(default_factory=dict)  # prefixtune/torch/transformers/peft
-    fingerprint_version: int = 2  # how base_fingerprint was computed (1 = legacy, blind to the blocks)
+    fingerprint_version: int = FINGERPRINT_VERSION  # how base_fingerprint was computed (1 = legacy)
     guidance: dict[str, Any] = field(default_factory=dict)  # recommended {"scale": float, "negative": name|None}
 
     @classmethod
@@ -171,12 +177,10 @@ def check_compatible(
         return None  # foreign (PEFT) adapters carry no fingerprint; their shapes are checked on load
     wanted = shape_dict(shape)
     same_shape = {k: manifest.shape.get(k) for k in SHAPE_KEYS} == wanted
-    if _legacy(manifest):
-        from prefixtune.fingerprint import legacy_fingerprint_of
-
+    if is_legacy(manifest.fingerprint_version):
         legacy = legacy_fingerprint_of(fingerprint)
         if legacy is not None and manifest.base_fingerprint == legacy and same_shape:
-            _warn_legacy(manifest)
+            warn_legacy(manifest.name)
             return None
     if manifest.base_fingerprint == fingerprint and same_shape:
         return None
@@ -195,29 +199,6 @@ def check_compatible(
             "the output is unlikely to be what the adapter learned)."
         )
     return f"warning: {problem}; loading anyway (--force)"
-
-
-class LegacyFingerprintWarning(UserWarning):
-    """An adapter recorded its base model with the legacy (version 1) fingerprint."""
-
-
-_WARNED_LEGACY: set[str] = set()
-
-
-def _legacy(manifest: Manifest) -> bool:
-    from prefixtune.fingerprint import FINGERPRINT_VERSION
-
-    return int(manifest.fingerprint_version or 1) < FINGERPRINT_VERSION
-
-
-def _warn_legacy(manifest: Manifest) -> None:
-    """Once per adapter and process: the old fingerprint matched, but it only saw 3 tensors of the model."""
-    if manifest.name in _WARNED_LEGACY:
-        return
-    _WARNED_LEGACY.add(manifest.name)
-    warnings.warn(f"adapter {manifest.name!r} records its base model with the legacy fingerprint (a few values of "
-                  "3 tensors, blind to the transformer blocks); loaded, but re-save it (retrain, or `prefixtune "
-                  "adapters import` it again) to record the full fingerprint", LegacyFingerprintWarning, stacklevel=3)
 
 
 @dataclass
@@ -335,9 +316,7 @@ class AdapterStore:
         if theirs is not None:
             manifest = theirs
             manifest.dataset = {**manifest.dataset, "imported_from": str(source)}
-            if warning is None and _legacy(manifest):  # it matched this model's legacy fingerprint: upgrade it
-                from prefixtune.fingerprint import FINGERPRINT_VERSION
-
+            if warning is None and is_legacy(manifest.fingerprint_version):  # matched this model's v1: upgrade
                 manifest.base_fingerprint, manifest.fingerprint_version = fingerprint, FINGERPRINT_VERSION
         else:
             manifest = Manifest(

@@ -22,7 +22,7 @@ from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
-from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, write_log
+from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
 
 
 @dataclass
@@ -202,6 +202,8 @@ class Trainer:
             self.say(f"resumed from {self.run_dir / 'checkpoint'} at step {progress.step}")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.is_main:
+            preload_plotting()  # the loss curve at the end then costs no import time
         bar = _progress_bar(self.total_steps, progress.step, cfg.progress and self.is_main)
         interrupted = Interrupted()
         with interrupted.installed():
@@ -238,7 +240,9 @@ class Trainer:
                     self._checkpoint()
         bar.close()
         stopped = interrupted.signal is not None
-        if self.is_main:
+        if self.is_main and (stopped or not cfg.save_every or progress.step % cfg.save_every):
+            # A finished run writes its adapters next; the checkpoint is what a kill during that finish
+            # resumes from (skipped when the periodic one of this very step already exists).
             self._checkpoint()
         if stopped:
             store = f"; {self.cfg.store} is untouched" if self.cfg.store else ""
