@@ -37,6 +37,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
     prompt_tokens: int  # tokens in the prompt
     adapter: str | None  # adapter used (None = base model)
+    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
 
     @property
     def completion_tokens(self) -> int:
@@ -274,12 +275,24 @@ class PrefixLM:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         chat: bool = False,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        early_stopping: bool = False,
     ) -> list[Generation]:
         """One result per prompt; rows may use different adapters (None = the base model).
 
         temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates.
-        chat=True wraps each prompt in the model's chat template.
+        chat=True wraps each prompt in the model's chat template. num_beams > 1 runs beam search
+        (engine/beam.py, with length_penalty, no_repeat_ngram_size, early_stopping); each row's beams keep
+        its adapter, so a mixed batch still works.
         """
+        beam = None
+        if num_beams != 1 or no_repeat_ngram_size:
+            from prefixtune.engine.beam import check_beam_request
+
+            beam = check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
+                                      early_stopping, temperature, ignore_eos)
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
@@ -306,6 +319,10 @@ class PrefixLM:
             prompts = [self.chat_prompt(p) for p in prompts]
         input_ids, mask, lengths = self.encode(prompts, add_special_tokens=not chat)
         self._check_positions(lengths, [0 if a is None else int(kv[a].shape[2]) for a in adapters], max_new_tokens)
+        if beam is not None:
+            from prefixtune.engine.beam import beam_generations
+
+            return beam_generations(self, input_ids, mask, prefixes, beam, lengths, adapters, list(stop or []))
         outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
                             self._stop_check(params))
         results = []
