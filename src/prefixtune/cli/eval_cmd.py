@@ -60,8 +60,12 @@ def register(app: typer.Typer) -> None:
         temperature: Optional[float] = Opt(None, help="Sampling temperature (default 0.8)."),
         top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 0.95)."),
         eval_batch_size: Optional[int] = Opt(None, "--batch-size", help="Rows per forward pass (default 16)."),
-        reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L."),
-        reference_rows: Optional[int] = Opt(None, help="Rows scored against references (default 100)."),
+        reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L "
+                                                        "(task adapters: default their target field)."),
+        reference_rows: Optional[int] = Opt(None, help="Rows scored against references (default 100; task "
+                                                       "adapters: distinct inputs)."),
+        num_beams: Optional[int] = Opt(None, help="Task adapters: beam search width for each input (default 1 = "
+                                                  "greedy)."),
         judge: Optional[str] = Opt(None, help="Custom judge as module:factory (default TF-IDF + logistic regression)."),
         latency_tokens: Optional[int] = Opt(None, help="Tokens per row when timing generation (default 32)."),
         latency_repeats: Optional[int] = Opt(None, help="Timed generation runs (default 3; 0 = skip latency)."),
@@ -83,6 +87,11 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             values["progress"] = False
         report = run_eval(EvalConfig(**values))
+        if report.get("task"):  # a task adapter: reference scores per method
+            for name, s in report["result"].items():
+                typer.echo(f"{name}: BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f}, ROUGE-L {s['rouge_l']:.2f} "
+                           f"({s['decoding']}, {s['items']} inputs)")
+            return
         r = report["result"]
         cond = r.get("conditioning")
         typer.echo(f"eval loss {r['eval_loss']:.4f}, perplexity {r['perplexity']:.2f}"

@@ -25,7 +25,7 @@ from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, Manifest, StoreError, check_compatible, default_store, read_manifest
-from prefixtune.templates import fill_template
+from prefixtune.templates import fill_template, input_fields, is_task_template
 
 
 @dataclass
@@ -209,12 +209,19 @@ class PrefixLM:
         manifest = self.manifest(name)
         return manifest.template if manifest else None
 
-    def render(self, prompt: str, adapter: str | None, label: str | None = None, chat: bool = False) -> str:
+    def render(self, prompt: str, adapter: str | None, label: str | None = None, chat: bool = False,
+               inputs: dict[str, str] | None = None) -> str:
         """The prompt as the adapter was trained: its template filled with `label`, then `prompt` after it.
 
         Training saw "<template> <text>", so generation continues "<template>" (or "<template> <prompt>").
+        A task adapter's template names row fields: `inputs` gives them ({"meaning_representation": ...}).
         """
-        if label is not None:
+        if inputs is not None:
+            from prefixtune.engine.task import render_task
+
+            prompt = render_task(self.manifest(adapter) if adapter is not None else None, adapter, inputs, label,
+                                 prompt)
+        elif label is not None:
             if adapter is None:
                 raise ValueError("--label fills an adapter's training template; the base model has none")
             manifest = self.manifest(adapter)
@@ -224,6 +231,9 @@ class PrefixLM:
                     f"adapter {adapter!r} has no training template (an imported PEFT adapter, or trained on "
                     "plain text); pass the whole prompt instead of --label"
                 )
+            if is_task_template(template):
+                raise ValueError(f"adapter {adapter!r} fills the fields {', '.join(input_fields(template))} of a row; "
+                                 f"pass them as inputs (generate --input '{{...}}') rather than only --label")
             if "{label}" in template:
                 if manifest.labels and label not in manifest.labels:
                     raise ValueError(f"adapter {adapter!r} knows labels {', '.join(manifest.labels)}, not {label!r}")
