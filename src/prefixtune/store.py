@@ -62,6 +62,11 @@ class Manifest:
     hyperparams: dict[str, Any] = field(default_factory=dict)  # training settings
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...
     versions: dict[str, str] = field(default_factory=dict)  # prefixtune/torch/transformers/peft
+    guidance: dict[str, Any] = field(default_factory=dict)  # recommended {"scale": float, "negative": name|None}
+
+    @classmethod
+    def empty(cls) -> Manifest:
+        return cls(name="", base_model="", base_fingerprint="", shape={}, prefix={})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

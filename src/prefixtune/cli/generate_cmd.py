@@ -56,6 +56,13 @@ def register(app: typer.Typer) -> None:
                                                  help="Beam search: never repeat an n-gram of this size (0 = off)."),
         early_stopping: bool = typer.Option(False, "--early-stopping",
                                             help="Beam search: stop once num_beams hypotheses are finished."),
+        guidance_scale: Optional[float] = typer.Option(
+            None, "--guidance-scale", "-g", help="Sharpen each adapter against an unconditioned row (1 = off; "
+                                                 "default: what the adapter recommends)."),
+        guidance_negative: Optional[str] = typer.Option(
+            None, "--guidance-negative", help="The unconditioned row: an adapter such as a family's NAME-all, "
+                                              "or 'none' for the base model (default: the adapter's choice)."),
+        num_samples: int = typer.Option(1, "--num-samples", help="Samples per row, seeded --seed, --seed+1, ..."),
         force: bool = typer.Option(False, "--force", help="Use adapters trained on another base model "
                                                           "(only when the shapes match)."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
@@ -69,7 +76,7 @@ def register(app: typer.Typer) -> None:
         # Everything a user can get wrong is checked before the (slow) model load.
         inputs = _input_rows(input_json, input_file)
         if not prompt and label is None and inputs is None:
-            _fail("give --prompt, --label, --input / --input-file, or a combination")
+            _fail("give --prompt, --label, or both (a task adapter: --input or --input-file)")
         names = list(adapter) or ([] if adapter_path else [BASE])
         for name in names:
             if name.lower() != BASE:
@@ -78,7 +85,8 @@ def register(app: typer.Typer) -> None:
             if not folder.is_dir():
                 _fail(f"--adapter-path {folder} is not a folder")
         try:
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop),
+                           guidance_scale=1.0 if guidance_scale is None else guidance_scale).validate()
             if num_beams != 1 or no_repeat_ngram_size:
                 from prefixtune.engine.beam import check_beam_request
 
@@ -86,6 +94,10 @@ def register(app: typer.Typer) -> None:
                                    temperature, False)
         except ValueError as err:
             _fail(str(err))
+        if num_samples < 1:
+            _fail("--num-samples must be >= 1")
+        if guidance_negative is not None and guidance_negative.lower() != BASE:
+            validate_name(guidance_negative)
         st = AdapterStore(store if store is not None else default_store())
         for name in names:
             if name.lower() != BASE:
@@ -105,7 +117,8 @@ def register(app: typer.Typer) -> None:
                 rows = rows * len(inputs)
             results = lm.generate(prompts, rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat,
-                                  num_beams=num_beams, length_penalty=length_penalty,
+                                  guidance_scale=guidance_scale, guidance_negative=guidance_negative,
+                                  num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
                                   no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)
         except ValueError as err:
             from prefixtune.errors import user_error_types
@@ -122,10 +135,10 @@ def register(app: typer.Typer) -> None:
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
                 "tokens": r.tokens,
-                **({"input": inputs[i // (len(rows) // len(inputs))]} if inputs is not None else {}),
+                **({"input": inputs[i // num_samples // (len(rows) // len(inputs))]} if inputs is not None else {}),
                 **({"score": r.score} if r.score is not None else {}),
             }
-            for i, (p, r) in enumerate(zip(prompts, results))
+            for i, (p, r) in enumerate(zip([p for p in prompts for _ in range(num_samples)], results))
         ]
         if as_json:
             typer.echo(json.dumps(out, indent=2))

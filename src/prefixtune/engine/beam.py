@@ -166,7 +166,8 @@ def _hypotheses(seqs: list[list[int]], scores: list[float], done: list[bool], eo
 
 
 def check_beam_request(num_beams: int, max_new_tokens: int, length_penalty: float, no_repeat_ngram_size: int,
-                       early_stopping: bool, temperature: float, ignore_eos: bool) -> BeamParams:
+                       early_stopping: bool, temperature: float, ignore_eos: bool, guidance_scale: float | None = None,
+                       num_samples: int = 1) -> BeamParams:
     """BeamParams for PrefixLM.generate, or a ValueError naming the conflicting setting and the fix."""
     if num_beams < 2:
         raise ValueError(f"no_repeat_ngram_size applies to beam search; pass num_beams >= 2 (got {num_beams})"
@@ -176,6 +177,10 @@ def check_beam_request(num_beams: int, max_new_tokens: int, length_penalty: floa
                          "num_beams 1)")
     if ignore_eos:
         raise ValueError("ignore_eos is not supported with beam search; drop it or use num_beams 1")
+    if guidance_scale is not None and guidance_scale != 1.0:
+        raise ValueError("guidance is not supported with beam search; drop --guidance-scale or use num_beams 1")
+    if num_samples != 1:
+        raise ValueError("beam search gives one result per prompt; drop num_samples or use num_beams 1")
     params = BeamParams(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping)
     params.validate()
     return params

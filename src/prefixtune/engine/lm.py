@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from prefixtune.engine.generate import generate_ids
+from prefixtune.engine.guidance import is_guided, validate_scale
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -200,6 +201,31 @@ class PrefixLM:
         self.cache.put(name, item)
         return item
 
+    def guidance(self, adapter: str | None, scale: float | None = None, negative: str | None = None
+                 ) -> tuple[float, str | None]:
+        """(scale, negative adapter or None = base model) for rows of `adapter`.
+
+        What the caller gives wins; else the adapter manifest's recommendation (written by training or
+        eval when they measured one); else no guidance.
+        """
+        if adapter is None:
+            if scale is not None and is_guided(scale):
+                raise ValueError("guidance needs an adapter row: the base model has nothing to sharpen")
+            return 1.0, None
+        recommended = (self.manifest(adapter) or Manifest.empty()).guidance or {}
+        if scale is None:
+            scale = float(recommended.get("scale", 1.0))
+            if negative is None:
+                negative = recommended.get("negative")
+        validate_scale(scale)
+        if negative is not None and negative.lower() == "none":
+            negative = None
+        if negative is not None:
+            if negative == adapter:
+                raise ValueError(f"guidance_negative {negative!r} is the adapter itself; name another adapter")
+            self.adapter(negative)  # unknown or incompatible: fail now, naming it
+        return float(scale), negative
+
     def manifest(self, name: str) -> Manifest | None:
         return self.adapter(name).manifest
 
@@ -285,24 +311,32 @@ class PrefixLM:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         chat: bool = False,
+        guidance_scale: float | None = None,
+        guidance_negative: str | None = None,
+        num_samples: int = 1,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         early_stopping: bool = False,
     ) -> list[Generation]:
-        """One result per prompt; rows may use different adapters (None = the base model).
+        """One result per prompt and sample; rows may use different adapters (None = the base model).
 
         temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates.
-        chat=True wraps each prompt in the model's chat template. num_beams > 1 runs beam search
-        (engine/beam.py, with length_penalty, no_repeat_ngram_size, early_stopping); each row's beams keep
-        its adapter, so a mixed batch still works.
+        chat=True wraps each prompt in the model's chat template.
+        guidance_scale > 1 sharpens each adapter row against an unconditioned row run beside it: the base
+        model, or the adapter named by guidance_negative ("none" = the base model). None uses what the
+        adapter's manifest recommends (else 1 = off). num_samples=N gives N results per prompt, prompt by
+        prompt, sample i seeded with seed + i.
+        num_beams > 1 runs beam search (engine/beam.py, with length_penalty, no_repeat_ngram_size,
+        early_stopping; no guidance, one result per prompt); each row's beams keep its adapter, so a mixed
+        batch still works.
         """
         beam = None
         if num_beams != 1 or no_repeat_ngram_size:
             from prefixtune.engine.beam import check_beam_request
 
             beam = check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
-                                      early_stopping, temperature, ignore_eos)
+                                      early_stopping, temperature, ignore_eos, guidance_scale, num_samples)
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
@@ -315,26 +349,38 @@ class PrefixLM:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        params = [
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos)
-            for s in seeds
-        ]
-        for p in params:
-            p.validate()
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if num_samples > 1:
+            prompts = [p for p in prompts for _ in range(num_samples)]
+            adapters = [a for a in adapters for _ in range(num_samples)]
+            seeds = [None if s is None else s + i for s in seeds for i in range(num_samples)]
         # One lookup per distinct adapter: the same tensor object on many rows is padded once, and a
         # small cache cannot evict a row's adapter between its rows.
         kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None}
+        guides = {a: self.guidance(a, guidance_scale, guidance_negative) for a in kv}
+        guides[None] = (1.0, None)  # the base model has nothing to be guided against
+        params = [
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos,
+                           guides[a][0])
+            for s, a in zip(seeds, adapters)
+        ]
+        for p in params:
+            p.validate()
+        negative_kv = {n: self.adapter(n).kv for n in {g[1] for g in guides.values()} if n is not None}
+        negatives = [None if guides[a][1] is None else negative_kv[guides[a][1]] for a in adapters]
         prefixes = [None if a is None else kv[a] for a in adapters]
         if chat:
             prompts = [self.chat_prompt(p) for p in prompts]
         input_ids, mask, lengths = self.encode(prompts, add_special_tokens=not chat)
-        self._check_positions(lengths, [0 if a is None else int(kv[a].shape[2]) for a in adapters], max_new_tokens)
-        if beam is not None:
+        virtual = [max(0 if x is None else int(x.shape[2]) for x in pair) for pair in zip(prefixes, negatives)]
+        self._check_positions(lengths, virtual, max_new_tokens)
+        if beam is not None:  # guidance a manifest recommends applies to sampling, not to beam search
             from prefixtune.engine.beam import beam_generations
 
             return beam_generations(self, input_ids, mask, prefixes, beam, lengths, adapters, list(stop or []))
         outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
-                            self._stop_check(params))
+                            self._stop_check(params), negatives)
         results = []
         for out, p, n, name in zip(outs, params, lengths, adapters):
             text, _ = cut_at_stop(self.tokenizer.decode(out.tokens, skip_special_tokens=True), p.stop)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefixtune.engine.guidance import is_guided, validate_scale
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +20,7 @@ class SamplingParams:
     seed: int | None = None  # fixes the row's random stream (independent of batch mates)
     stop: list[str] = field(default_factory=list)  # stop strings (cut from the text)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    guidance_scale: float = 1.0  # >1 sharpens the adapter against an unconditioned row (engine/guidance.py); 1 = off
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -28,6 +31,11 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        validate_scale(self.guidance_scale)
+
+    @property
+    def guided(self) -> bool:
+        return is_guided(self.guidance_scale)
 
     @property
     def greedy(self) -> bool:

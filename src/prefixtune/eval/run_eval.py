@@ -11,6 +11,7 @@ from typing import Any
 from prefixtune.data import DataBundle, DataError
 from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
+from prefixtune.eval.quality import plot_sweep
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
@@ -172,6 +173,10 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     if result.get("conditioning"):
         report["confusion_png"] = str(plot_confusion(result["conditioning"], out / "confusion.png",
                                                      f"{cfg.adapter} ({cfg.split})"))
+    if result.get("guidance_sweep"):
+        real = (result.get("quality") or {}).get("real")
+        report["guidance_png"] = str(plot_sweep(result["guidance_sweep"], real, out / "guidance_sweep.png",
+                                                f"{cfg.adapter}: guidance sweep ({cfg.split})"))
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in result["samples"]))
     write_json(out / "eval.json", report)
     atomic_write_text(out / "eval.md", eval_markdown(report))

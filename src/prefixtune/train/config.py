@@ -64,6 +64,10 @@ class TrainConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
     storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
     resume: bool = False  # continue from out/checkpoint
+    family_rate: float = 0.0  # per-label: share of rows that train NAME-all instead, the family's unconditional adapter
+    contrastive_weight: float = 0.0  # per-label: weight of the loss that makes each prefix explain its own label best
+    contrastive_negatives: int = 0  # per-label: other labels' prefixes scored per row for that loss (0 = all)
+    guidance_scale: float | None = None  # per-label: guidance recommended in the manifests (None = none)
     progress: bool = True  # show a progress bar
 
     def resolved_template(self) -> str:
@@ -83,6 +87,14 @@ class TrainConfig:
             raise ConfigError("max_steps must be >= 1")
         if self.lr < 0:
             raise ConfigError("lr must be >= 0")
+        if not 0 <= self.family_rate < 1:
+            raise ConfigError(f"family_rate must be in [0, 1), got {self.family_rate}")
+        if self.contrastive_weight < 0 or self.contrastive_negatives < 0:
+            raise ConfigError("contrastive_weight and contrastive_negatives must be >= 0")
+        if (self.family_rate or self.contrastive_weight) and not self.per_label:
+            raise ConfigError("--family-rate and --contrastive-weight train a per-label family: add --per-label")
+        if self.guidance_scale is not None and not (self.guidance_scale >= 0 and self.guidance_scale < 1e6):
+            raise ConfigError(f"guidance_scale must be a number >= 0 (1 = off), got {self.guidance_scale}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -31,13 +31,22 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
             prefix=encoder.config.to_dict(),
             template=plan.template,
             label=label,
-            labels=list(plan.adapter_labels.values()) if label is not None else plan.data.labels,
+            labels=[x for x in plan.adapter_labels.values() if x is not None] if plan.family or label is not None
+            else plan.data.labels,
             fields=input_fields(plan.template) or None,
             dataset={"source": cfg.data, "fingerprint": plan.data.fingerprint,
                      "train_rows": len(plan.train_rows), "eval_rows": len(plan.val_rows)},
             hyperparams=cfg.to_dict(),
             metrics=own,
+            guidance=_guidance(cfg, plan, label),
         )
         out[name] = write_adapter_folder(root / name, encoder.fold(), shape, encoder.config, manifest, encoder,
                                          cfg.storage_dtype)
     return out
+
+
+def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
+    """What a per-label adapter recommends for generation: against the family adapter when there is one."""
+    if label is None or cfg.guidance_scale is None:
+        return {}
+    return {"scale": cfg.guidance_scale, "negative": plan.family}
