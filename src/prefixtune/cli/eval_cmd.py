@@ -128,7 +128,12 @@ def register(app: typer.Typer) -> None:
         text_field: Optional[str] = Opt(None, help="Field holding the text."),
         label_field: Optional[str] = Opt(None, help="Field holding the label."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
-        template: Optional[str] = Opt(None, help="Training prompt with {label} (prefix and LoRA)."),
+        template: Optional[str] = Opt(None, help="Training prompt with {label} (prefix and LoRA), or over row "
+                                                 "fields ({meaning_representation}) for task data."),
+        reference_field: Optional[str] = Opt(None, help="Task data: field with the references (default: the "
+                                                        "text field)."),
+        reference_rows: Optional[int] = Opt(None, help="Task data: distinct test inputs scored (default 100)."),
+        num_beams: Optional[int] = Opt(None, help="Task data: beam search width (default 1 = greedy)."),
         num_virtual_tokens: Optional[int] = Opt(None, help="Prefix length (default 20)."),
         prefix_projection: Optional[bool] = Opt(None, "--prefix-projection/--no-prefix-projection",
                                                 help="Train the prefix through the MLP."),
@@ -161,6 +166,11 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             values["progress"] = False
         results = run_compare(CompareConfig(**values))
+        if results.get("task"):
+            for row in results["methods"]:
+                typer.echo(f"{row['method']:>7}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}, ROUGE-L "
+                           f"{row['rouge_l']:.2f}")
+            return
         for row in results["methods"]:
             acc = row.get("conditioning_accuracy")
             typer.echo(f"{row['method']:>7}: eval loss {row['eval_loss']:.4f}"
