@@ -87,6 +87,7 @@ def train_both(cfg: TaskBenchConfig, loaded, say=print) -> dict[str, dict[str, A
     say(f"training peft + HF Trainer (pad 128): same rows, steps, batch, lr and start")
     seconds, tokens, theirs = run_peer(peer, plan.train_rows, tcfg, plan.pad_id, loaded.device.type == "cpu")
     records["peft"] = {"flat": theirs, "train_seconds": seconds, "real_tokens": tokens}
+    loaded.model.eval()  # HF Trainer leaves the model in train mode (dropout on, for models that have it)
     model = PrefixModel(loaded.model)
     for name, r in records.items():
         r["eval_loss"] = adapter_eval_loss(model, r["flat"], plan.val_rows, plan.pad_id)
