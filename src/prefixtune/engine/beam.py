@@ -195,7 +195,7 @@ def beam_generations(lm, input_ids: torch.Tensor, mask: torch.Tensor, prefixes: 
     results = []
     best = beam_search(lm.model, input_ids, mask, prefixes, params, lm.eos_ids())
     for hyps, n, name in zip(best, lengths, adapters):
-        top = hyps[0]
+        top = hyps[0] if hyps else Hypothesis([], float("-inf"), "length")  # every candidate banned: nothing
         text, stopped = cut_at_stop(lm.tokenizer.decode(top.tokens, skip_special_tokens=True), stop)
         results.append(Generation(text, top.tokens, "stop" if stopped else top.finish_reason, int(n), name,
                                   top.score))
