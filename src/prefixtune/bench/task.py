@@ -39,6 +39,7 @@ class TaskBenchConfig:
     num_beams: int = 4  # beam width for the beam-search pass
     batch_decode: int = 16  # inputs decoded together
     seed: int = 0  # data order, sampled test inputs, initial weights
+    max_examples: int | None = None  # training rows drawn from the train split (None = all)
 
     def train_config(self, out: str):
         from prefixtune.train.config import TrainConfig
@@ -47,6 +48,7 @@ class TaskBenchConfig:
                            text_field=self.target_field, label_field=None, template=self.template,
                            max_length=self.max_length, num_virtual_tokens=self.num_virtual_tokens, lr=self.lr,
                            batch_size=self.batch_size, max_steps=self.steps, seed=self.seed, eval_every=0,
+                           max_examples=self.max_examples,
                            eval_examples=64, save_every=0, progress=False, loss_check_steps=10**9)
 
 

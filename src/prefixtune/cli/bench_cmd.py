@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         items: Optional[int] = typer.Option(None, help="Distinct test inputs scored (default 100)."),
         num_beams: Optional[int] = typer.Option(None, help="Beam width of the beam pass (default 4)."),
         seed: Optional[int] = typer.Option(None, help="Seed (default 0)."),
+        max_examples: Optional[int] = typer.Option(None, help="Training rows drawn from train (default all)."),
     ) -> None:
         """Task quality: prefixtune's prefix vs a PEFT prefix trained the same way vs the base model (BLEU, chrF,
         ROUGE-L on test inputs, greedy and beam)."""
