@@ -54,3 +54,32 @@ def test_eval_reports_quality_beside_real_text_and_a_guidance_sweep(trained_stor
 def test_bad_sweep_is_a_usage_error(trained_store, eval_home, cli):
     result = cli(["eval", "--adapter", "emotion", "--store", trained_store["store"], "--guidance-sweep", "1,x"])
     assert result.exit_code == 2 and "--guidance-sweep" in result.output
+
+
+def test_choose_scale_keeps_natural_text():
+    from prefixtune.eval.quality import choose_scale
+
+    real = {"mean_words": 20.0}
+    rows = [dict(guidance_scale=1.0, accuracy=0.5, mean_words=19, distinct_2=0.8, degenerate=0.0),
+            dict(guidance_scale=2.0, accuracy=0.8, mean_words=16, distinct_2=0.75, degenerate=0.02),
+            dict(guidance_scale=3.0, accuracy=0.9, mean_words=5, distinct_2=0.5, degenerate=0.2)]
+    assert choose_scale(rows, real)["guidance_scale"] == 2.0  # 3.0 scores higher but collapses the text
+    assert choose_scale(rows[2:], real) is None
+    assert choose_scale([{**rows[0], "accuracy": None}], real) is None  # no judge, nothing to choose by
+
+
+def test_save_guidance_records_the_choice_in_the_manifests(trained_store, eval_home, cli, tmp_path):
+    from prefixtune.store import AdapterStore
+
+    s = trained_store
+    refused = cli(["eval", "--adapter", "emotion", "--store", s["store"], "--save-guidance"])
+    assert refused.exit_code == 2 and "--guidance-sweep" in refused.output
+    result = cli(["eval", "--adapter", "emotion", "--store", s["store"], "--data", s["data"], "--out",
+                  tmp_path / "r", "--guidance-sweep", "1,2", "--guidance-negative", "none", "--save-guidance", *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
+    saved = report["saved_guidance"]
+    store = AdapterStore(s["store"])
+    for label in LABELS:
+        assert store.manifest(f"emotion-{label}").guidance == saved
+    assert saved["scale"] in (1.0, 2.0) and saved["negative"] is None and "accuracy" in saved["measured"]

@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         guidance_negative: Optional[str] = Opt(None, help="Adapter guidance contrasts with (none = base model)."),
         guidance_sweep: Optional[str] = Opt(None, help="Comma-separated scales: accuracy vs distinct-2 vs length "
                                                        "(table + guidance_sweep.png)."),
+        save_guidance: Optional[bool] = Opt(None, "--save-guidance", help="Record the sweep's best scale that "
+                                                                          "keeps natural text in the manifests."),
         text_field: Optional[str] = Opt(None, help="Field holding the text (default: as in training)."),
         label_field: Optional[str] = Opt(None, help="Field holding the label (default: as in training)."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),

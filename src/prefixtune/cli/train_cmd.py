@@ -14,11 +14,11 @@ Opt = typer.Option
 
 def build_config(config_file: Optional[Path], flags: dict):
     """File values first, then every flag the user actually gave (None = not given)."""
-    from prefixtune.train.config import TrainConfig, load_config_file
+    from prefixtune.train.config import TrainConfig, load_config_file, with_family_recipe
 
     values = load_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**with_family_recipe(values))
 
 
 def register(app: typer.Typer) -> None:

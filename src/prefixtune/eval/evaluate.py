@@ -254,6 +254,10 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
     say(f"{method.name}: eval loss {result['eval_loss']:.4f} (perplexity {result['perplexity']:.2f}) on "
         f"{result['eval_rows']} {settings.split} rows")
 
+    first = next((a for a in method.adapters.values() if a is not None), None)
+    if first is not None:  # the guidance the samples get: the caller's, else what the adapter recommends
+        scale, negative = lm.guidance(first, settings.guidance_scale, settings.guidance_negative)
+        result["guidance"] = {"scale": scale, "negative": negative}
     samples = generate_samples(lm, method, settings) if settings.samples_per_label > 0 else []
     texts = [s["text"] for s in samples]
     labelled = [label for label in method.labels if label is not None]

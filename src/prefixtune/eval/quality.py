@@ -23,7 +23,13 @@ import torch
 from prefixtune.data import DataBundle, Example
 from prefixtune.eval.metrics import conditioning, distinct_n
 
-__all__ = ["degenerate", "sample_stats", "real_sample", "base_perplexity", "quality_report", "plot_sweep"]
+__all__ = ["degenerate", "sample_stats", "real_sample", "base_perplexity", "quality_report", "plot_sweep",
+           "choose_scale"]
+
+# What a recommended guidance scale must keep (the control-quality bar): natural length, diversity, no loops.
+MIN_LENGTH_SHARE = 0.7  # mean words >= this share of real text's
+MIN_DISTINCT_2 = 0.7  # distinct-2 of the samples
+MAX_DEGENERATE = 0.05  # share of degenerate samples
 
 _CHAR_RUN = re.compile(r"(\S)\1{3,}")  # one non-space character 4+ times in a row
 
@@ -133,3 +139,15 @@ def plot_sweep(rows: list[dict[str, Any]], real: dict[str, Any] | None, path: Pa
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def choose_scale(rows: list[dict[str, Any]], real: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The sweep row with the best accuracy among those that keep natural text (ties: the smaller scale).
+
+    Kept: mean length >= MIN_LENGTH_SHARE of real text's, distinct-2 >= MIN_DISTINCT_2, degenerate share
+    <= MAX_DEGENERATE. None when no row qualifies or the sweep has no accuracy (no judge).
+    """
+    length = (real or {}).get("mean_words") or 0.0
+    ok = [r for r in rows if r.get("accuracy") is not None and r["mean_words"] >= MIN_LENGTH_SHARE * length
+          and r["distinct_2"] >= MIN_DISTINCT_2 and r["degenerate"] <= MAX_DEGENERATE]
+    return max(ok, key=lambda r: (r["accuracy"], -r["guidance_scale"]), default=None)

@@ -116,6 +116,10 @@ def eval_markdown(report: dict[str, Any]) -> str:
                      f"{judge.get('accuracy_split', '?')} text: conditioning accuracy is only as good as this")
     elif judge:
         lines.append(f"- judge `{judge['name']}` (its own accuracy is unknown)")
+    guidance = r.get("guidance")
+    if guidance and guidance["scale"] != 1.0:
+        lines.append(f"- samples guided x{guidance['scale']:g} against "
+                     f"`{guidance['negative'] or 'the base model'}` (`--guidance-scale 1` turns it off)")
     cond = r.get("conditioning")
     if cond:
         lines += ["", f"## Conditioning accuracy: {cond['accuracy']:.3f}", "",

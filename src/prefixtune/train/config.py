@@ -19,6 +19,22 @@ class ConfigError(ValueError):
 DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
+# What `train --per-label` uses for every setting the user leaves out (and what `make demo` trains): chosen by
+# the CPU-budget sweep in README "Control quality". A direct prefix started from the keys/values of a text
+# that names the label, a family adapter NAME-all learned by label dropout (the guidance negative), and the
+# contrastive loss against one sampled other label.
+FAMILY_RECIPE: dict[str, Any] = dict(
+    balance=True,
+    prefix_projection=False,
+    lr=1e-2,
+    init="text",
+    init_text="i feel {label} because",
+    family_rate=0.15,
+    contrastive_weight=1.0,
+    contrastive_negatives=1,
+    guidance_scale=2.0,
+)
+
 
 @dataclass
 class TrainConfig:
@@ -95,6 +111,16 @@ class TrainConfig:
             raise ConfigError("--family-rate and --contrastive-weight train a per-label family: add --per-label")
         if self.guidance_scale is not None and not (self.guidance_scale >= 0 and self.guidance_scale < 1e6):
             raise ConfigError(f"guidance_scale must be a number >= 0 (1 = off), got {self.guidance_scale}")
+
+
+def with_family_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (settings given by the user) plus FAMILY_RECIPE for the ones not given, when per_label is on."""
+    if not values.get("per_label"):
+        return dict(values)
+    recipe = dict(FAMILY_RECIPE)
+    if "{label}" in (values.get("template") or ""):
+        recipe.pop("family_rate")  # the family adapter needs one prompt for every label
+    return {**recipe, **values}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

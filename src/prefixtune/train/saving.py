@@ -46,7 +46,11 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
 
 
 def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
-    """What a per-label adapter recommends for generation: against the family adapter when there is one."""
-    if label is None or cfg.guidance_scale is None:
+    """What a per-label adapter recommends for generation: guidance against the family adapter.
+
+    Against the base model guidance also amplifies whatever sets the data apart from the base model (length,
+    style): texts collapse to "i feel angry". So a scale is recommended only when the family adapter exists.
+    """
+    if label is None or cfg.guidance_scale is None or plan.family is None:
         return {}
     return {"scale": cfg.guidance_scale, "negative": plan.family}
