@@ -1,6 +1,8 @@
-"""`prefixtune bench`: speed and memory against baselines measured in the same run."""
+"""`prefixtune bench`: speed and memory against baselines measured in the same run; `bench task`: quality on a task."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
@@ -8,9 +10,12 @@ from prefixtune.cli.common import parse_csv, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench")
+    bench_app = typer.Typer(help="Benchmarks against baselines measured in the same run.", no_args_is_help=False)
+
+    @bench_app.callback(invoke_without_command=True)
     @user_errors
     def bench(
+        ctx: typer.Context,
         model: str = typer.Option("smollm2-135m", help="Base model."),
         data: str = typer.Option("dair-ai/emotion", help="Emotion data (hub id or local folder)."),
         out: str = typer.Option("runs/bench", help="Where results.json and the PNG charts go."),
@@ -19,7 +24,37 @@ def register(app: typer.Typer) -> None:
         sections: str = typer.Option("train,serve", help="Comma-separated: train (steps), e2e (whole "
                                                                  "train command vs the peer script), serve."),
     ) -> None:
-        """Benchmarks that print ratios against a baseline measured in the same run."""
+        """Benchmarks that print ratios against a baseline measured in the same run (`bench task`: task quality)."""
+        if ctx.invoked_subcommand is not None:
+            return
         from prefixtune.bench.run import run_bench
 
         run_bench(model, data, out, steps, rows, tuple(parse_csv(sections) or ["train", "serve"]))
+
+    @bench_app.command("task")
+    @user_errors
+    def bench_task(
+        model: Optional[str] = typer.Option(None, help="Base model (default smollm2-135m)."),
+        data: Optional[str] = typer.Option(None, help="Task data folder (default ../shared/data/e2e)."),
+        out: Optional[str] = typer.Option(None, help="Results folder (default runs/bench/task)."),
+        template: Optional[str] = typer.Option(None, help="Template over the input fields."),
+        target_field: Optional[str] = typer.Option(None, help="Field holding the target text."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps for both trainers (default 120)."),
+        batch_size: Optional[int] = typer.Option(None, help="Rows per step (default 8)."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate for both (default 2e-3)."),
+        num_virtual_tokens: Optional[int] = typer.Option(None, help="Prefix length (default 20)."),
+        max_length: Optional[int] = typer.Option(None, help="Tokens per training row (default 128)."),
+        items: Optional[int] = typer.Option(None, help="Distinct test inputs scored (default 100)."),
+        num_beams: Optional[int] = typer.Option(None, help="Beam width of the beam pass (default 4)."),
+        seed: Optional[int] = typer.Option(None, help="Seed (default 0)."),
+        max_examples: Optional[int] = typer.Option(None, help="Training rows drawn from train (default all)."),
+    ) -> None:
+        """Task quality: prefixtune's prefix vs a PEFT prefix trained the same way vs the base model (BLEU, chrF,
+        ROUGE-L on test inputs, greedy and beam)."""
+        from prefixtune.bench.task import TaskBenchConfig, run_task_bench
+
+        flags = {k: v for k, v in dict(locals()).items() if v is not None and k not in ("TaskBenchConfig",
+                                                                                        "run_task_bench")}
+        run_task_bench(TaskBenchConfig(**flags))
+
+    app.add_typer(bench_app, name="bench")

@@ -178,7 +178,12 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
         prompts = []
-        for item in body.prompts():
+        items = body.prompts()
+        if body.inputs is not None:  # extension: the adapter's template filled from a row of fields
+            from prefixtune.server.task_inputs import task_prompts
+
+            items = await run_in_threadpool(task_prompts, registry, body.model, body.inputs, items)
+        for item in items:
             ids = encode(item) if isinstance(item, str) else list(item)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
