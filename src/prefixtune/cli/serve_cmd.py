@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PREFIXTUNE_API_KEY",
                                               help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
         max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together."),
-        max_queue: int = typer.Option(256, "--max-queue", min=0, help="Waiting rows before requests get HTTP 429."),
+        max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting rows before requests get HTTP 429."),
         max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
                                                     help="Virtual + prompt + new tokens per row (default: the model's limit)."),
         max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Cap on max_tokens per choice."),

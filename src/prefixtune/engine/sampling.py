@@ -48,7 +48,7 @@ MIN_TEMPERATURE = 1e-5
 
 
 class RowSampler:
-    """Draws the next token of one row from its logits with its own generator."""
+    """One row's sampling settings and random stream (its own generator: batch mates never shift its draws)."""
 
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
@@ -61,29 +61,48 @@ class RowSampler:
                 self.generator.seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
-            return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
-        if p.top_k > 0:
-            # By index, not by threshold: ties with the k-th logit must not widen the set beyond k.
-            keep = torch.topk(logits, min(p.top_k, logits.shape[-1])).indices
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits[keep])
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p >= 1.0:
-            return int(torch.multinomial(probs, 1, generator=self.generator))
-        # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead
-        # of all of it is exact whenever their mass reaches top_p (else fall back to the full sort).
-        top, order = torch.topk(probs, min(_NUCLEUS_CANDIDATES, probs.shape[-1]))  # sorted, descending
-        if float(top.sum()) < p.top_p:
-            top, order = torch.sort(probs, descending=True)
-        # Keep the smallest set whose mass reaches top_p (always at least the top token).
-        top = top.masked_fill(top.cumsum(-1) - top >= p.top_p, 0.0)
-        return int(order[torch.multinomial(top, 1, generator=self.generator)])
+        """Next token from one row's logits (V,); the same draw sample_rows makes for this row in any batch."""
+        return sample_rows(logits.view(1, -1), [self])[0]
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Next token per row; an all-greedy batch takes one vectorised argmax."""
-    if all(s.params.greedy for s in samplers):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [s(row) for s, row in zip(samplers, logits)]
+    """Next token per row of logits (B, V), each row with its own temperature, top-k, top-p and generator.
+
+    Vectorised: one temperature divide, one top-k, one softmax, one nucleus cut and one argmax for all
+    sampled rows, and a single host sync (the final .tolist()). A draw is the exponential race
+    argmax(p / E), E ~ Exp(1) per token, which picks token i with probability p_i; each row's E comes from its
+    own generator, so a seeded row's tokens do not depend on its batch mates.
+    """
+    greedy = torch.argmax(logits, dim=-1)  # (B,)
+    sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if not sampled:
+        return greedy.tolist()
+    device = logits.device
+    params = [samplers[i].params for i in sampled]
+    index = torch.tensor(sampled, dtype=torch.long, device=device)
+    x = logits.index_select(0, index).float()  # (S, V)
+    vocab = x.shape[-1]
+    x = x / torch.tensor([p.temperature for p in params], device=device).view(-1, 1)
+    if any(p.top_k > 0 for p in params):
+        # By index, not by threshold: ties with the k-th logit must not widen the set beyond k.
+        width = min(vocab, max(p.top_k for p in params))
+        values, order = torch.topk(x, width, dim=-1)  # (S, width), descending
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).view(-1, 1)
+        values = values.masked_fill(torch.arange(width, device=device).view(1, -1) >= k, float("-inf"))
+        cut = torch.full_like(x, float("-inf")).scatter(-1, order, values)
+        x = torch.where(k < vocab, cut, x)  # rows without top-k keep everything
+    probs = torch.softmax(x, dim=-1)  # (S, V)
+    top_p = torch.tensor([p.top_p for p in params], device=device).view(-1, 1)
+    if any(p.top_p < 1.0 for p in params):
+        # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead of
+        # all of it is exact whenever their mass reaches top_p (else fall back to the full sort).
+        top, order = torch.topk(probs, min(_NUCLEUS_CANDIDATES, vocab), dim=-1)  # (S, C), descending
+        if bool((top.sum(-1, keepdim=True) < top_p).any()):
+            top, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p (always at least the top token).
+        top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
+        probs = torch.where(top_p < 1.0, torch.zeros_like(probs).scatter(-1, order, top), probs)
+    race = torch.stack([torch.empty(vocab, device=device).exponential_(generator=samplers[i].generator)
+                        for i in sampled])  # (S, V)
+    choice = torch.argmax(probs / race.clamp_min(1e-30), dim=-1)  # (S,)
+    return greedy.index_copy(0, index, choice).tolist()

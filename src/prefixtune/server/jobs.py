@@ -1,6 +1,6 @@
-"""Bridge between the scheduler's worker thread and the event loop: one Job per HTTP request.
+"""Bridge between the engine's threads and the event loop: one Job per HTTP request.
 
-The worker calls Request.emit; emit hands the Output to the loop with call_soon_threadsafe into the job's
+The engine's output thread calls Request.emit; emit hands the Output to the loop with call_soon_threadsafe into the job's
 asyncio.Queue, so the worker never blocks on a slow client and the loop never blocks on the model.
 """
 
@@ -46,9 +46,11 @@ class Job:
         self.start = time.monotonic()
         self.first_token_at: float | None = None
 
-    def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams) -> int:
+    def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams,
+            negative: str | None = None, negative_prefix=None) -> int:
         index = len(self.requests)
-        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix))
+        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix,
+                                     negative=negative, negative_prefix=negative_prefix))
         return index
 
     def submit(self) -> None:
