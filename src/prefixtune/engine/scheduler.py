@@ -339,24 +339,26 @@ class Scheduler:
         return prefix, negative
 
     def _sample_and_decode(self) -> list[RowEvent]:
-        runner, states = self.runner, list(self._running.values())
-        logits = runner.current_logits()  # (B, V), slot order
+        runner = self.runner
+        logits = runner.current_logits()  # (B, V), slot order: sampled in place, no gather of the batch
         slot = {key: i for i, key in enumerate(runner.order)}
-        main = torch.tensor([slot[(s.request.request_id, 0)] for s in states], device=logits.device)
-        chosen = logits.index_select(0, main)  # (R, V): each request's own row
-        guided = [i for i, s in enumerate(states) if s.request.params.guided]
+        guided = [s for s in self._running.values() if s.request.params.guided]
         if guided:
-            g = torch.tensor(guided, device=logits.device)
-            uncond = torch.tensor([slot[(states[i].request.request_id, 1)] for i in guided], device=logits.device)
-            scale = torch.tensor([states[i].request.params.guidance_scale for i in guided], device=logits.device)
-            combined = guided_logits(chosen.index_select(0, g), logits.index_select(0, uncond), scale)  # (G, V)
-            chosen = chosen.float().index_copy(0, g, combined)
-        tokens = sample_rows(chosen, [s.sampler for s in states])
+            rows = torch.tensor([slot[(s.request.request_id, 0)] for s in guided], device=logits.device)
+            uncond = torch.tensor([slot[(s.request.request_id, 1)] for s in guided], device=logits.device)
+            scale = torch.tensor([s.request.params.guidance_scale for s in guided], device=logits.device)
+            combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale)  # (G, V)
+            logits = logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never used
+        # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
+        samplers = [self._running[key[0]].sampler if key[1] == 0 else _COMPANION for key in runner.order]
+        tokens = sample_rows(logits, samplers)
+        token_of = {key[0]: tokens[i] for i, key in enumerate(runner.order) if key[1] == 0}
         events, leaving = [], []
-        for state, token in zip(states, tokens):
+        for state in self._running.values():
             request, params = state.request, state.request.params
             if request.cancelled or request.stopped:
                 continue  # leaves at the next iteration; the token is not emitted
+            token = token_of[request.request_id]
             if token in self.eos_ids and not params.ignore_eos:
                 events.append(RowEvent(request, finish="stop"))
                 leaving.append(request)
@@ -371,8 +373,7 @@ class Scheduler:
         for request in leaving:
             self._release(request)
         if len(runner):
-            token_of = {s.request.request_id: t for s, t in zip(states, tokens)}
-            runner.decode([token_of[key[0]] for key in runner.order])  # a companion takes its group's token
+            runner.decode([token_of[key[0]] for key in runner.order])
         return events
 
     def _record_step(self, rows: int, produced: int) -> None:
@@ -422,6 +423,9 @@ class Scheduler:
                 f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
                 f"{need} > max_model_len {self.max_model_len}"
             )
+
+
+_COMPANION = RowSampler(SamplingParams(), torch.device("cpu"))  # greedy: no generator, any device
 
 
 def _keys(request: Request) -> list[tuple[str, int]]:

@@ -28,9 +28,19 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
+        # A fast tokenizer's Rust decoder directly (4x less per call than the Python wrapper), unless the
+        # wrapper would change the text (clean_up_tokenization_spaces).
+        fast = getattr(tokenizer, "_tokenizer", None)
+        raw = fast is not None and hasattr(fast, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces",
+                                                                             False)
+        self._raw = fast if raw else None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if not ids:
+            return ""
+        if self._raw is not None:
+            return self._raw.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(token)

@@ -282,15 +282,22 @@ def _sse(data) -> str:
 
 async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, created: int, prompts):
     tokens = [0] * len(job.requests)
-    async for index, out in job.events():
-        if out.error:
-            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+    async for batch in job.batches():  # one write per wake-up: a step of many rows is one send, not one per row
+        events, failed = [], False
+        for index, out in batch:
+            if out.error:
+                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error").body()))
+                failed = True
+                break
+            tokens[index] = out.completion_tokens
+            finish = FINISH.get(out.finish_reason, out.finish_reason) if out.finish_reason else None
+            if out.text or finish:
+                events.append(_sse(P.envelope("text_completion", rid, created, body.model,
+                                              [P.completion_choice(index, out.text, finish)])))
+        if events:
+            yield "".join(events)
+        if failed:
             break
-        tokens[index] = out.completion_tokens
-        finish = FINISH.get(out.finish_reason, out.finish_reason) if out.finish_reason else None
-        if out.text or finish:
-            yield _sse(P.envelope("text_completion", rid, created, body.model,
-                                  [P.completion_choice(index, out.text, finish)]))
     if body.include_usage():
         yield _sse(P.envelope("text_completion", rid, created, body.model, [],
                               P.usage(sum(map(len, prompts)), sum(tokens))))
@@ -300,19 +307,28 @@ async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, crea
 async def _stream_chat(job: Job, body: P.ChatRequest, rid: str, created: int, prompt_tokens: int):
     kind = "chat.completion.chunk"
     tokens = [0] * len(job.requests)
-    for index in range(len(job.requests)):  # OpenAI opens every choice with the role
-        yield _sse(P.envelope(kind, rid, created, body.model,
-                              [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
-    async for index, out in job.events():
-        if out.error:
-            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+    # OpenAI opens every choice with the role.
+    yield "".join(_sse(P.envelope(kind, rid, created, body.model,
+                                  [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
+                  for index in range(len(job.requests)))
+    async for batch in job.batches():
+        events, failed = [], False
+        for index, out in batch:
+            if out.error:
+                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error").body()))
+                failed = True
+                break
+            tokens[index] = out.completion_tokens
+            if out.text:
+                events.append(_sse(P.envelope(kind, rid, created, body.model,
+                                              [P.chat_delta(index, {"content": out.text}, None)])))
+            if out.finish_reason:
+                finish = FINISH.get(out.finish_reason, out.finish_reason)
+                events.append(_sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {}, finish)])))
+        if events:
+            yield "".join(events)
+        if failed:
             break
-        tokens[index] = out.completion_tokens
-        if out.text:
-            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {"content": out.text}, None)]))
-        if out.finish_reason:
-            finish = FINISH.get(out.finish_reason, out.finish_reason)
-            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {}, finish)]))
     if body.include_usage():
         yield _sse(P.envelope(kind, rid, created, body.model, [], P.usage(prompt_tokens, sum(tokens))))
     yield _sse("[DONE]")

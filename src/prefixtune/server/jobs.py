@@ -1,13 +1,17 @@
 """Bridge between the engine's threads and the event loop: one Job per HTTP request.
 
-The engine's output thread calls Request.emit; emit hands the Output to the loop with call_soon_threadsafe into the job's
-asyncio.Queue, so the worker never blocks on a slow client and the loop never blocks on the model.
+The engine's output thread calls Request.emit; emit appends the Output to the job's deque and wakes the loop with
+call_soon_threadsafe only if no wake-up is pending, so the engine never blocks on a slow client, the loop never
+blocks on the model, and a stream of 16 rows costs one loop wake-up (and one socket write) per step, not one
+per row and token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,7 +43,10 @@ class Job:
     def __init__(self, scheduler: Scheduler, ttft=None):
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self._pending: deque[tuple[int, Output]] = deque()  # appended by the output thread, drained by the loop
+        self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._wake_pending = False
         self.requests: list[Request] = []
         self.open: set[int] = set()  # rows not finished yet
         self.ttft = ttft  # histogram child to observe time to first token on, or None
@@ -65,27 +72,50 @@ class Job:
             raise APIError(400, str(err), param="max_tokens") from err
         self.open = set(range(len(self.requests)))
 
-    def _emit(self, index: int, output: Output) -> None:  # worker thread
+    def _emit(self, index: int, output: Output) -> None:  # output thread
+        self._pending.append((index, output))
+        with self._lock:
+            if self._wake_pending:
+                return  # the loop has not run the last wake-up yet; it will see this output too
+            self._wake_pending = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, output))
+            self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:
             pass  # the event loop is closed: nobody listens any more
+
+    def _wake(self) -> None:  # event loop
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
 
     def cancel(self) -> None:
         """Free the batch slots of rows still running (idempotent)."""
         for index in list(self.open):
             self.scheduler.cancel(self.requests[index].request_id)
 
-    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+    async def batches(self) -> AsyncIterator[list[tuple[int, Output]]]:
+        """Every output so far, as lists of (row index, Output) in order, until every row finished."""
         while self.open:
-            index, output = await self.queue.get()
-            if output.finish_reason is not None:
-                self.open.discard(index)
-            if self.first_token_at is None and output.token_ids:
-                self.first_token_at = time.monotonic()
-                if self.ttft is not None:
-                    self.ttft.observe(self.first_token_at - self.start)
-            yield index, output
+            if not self._pending:
+                self._ready.clear()
+                if not self._pending:
+                    await self._ready.wait()
+            batch = []
+            while self._pending:
+                index, output = self._pending.popleft()
+                if output.finish_reason is not None:
+                    self.open.discard(index)
+                if self.first_token_at is None and output.token_ids:
+                    self.first_token_at = time.monotonic()
+                    if self.ttft is not None:
+                        self.ttft.observe(self.first_token_at - self.start)
+                batch.append((index, output))
+            yield batch
+
+    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
     async def collect(self, http: HTTPRequest) -> list[Choice]:
         """Wait for every row; a client that disconnects meanwhile cancels them."""

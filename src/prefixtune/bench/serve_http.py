@@ -1,0 +1,258 @@
+"""`prefixtune bench serve --http`: the real server in its own process, loaded over HTTP by this process.
+
+Every figure is a ratio against a baseline measured in the same run:
+  - mixed traffic over 6 adapters vs base-model-only traffic (the ceiling: same engine, no prefixes) at
+    concurrency 1/8/32: generated tokens/s, p50/p95 time to first token and latency, errors;
+  - requests/s at max_tokens=1 with 500 adapters in the store vs 6 (same traffic);
+  - a concurrent request with 4 stop strings of 20 KB (refused: 400) and one with 4 of the largest allowed
+    size: the latency cost to a normal request beside it;
+  - the engine over HTTP at batch 16 vs a bare `transformers` greedy loop at batch 16 (the floor);
+  - with --peft, PEFT's set_adapter + generate per adapter group (in process) vs our mixed traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from prefixtune.bench.serve_speed import write_random_adapters
+
+
+@dataclass
+class LoadResult:
+    scenario: str
+    concurrency: int
+    requests: int
+    errors: int  # non-2xx answers (4xx refusals of hostile requests are counted by the caller)
+    seconds: float
+    tokens: int  # completion tokens (from usage)
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def requests_per_s(self) -> float:
+        return (self.requests - self.errors) / max(self.seconds, 1e-9)
+
+    def row(self) -> dict:
+        return asdict(self) | {"tokens_per_s": round(self.tokens_per_s, 1),
+                               "requests_per_s": round(self.requests_per_s, 2)}
+
+
+class ServerProcess:
+    """`prefixtune serve` in a child process on a free loopback port; stopped with SIGTERM."""
+
+    def __init__(self, model: str, store: Path, *flags: str, timeout: float = 180.0):
+        env = {**os.environ, "PREFIXTUNE_THREADS": os.environ.get("PREFIXTUNE_THREADS", "1")}
+        cmd = [sys.executable, "-m", "prefixtune", "serve", "--model", model, "--store", str(store), "--port", "0",
+               *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.url = self._wait_for_url(timeout)
+
+    def _wait_for_url(self, timeout: float) -> str:
+        found: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                if line.startswith("prefixtune serve: http"):
+                    found.append(line.split(": ", 1)[1].strip().removesuffix("/v1"))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        ready.wait(timeout)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
+        return found[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def _one(client: httpx.AsyncClient, body: dict) -> tuple[int, float, float, int]:
+    """(status, ttft s, latency s, completion tokens) of one streamed completion."""
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                               "stream_options": {"include_usage": True}}) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, 0.0, time.perf_counter() - start, 0
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return 200, ttft if ttft is not None else latency, latency, tokens
+
+
+async def _load(url: str, bodies: list[dict], concurrency: int) -> list[tuple[int, float, float, int]]:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def run(body: dict):
+            async with gate:
+                return await _one(client, body)
+
+        return await asyncio.gather(*(run(b) for b in bodies))
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
+
+
+def load(url: str, scenario: str, bodies: list[dict], concurrency: int) -> LoadResult:
+    start = time.perf_counter()
+    results = asyncio.run(_load(url, bodies, concurrency))
+    seconds = time.perf_counter() - start
+    ok = [r for r in results if r[0] == 200]
+    return LoadResult(scenario, concurrency, len(results), len(results) - len(ok), seconds, sum(r[3] for r in ok),
+                      _pct([r[1] for r in ok], 0.5), _pct([r[1] for r in ok], 0.95),
+                      _pct([r[2] for r in ok], 0.5), _pct([r[2] for r in ok], 0.95))
+
+
+def _bodies(models: list[str], count: int, max_tokens: int, **extra) -> list[dict]:
+    prompts = ["Text:", "Text: i feel", "Text: today", "Text: my friend"]
+    return [{"model": models[i % len(models)], "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+             "temperature": 0, "ignore_eos": True, **extra} for i in range(count)]
+
+
+def _tiny_model_dir() -> str:
+    from prefixtune.testing import save_tiny_model
+
+    return str(save_tiny_model(Path(tempfile.mkdtemp(prefix="prefixtune-bench-tiny-")), arch="llama", seed=0))
+
+
+def run_http(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tuple[int, ...] = (1, 8, 32),
+             requests: int = 32, max_tokens: int = 16, many: int = 500, peft: bool = False,
+             say=print) -> dict:
+    from prefixtune.bench import engine_overhead
+    from prefixtune.models import load_base_model
+
+    model = _tiny_model_dir() if tiny else model
+    loaded = load_base_model(model)
+    root6, root_many = (Path(tempfile.mkdtemp(prefix=f"prefixtune-bench-{n}-")) for n in (6, many))
+    names = write_random_adapters(loaded, root6, 6, tokens=10)
+    write_random_adapters(loaded, root_many, many, tokens=10)  # bench-0..bench-5 are the same names
+    report: dict = {"model": loaded.name, "runs": []}
+    flags = ("--max-batch", str(max(concurrencies)), "--max-queue", "1024", "--served-model-name", "base")
+    with ServerProcess(model, root_many, *flags) as server:
+        load(server.url, "warm-up", _bodies(names + ["base"], 8, 2), 8)
+        for c in concurrencies:
+            count = max(requests, 2 * c)
+            for scenario, models in (("mixed 6 adapters", names), ("base only", ["base"])):
+                result = load(server.url, scenario, _bodies(models, count, max_tokens), c)
+                report["runs"].append(result.row())
+                say(f"{scenario:>16} c={c:<3} {result.tokens_per_s:7.1f} tok/s  ttft p50/p95 "
+                    f"{result.ttft_p50_ms:.0f}/{result.ttft_p95_ms:.0f} ms  latency p50/p95 "
+                    f"{result.latency_p50_ms:.0f}/{result.latency_p95_ms:.0f} ms  errors {result.errors}")
+        mixed = {r["concurrency"]: r["tokens_per_s"] for r in report["runs"] if r["scenario"] == "mixed 6 adapters"}
+        base = {r["concurrency"]: r["tokens_per_s"] for r in report["runs"] if r["scenario"] == "base only"}
+        report["mixed / base"] = {c: round(mixed[c] / max(base[c], 1e-9), 3) for c in mixed}
+        say(f"mixed 6 adapters / base only: {report['mixed / base']}")
+        report["stop strings"] = _stop_string_cost(server.url, names, say)
+        rps_many = load(server.url, f"{many} in store", _bodies(names, 64, 1), 8)
+        rps_spread = load(server.url, f"spread over {many}", _bodies([f"bench-{i}" for i in range(many)], 64, 1), 8)
+    with ServerProcess(model, root6, *flags) as server:
+        load(server.url, "warm-up", _bodies(names, 8, 1), 8)
+        rps_six = load(server.url, "6 in store", _bodies(names, 64, 1), 8)
+        tiny_http = _engine_vs_bare_over_http(server.url, loaded, say) if tiny else None
+    report["max_tokens=1 requests/s"] = {"6 in store": rps_six.requests_per_s, f"{many} in store":
+                                         rps_many.requests_per_s, f"spread over {many}": rps_spread.requests_per_s,
+                                         "ratio": rps_many.requests_per_s / max(rps_six.requests_per_s, 1e-9)}
+    say(f"max_tokens=1: {rps_many.requests_per_s:.1f} req/s with {many} adapters in the store vs "
+        f"{rps_six.requests_per_s:.1f} with 6 = {report['max_tokens=1 requests/s']['ratio']:.2f}x "
+        f"(traffic spread over all {many}: {rps_spread.requests_per_s:.1f} req/s)")
+    if tiny_http is not None:
+        report["engine over HTTP vs bare loop"] = tiny_http
+    from prefixtune.engine.lm import PrefixLM
+
+    report["engine in process vs bare loop"] = engine_overhead.run(PrefixLM(loaded, root6), say=say)
+    if peft:
+        from prefixtune.bench.serve_speed import peft_grouped_tokens_per_s
+
+        prompts = [b["prompt"] for b in _bodies(names, 24, max_tokens)]
+        rows = [names[i % 6] for i in range(24)]
+        report["peft grouped tokens/s"] = peft_grouped_tokens_per_s(loaded, root6, names, prompts, rows, max_tokens)
+        ours = mixed[max(c for c in mixed if c <= 32)]
+        report["mixed / peft"] = ours / max(report["peft grouped tokens/s"], 1e-9)
+        say(f"PEFT set_adapter + generate per adapter: {report['peft grouped tokens/s']:.1f} tok/s; "
+            f"mixed over HTTP = {report['mixed / peft']:.2f}x")
+    return report
+
+
+def _stop_string_cost(url: str, names: list[str], say) -> dict:
+    """Normal requests' latency beside 4 long requests with no stop strings, with 4 x 20 KB stop strings (refused),
+    and with 4 stop strings of the largest allowed length: the ratio isolates what stop strings cost others."""
+    normal = _bodies(names, 12, 16)
+
+    async def beside(stops: list[str] | None) -> tuple[list[int], float]:
+        hostile = _bodies(names, 4, 64, **({"stop": stops} if stops else {}))
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=32)) as client:
+            bad = asyncio.gather(*(_one(client, b) for b in hostile))
+            good = asyncio.gather(*(_one(client, b) for b in normal))
+            bad, good = await bad, await good
+        return sorted({r[0] for r in bad}), statistics.median(r[2] for r in good) * 1000
+
+    _, plain = asyncio.run(beside(None))
+    huge_status, huge = asyncio.run(beside(["\u00e9" * 20_000 + str(i) for i in range(4)]))
+    allowed_status, allowed = asyncio.run(beside(["\u00e9" * 255 + str(i) for i in range(4)]))
+    cost = {"4x20KB status": huge_status, "4x256 status": allowed_status, "normal p50 ms beside plain": plain,
+            "normal p50 ms beside 4x20KB": huge, "normal p50 ms beside 4x256": allowed,
+            "cost of 4x256 stops to others": allowed / max(plain, 1e-9) - 1}
+    say(f"4 stop strings of 20 KB: HTTP {huge_status}; normal requests' p50 latency beside 4 long requests: "
+        f"{plain:.0f} ms (no stops), {allowed:.0f} ms (4 stops of 256 chars) = "
+        f"{100 * cost['cost of 4x256 stops to others']:+.1f}%")
+    return cost
+
+
+def _engine_vs_bare_over_http(url: str, loaded, say, batch: int = 16, new_tokens: int = 64) -> dict:
+    from prefixtune.bench.engine_overhead import bare_loop_tokens_per_s
+
+    prompt = loaded.tokenizer("Once upon a time there was").input_ids
+    bare = max(bare_loop_tokens_per_s(loaded.model, prompt, batch, new_tokens) for _ in range(3))
+    bodies = [{"model": "base", "prompt": list(prompt), "max_tokens": new_tokens, "temperature": 0,
+               "ignore_eos": True} for _ in range(batch)]
+    ours = max(load(url, "tiny batch 16", bodies, batch).tokens_per_s for _ in range(3))
+    say(f"tiny model over HTTP, batch {batch}: {ours:.0f} tok/s vs bare transformers loop {bare:.0f} = "
+        f"{ours / bare:.2f}x")
+    return {"engine tokens/s": ours, "bare loop tokens/s": bare, "engine / bare": ours / bare}
