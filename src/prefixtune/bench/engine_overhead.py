@@ -25,7 +25,7 @@ def bare_loop_tokens_per_s(model, prompt_ids: list[int], batch: int, new_tokens:
     for _ in range(new_tokens):
         token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-    token.tolist()  # the host needs the tokens (to stream them): one sync per step in any real server
+    token.tolist()  # one sync at the end only: the most favourable floor for the baseline
     return batch * new_tokens / (time.perf_counter() - start)
 
 
@@ -53,8 +53,10 @@ def engine_tokens_per_s(lm, prompt_ids: list[int], batch: int, new_tokens: int, 
 def run(lm, batch: int = 16, new_tokens: int = 64, repeats: int = 3, say=print) -> dict[str, float]:
     """Best of `repeats` for each (a shared machine adds noise only ever upward in time)."""
     prompt = lm.tokenizer("Once upon a time there was").input_ids
-    bare = max(bare_loop_tokens_per_s(lm.model, prompt, batch, new_tokens) for _ in range(repeats))
-    ours = max(engine_tokens_per_s(lm, prompt, batch, new_tokens) for _ in range(repeats))
+    bare, ours = 0.0, 0.0
+    for _ in range(repeats):  # alternating, so a burst of load elsewhere hits both sides alike
+        bare = max(bare, bare_loop_tokens_per_s(lm.model, prompt, batch, new_tokens))
+        ours = max(ours, engine_tokens_per_s(lm, prompt, batch, new_tokens))
     say(f"tiny model, batch {batch}: engine {ours:.0f} tokens/s vs bare transformers loop {bare:.0f} "
         f"= {ours / bare:.2f}x")
     return {"engine tokens/s": ours, "bare loop tokens/s": bare, "engine / bare": ours / bare}

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prefixtune.engine.requests import Output, Request
 from prefixtune.engine.text import TextTracker
 
 
@@ -24,7 +25,7 @@ from prefixtune.engine.text import TextTracker
 class RowEvent:
     """One step of one request, from the engine."""
 
-    request: object  # scheduler.Request
+    request: Request
     token: int | None = None  # the token sampled this step (None: only a finish)
     finish: str | None = None  # engine finish: stop (EOS) | length | cancelled | abort | error
     error: str | None = None
@@ -37,9 +38,8 @@ class _State:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, output_cls, stats, on_stop: Callable[[str], None]):
+    def __init__(self, tokenizer, stats, on_stop: Callable[[str], None]):
         self.tokenizer = tokenizer  # its own copy: a fast tokenizer must not be shared between threads
-        self.output_cls = output_cls  # scheduler.Output (passed in: this module must not import the scheduler)
         self.stats = stats
         self.on_stop = on_stop
         self._states: dict[str, _State] = {}
@@ -101,7 +101,7 @@ class OutputProcessor:
             self._finish(request, state, "stop", text, [event.token])
             self.on_stop(request.request_id)
         elif event.finish is None:
-            self._emit(request, self.output_cls(request.request_id, text, [event.token], None, state.generated))
+            self._emit(request, Output(request.request_id, text, [event.token], None, state.generated))
         else:
             if event.finish == "length":
                 text += state.text.flush()
@@ -113,7 +113,7 @@ class OutputProcessor:
         self._states.pop(request.request_id, None)
         self.stats.finished[reason] += 1
         generated = state.generated if state is not None else 0
-        self._emit(request, self.output_cls(request.request_id, text, token_ids or [], reason, generated, error))
+        self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error))
 
     @staticmethod
     def _emit(request, output) -> None:

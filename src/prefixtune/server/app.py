@@ -282,7 +282,7 @@ def _sse(data) -> str:
 
 async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, created: int, prompts):
     tokens = [0] * len(job.requests)
-    async for batch in job.batches():  # one write per wake-up: a step of many rows is one send, not one per row
+    async for batch in job.merged():  # one write per wake-up, one chunk per choice however many steps it spans
         events, failed = [], False
         for index, out in batch:
             if out.error:
@@ -311,7 +311,7 @@ async def _stream_chat(job: Job, body: P.ChatRequest, rid: str, created: int, pr
     yield "".join(_sse(P.envelope(kind, rid, created, body.model,
                                   [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
                   for index in range(len(job.requests)))
-    async for batch in job.batches():
+    async for batch in job.merged():
         events, failed = [], False
         for index, out in batch:
             if out.error:

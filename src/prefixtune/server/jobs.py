@@ -1,9 +1,11 @@
 """Bridge between the engine's threads and the event loop: one Job per HTTP request.
 
-The engine's output thread calls Request.emit; emit appends the Output to the job's deque and wakes the loop with
-call_soon_threadsafe only if no wake-up is pending, so the engine never blocks on a slow client, the loop never
-blocks on the model, and a stream of 16 rows costs one loop wake-up (and one socket write) per step, not one
-per row and token.
+The engine's output thread calls Request.emit; emit appends the Output to the job's deque and marks the job in
+the loop's Wakeups, which calls call_soon_threadsafe only if no wake-up is pending. So the engine never blocks
+on a slow client, the loop never blocks on the model, and one engine step of many rows and many requests costs
+one loop wake-up (and one socket write per stream), not one per row and token. When the loop falls behind the
+engine, a stream sends everything that accumulated in one write (merged per choice): the slower the loop, the
+less it has to do per token.
 """
 
 from __future__ import annotations
@@ -37,16 +39,51 @@ class Choice:
     error: str | None = None  # engine error message
 
 
+class Wakeups:
+    """One event loop's pending wake-ups: many jobs marked during one engine step share one loop callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._marked: list[Job] = []
+
+    def mark(self, job: Job) -> None:  # output thread
+        with self._lock:
+            first = not self._marked
+            self._marked.append(job)
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._run)
+            except RuntimeError:
+                pass  # the event loop is closed: nobody listens any more
+
+    def _run(self) -> None:  # event loop
+        with self._lock:
+            marked, self._marked = self._marked, []
+        for job in marked:
+            job._ready.set()
+
+
+_WAKEUPS: dict[asyncio.AbstractEventLoop, Wakeups] = {}
+
+
+def wakeups_for(loop: asyncio.AbstractEventLoop) -> Wakeups:
+    wakeups = _WAKEUPS.get(loop)
+    if wakeups is None:
+        for old in [other for other in _WAKEUPS if other.is_closed()]:
+            del _WAKEUPS[old]
+        wakeups = _WAKEUPS[loop] = Wakeups(loop)
+    return wakeups
+
+
 class Job:
     """The rows (prompts x n) of one HTTP request; collect() or stream events() exactly once."""
 
     def __init__(self, scheduler: Scheduler, ttft=None):
         self.scheduler = scheduler
-        self.loop = asyncio.get_running_loop()
+        self.wakeups = wakeups_for(asyncio.get_running_loop())
         self._pending: deque[tuple[int, Output]] = deque()  # appended by the output thread, drained by the loop
         self._ready = asyncio.Event()
-        self._lock = threading.Lock()
-        self._wake_pending = False
         self.requests: list[Request] = []
         self.open: set[int] = set()  # rows not finished yet
         self.ttft = ttft  # histogram child to observe time to first token on, or None
@@ -74,19 +111,7 @@ class Job:
 
     def _emit(self, index: int, output: Output) -> None:  # output thread
         self._pending.append((index, output))
-        with self._lock:
-            if self._wake_pending:
-                return  # the loop has not run the last wake-up yet; it will see this output too
-            self._wake_pending = True
-        try:
-            self.loop.call_soon_threadsafe(self._wake)
-        except RuntimeError:
-            pass  # the event loop is closed: nobody listens any more
-
-    def _wake(self) -> None:  # event loop
-        with self._lock:
-            self._wake_pending = False
-        self._ready.set()
+        self.wakeups.mark(self)
 
     def cancel(self) -> None:
         """Free the batch slots of rows still running (idempotent)."""
@@ -111,6 +136,24 @@ class Job:
                         self.ttft.observe(self.first_token_at - self.start)
                 batch.append((index, output))
             yield batch
+
+    async def merged(self) -> AsyncIterator[list[tuple[int, Output]]]:
+        """As batches(), with each choice's consecutive outputs merged into one (text joined, last counts)."""
+        async for batch in self.batches():
+            out: list[tuple[int, Output]] = []
+            last: dict[int, int] = {}  # choice -> position in out of its open (unfinished) merged output
+            for index, o in batch:
+                at = last.get(index)
+                if at is not None and not o.error:
+                    prev = out[at][1]
+                    o = Output(o.request_id, prev.text + o.text, prev.token_ids + o.token_ids, o.finish_reason,
+                               o.completion_tokens, o.error)
+                    out[at] = (index, o)
+                else:
+                    out.append((index, o))
+                    at = len(out) - 1
+                last[index] = at
+            yield out
 
     async def events(self) -> AsyncIterator[tuple[int, Output]]:
         async for batch in self.batches():
