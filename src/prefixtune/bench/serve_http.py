@@ -211,13 +211,14 @@ def run_http(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tup
             ratios[c] = best(runs["mixed 6 adapters"]).tokens_per_s / max(best(runs["base only"]).tokens_per_s, 1e-9)
         report["mixed / base"] = {c: round(v, 3) for c, v in ratios.items()}
         say(f"mixed 6 adapters / base only: {report['mixed / base']}")
-        report["stop strings"] = _stop_string_cost(server.url, names, say, repeats)
+        report["stop strings"] = _stop_string_cost(server.url, names, say, repeats, max_tokens)
         rps = {"6 in store": [], f"{many} in store": [], f"spread over {many}": []}
         spread = [f"bench-{i}" for i in range(many)]
+        count = 2 * requests
         for _ in range(repeats):
-            rps["6 in store"].append(load(six.url, "6 in store", _bodies(names, 64, 1), 8))
-            rps[f"{many} in store"].append(load(server.url, f"{many} in store", _bodies(names, 64, 1), 8))
-            rps[f"spread over {many}"].append(load(server.url, "spread", _bodies(spread, 64, 1), 8))
+            rps["6 in store"].append(load(six.url, "6 in store", _bodies(names, count, 1), 8))
+            rps[f"{many} in store"].append(load(server.url, f"{many} in store", _bodies(names, count, 1), 8))
+            rps[f"spread over {many}"].append(load(server.url, "spread", _bodies(spread, count, 1), 8))
         rps = {k: best(v).requests_per_s for k, v in rps.items()}
         rps["ratio"] = rps[f"{many} in store"] / max(rps["6 in store"], 1e-9)
         report["max_tokens=1 requests/s"] = rps
@@ -225,8 +226,10 @@ def run_http(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tup
             f"{rps['6 in store']:.1f} with 6 = {rps['ratio']:.2f}x (traffic spread over all {many}: "
             f"{rps[f'spread over {many}']:.1f} req/s)")
         if tiny:
-            report["engine over HTTP vs bare loop"] = _engine_vs_bare_over_http(six, loaded, say, repeats + 1)
-    report["engine in process vs bare loop"] = engine_overhead.run(PrefixLM(loaded, root6), say=say)
+            report["engine over HTTP vs bare loop"] = _engine_vs_bare_over_http(six, loaded, say, repeats + 1,
+                                                                                new_tokens=4 * max_tokens)
+    report["engine in process vs bare loop"] = engine_overhead.run(PrefixLM(loaded, root6), new_tokens=4 * max_tokens,
+                                                                   repeats=repeats + 1, say=say)
     if peft:
         from prefixtune.bench.serve_speed import peft_grouped_tokens_per_s
 
@@ -240,13 +243,13 @@ def run_http(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tup
     return report
 
 
-def _stop_string_cost(url: str, names: list[str], say, repeats: int = 2) -> dict:
+def _stop_string_cost(url: str, names: list[str], say, repeats: int = 2, max_tokens: int = 16) -> dict:
     """Normal requests' latency beside 4 long requests with no stop strings, with 4 x 20 KB stop strings (refused),
     and with 4 stop strings of the largest allowed length: the ratio isolates what stop strings cost others."""
-    normal = _bodies(names, 12, 16)
+    normal = _bodies(names, 12, max_tokens)
 
     async def beside(stops: list[str] | None) -> tuple[list[int], float]:
-        hostile = _bodies(names, 4, 64, **({"stop": stops} if stops else {}))
+        hostile = _bodies(names, 4, 4 * max_tokens, **({"stop": stops} if stops else {}))
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=32)) as client:
             bad = asyncio.gather(*(_one(client, b) for b in hostile))
             good = asyncio.gather(*(_one(client, b) for b in normal))
