@@ -244,6 +244,16 @@ class AdapterStore:
             manifest.name = name  # the folder name is the truth (a rename may crash before the rewrite)
         return manifest
 
+    def set_guidance(self, name: str, guidance: dict[str, Any]) -> Manifest:
+        """Record the guidance `name` recommends (atomically rewrites its manifest; the weights stay)."""
+        folder = self._existing(name)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise StoreError(f"{folder} has no {MANIFEST_FILE} to record guidance in (an imported PEFT adapter?)")
+        manifest.guidance = dict(guidance)
+        atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+        return manifest
+
     def folder(self, name: str) -> Path:
         """The folder of an existing adapter (a clear error listing the known ones otherwise)."""
         return self._existing(name)

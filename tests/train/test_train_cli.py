@@ -56,3 +56,31 @@ def test_bad_data_is_one_line_error(tmp_path, tiny_model_dir):
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "error:" in result.output and "line 2" in result.output
+
+
+def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_model_dir, emotion_dir):
+    from prefixtune.train.config import FAMILY_RECIPE
+
+    store = tmp_path / "store"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_model_dir), "--data", str(emotion_dir), "--out", str(tmp_path / "run"),
+        "--per-label", "--labels", "joy,anger", "--max-examples", "40", "--eval-examples", "8", "--max-steps", "2",
+        "--num-virtual-tokens", "2", "--lr", "0.005", "--store", str(store), "--no-progress", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    joy = read_manifest(store / "emotion-joy")
+    assert joy.hyperparams["lr"] == 0.005, "a given flag wins over the recipe"
+    for key in ("init", "init_text", "prefix_projection", "family_rate", "contrastive_weight", "balance"):
+        assert joy.hyperparams[key] == FAMILY_RECIPE[key], key
+    assert joy.guidance == {"scale": FAMILY_RECIPE["guidance_scale"], "negative": "emotion-all"}
+    assert read_manifest(store / "emotion-all").label is None
+
+    # A template with {label} has no single prompt for a family adapter: the recipe leaves it out.
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_model_dir), "--data", str(emotion_dir), "--out", str(tmp_path / "run2"),
+        "--per-label", "--labels", "joy,anger", "--template", "Emotion: {label}\nText:", "--max-examples", "40",
+        "--eval-examples", "8", "--max-steps", "1", "--num-virtual-tokens", "2", "--store", str(tmp_path / "s2"),
+        "--name", "tpl", "--no-progress", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "s2" / "tpl-all").exists() and read_manifest(tmp_path / "s2" / "tpl-joy").guidance == {}

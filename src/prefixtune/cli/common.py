@@ -35,3 +35,13 @@ def parse_csv(value: str | None) -> list[str] | None:
 def die(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def parse_floats(values: list[str] | None, flag: str) -> list[float] | None:
+    """Comma-separated numbers (already split by parse_csv); a bad one is a usage error naming the flag."""
+    if values is None:
+        return None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated numbers, got {','.join(values)!r}") from None

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from prefixtune.cli.common import parse_csv, user_errors
+from prefixtune.cli.common import parse_csv, parse_floats, user_errors
 
 Opt = typer.Option
 
@@ -66,6 +66,13 @@ def register(app: typer.Typer) -> None:
         latency_tokens: Optional[int] = Opt(None, help="Tokens per row when timing generation (default 32)."),
         latency_repeats: Optional[int] = Opt(None, help="Timed generation runs (default 3; 0 = skip latency)."),
         out: Optional[str] = Opt(None, help="Report folder (default runs/eval/ADAPTER)."),
+        guidance_scale: Optional[float] = Opt(None, help="Guidance for the samples (1 = off; default: what the "
+                                                         "adapters recommend)."),
+        guidance_negative: Optional[str] = Opt(None, help="Adapter guidance contrasts with (none = base model)."),
+        guidance_sweep: Optional[str] = Opt(None, help="Comma-separated scales: accuracy vs distinct-2 vs length "
+                                                       "(table + guidance_sweep.png)."),
+        save_guidance: Optional[bool] = Opt(None, "--save-guidance", help="Record the sweep's best scale that "
+                                                                          "keeps natural text in the manifests."),
         text_field: Optional[str] = Opt(None, help="Field holding the text (default: as in training)."),
         label_field: Optional[str] = Opt(None, help="Field holding the label (default: as in training)."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
@@ -79,7 +86,9 @@ def register(app: typer.Typer) -> None:
         flags.pop("no_progress")
         from prefixtune.eval.run_eval import EvalConfig, run_eval
 
-        values = _given(flags, csv=("label_names",))
+        values = _given(flags, csv=("label_names", "guidance_sweep"))
+        if "guidance_sweep" in values:
+            values["guidance_sweep"] = parse_floats(values["guidance_sweep"], "--guidance-sweep")
         if no_progress:
             values["progress"] = False
         report = run_eval(EvalConfig(**values))

@@ -45,6 +45,13 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Fix the sampling stream (same for every row)."),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (cut from the output); repeatable."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        guidance_scale: Optional[float] = typer.Option(
+            None, "--guidance-scale", "-g", help="Sharpen each adapter against an unconditioned row (1 = off; "
+                                                 "default: what the adapter recommends)."),
+        guidance_negative: Optional[str] = typer.Option(
+            None, "--guidance-negative", help="The unconditioned row: an adapter such as a family's NAME-all, "
+                                              "or 'none' for the base model (default: the adapter's choice)."),
+        num_samples: int = typer.Option(1, "--num-samples", help="Samples per row, seeded --seed, --seed+1, ..."),
         force: bool = typer.Option(False, "--force", help="Use adapters trained on another base model "
                                                           "(only when the shapes match)."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
@@ -66,9 +73,14 @@ def register(app: typer.Typer) -> None:
             if not folder.is_dir():
                 _fail(f"--adapter-path {folder} is not a folder")
         try:
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop),
+                           guidance_scale=1.0 if guidance_scale is None else guidance_scale).validate()
         except ValueError as err:
             _fail(str(err))
+        if num_samples < 1:
+            _fail("--num-samples must be >= 1")
+        if guidance_negative is not None and guidance_negative.lower() != BASE:
+            validate_name(guidance_negative)
         st = AdapterStore(store if store is not None else default_store())
         for name in names:
             if name.lower() != BASE:
@@ -83,7 +95,9 @@ def register(app: typer.Typer) -> None:
         try:
             prompts = _render_all(lm, prompt, rows, label)
             results = lm.generate(prompts, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat)
+                                  top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat,
+                                  guidance_scale=guidance_scale, guidance_negative=guidance_negative,
+                                  num_samples=num_samples)
         except ValueError as err:
             from prefixtune.errors import user_error_types
 
@@ -100,7 +114,7 @@ def register(app: typer.Typer) -> None:
                 "completion_tokens": r.completion_tokens,
                 "tokens": r.tokens,
             }
-            for p, r in zip(prompts, results)
+            for p, r in zip([p for p in prompts for _ in range(num_samples)], results)
         ]
         if as_json:
             typer.echo(json.dumps(out, indent=2))

@@ -14,11 +14,11 @@ Opt = typer.Option
 
 def build_config(config_file: Optional[Path], flags: dict):
     """File values first, then every flag the user actually gave (None = not given)."""
-    from prefixtune.train.config import TrainConfig, load_config_file
+    from prefixtune.train.config import TrainConfig, load_config_file, with_family_recipe
 
     values = load_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**with_family_recipe(values))
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +62,14 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
         storage_dtype: Optional[str] = Opt(None, help="Saved prefix dtype (bfloat16 halves the file)."),
         resume: Optional[bool] = Opt(None, "--resume", help="Continue from OUT/checkpoint."),
+        family_rate: Optional[float] = Opt(None, help="Per-label: share of rows training NAME-all, the family's "
+                                                      "unconditional adapter (the guidance negative)."),
+        contrastive_weight: Optional[float] = Opt(None, help="Per-label: weight of the loss that makes each "
+                                                             "prefix explain its own label's texts best."),
+        contrastive_negatives: Optional[int] = Opt(None, help="Per-label: other prefixes scored per row for it "
+                                                              "(0 = all; each costs one more forward)."),
+        guidance_scale: Optional[float] = Opt(None, help="Per-label: guidance scale recommended in the manifests "
+                                                         "(generate/serve use it by default)."),
         no_progress: bool = Opt(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train prefix adapters: label in the prompt (one adapter) or --per-label (one per label, one pass)."""

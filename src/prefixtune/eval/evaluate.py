@@ -19,6 +19,7 @@ import torch
 from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.eval.judge import Judge, check_judge_labels
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
+from prefixtune.eval.quality import quality_report, sample_stats
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.evaluation import eval_loss as token_eval_loss
 from prefixtune.train.examples import tokenize
@@ -44,6 +45,10 @@ class EvalSettings:
     reference_field: str | None = None  # field with reference outputs: adds BLEU, chrF and ROUGE-L
     reference_rows: int = 100  # rows scored against references
     progress: bool = True  # show progress bars
+    guidance_scale: float | None = None  # samples' guidance (1 = off; None = what each adapter recommends)
+    guidance_negative: str | None = None  # the unconditioned adapter guidance contrasts with (none = base model)
+    guidance_sweep: list[float] | None = None  # also sample at each of these scales: accuracy vs diversity vs length
+    real_stats: bool = True  # length/diversity/perplexity of as many real texts beside the samples' (and ceiling)
 
 
 @dataclass
@@ -109,14 +114,16 @@ def eval_loss(lm, method: Method, rows: list[Example], settings: EvalSettings) -
 
 
 def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[int], settings: EvalSettings,
-              desc: str, temperature: float | None = None) -> list[str]:
+              desc: str, temperature: float | None = None, guidance_scale: float | None = None) -> list[str]:
     texts: list[str] = []
     bar = _bar(len(prompts), desc, settings.progress)
     temp = settings.temperature if temperature is None else temperature
+    scale = settings.guidance_scale if guidance_scale is None else guidance_scale
     for start in range(0, len(prompts), settings.eval_batch_size):
         stop = start + settings.eval_batch_size
         outs = lm.generate(prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
-                           temperature=temp, top_p=settings.top_p, seed=seeds[start:stop])
+                           temperature=temp, top_p=settings.top_p, seed=seeds[start:stop],
+                           guidance_scale=scale, guidance_negative=settings.guidance_negative)
         texts.extend(o.text.strip() for o in outs)
         bar.update(len(outs))
     bar.close()
@@ -134,7 +141,8 @@ def sample_seeds(settings: EvalSettings) -> list[int]:
     return [settings.seed * 100_003 + i for i in range(settings.samples_per_label)]
 
 
-def generate_samples(lm, method: Method, settings: EvalSettings) -> list[dict[str, Any]]:
+def generate_samples(lm, method: Method, settings: EvalSettings, guidance_scale: float | None = None
+                     ) -> list[dict[str, Any]]:
     """samples_per_label samples per label in one mixed batch (each row its own prompt/adapter/seed)."""
     prompts, adapters, labels, seeds = [], [], [], []
     for label in method.labels:
@@ -143,7 +151,8 @@ def generate_samples(lm, method: Method, settings: EvalSettings) -> list[dict[st
             adapters.append(method.adapter(label))
             labels.append(label)
             seeds.append(seed)
-    texts = _generate(lm, prompts, adapters, seeds, settings, f"{method.name}: samples")
+    texts = _generate(lm, prompts, adapters, seeds, settings, f"{method.name}: samples",
+                      guidance_scale=guidance_scale)
     return [{"label": label, "seed": seed, "adapter": adapter, "text": text}
             for label, seed, adapter, text in zip(labels, seeds, adapters, texts)]
 
@@ -204,6 +213,32 @@ def reference_eval(lm, method: Method, data_inputs: list[Example], references: l
     return scores
 
 
+def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | None, say=print
+                   ) -> list[dict[str, Any]]:
+    """The same samples (same seeds) at each guidance scale: accuracy vs distinct-2 vs length."""
+    labelled = [label for label in method.labels if label is not None]
+    ceiling = getattr(judge, "macro_accuracy", None)
+    rows = []
+    for scale in settings.guidance_sweep or []:
+        samples = generate_samples(lm, method, settings, guidance_scale=scale)
+        texts = [s["text"] for s in samples]
+        row = {"guidance_scale": scale, "ceiling": ceiling, **sample_stats(texts, [s["label"] for s in samples])}
+        row["accuracy"] = None
+        if judge is not None and labelled:
+            cond = conditioning([s["label"] for s in samples], judge.predict(texts), labelled)
+            row["accuracy"], row["per_label"] = cond.accuracy, cond.per_label
+            row["worst_label"] = min(cond.per_label.values())
+        row["examples"] = {s["label"]: s["text"] for s in samples[:: max(1, settings.samples_per_label)]}
+        rows.append(row)
+        say(f"{method.name}: guidance {scale:g}: accuracy {fmt_or(row['accuracy'])}, "
+            f"{row['mean_words']:.1f} words, distinct-2 {row['distinct_2']:.2f}, degenerate {row['degenerate']:.0%}")
+    return rows
+
+
+def fmt_or(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings, judge: Judge | None,
                     base_prompts: list[str] | None = None, base_context=None,
                     references: list[str] | None = None, say=print) -> dict[str, Any]:
@@ -218,6 +253,10 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
     say(f"{method.name}: eval loss {result['eval_loss']:.4f} (perplexity {result['perplexity']:.2f}) on "
         f"{result['eval_rows']} {settings.split} rows")
 
+    first = next((a for a in method.adapters.values() if a is not None), None)
+    if first is not None:  # the guidance the samples get: the caller's, else what the adapter recommends
+        scale, negative = lm.guidance(first, settings.guidance_scale, settings.guidance_negative)
+        result["guidance"] = {"scale": scale, "negative": negative}
     samples = generate_samples(lm, method, settings) if settings.samples_per_label > 0 else []
     texts = [s["text"] for s in samples]
     labelled = [label for label in method.labels if label is not None]
@@ -236,6 +275,15 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
     result["distinct_2"] = distinct_n(texts, 2)
     result["copy_rate"] = copy_rate(texts, index) if index is not None else None
     result["samples"] = samples
+    result["quality"] = None
+    if samples and settings.real_stats:
+        result["quality"] = quality_report(lm, samples, data, method.labels, settings.split,
+                                           settings.samples_per_label, settings.seed, judge, settings.eval_batch_size)
+        q = result["quality"]
+        say(f"{method.name}: samples {q['samples']['mean_words']:.1f} words, distinct-2 "
+            f"{q['samples']['distinct_2']:.2f}, degenerate {q['samples']['degenerate']:.0%} "
+            f"(real text: {q['real'].get('mean_words', 0):.1f} words, distinct-2 {q['real'].get('distinct_2', 0):.2f})")
+    result["guidance_sweep"] = guidance_sweep(lm, method, settings, judge, say) if settings.guidance_sweep else None
 
     latency = base = None
     if settings.latency_repeats > 0:

@@ -116,6 +116,10 @@ def eval_markdown(report: dict[str, Any]) -> str:
                      f"{judge.get('accuracy_split', '?')} text: conditioning accuracy is only as good as this")
     elif judge:
         lines.append(f"- judge `{judge['name']}` (its own accuracy is unknown)")
+    guidance = r.get("guidance")
+    if guidance and guidance["scale"] != 1.0:
+        lines.append(f"- samples guided x{guidance['scale']:g} against "
+                     f"`{guidance['negative'] or 'the base model'}` (`--guidance-scale 1` turns it off)")
     cond = r.get("conditioning")
     if cond:
         lines += ["", f"## Conditioning accuracy: {cond['accuracy']:.3f}", "",
@@ -132,12 +136,59 @@ def eval_markdown(report: dict[str, Any]) -> str:
     for s in r["samples"][:12]:
         judged = f" (judge: {s['judged']})" if "judged" in s else ""
         lines.append(f"- `{s['label']}`{judged}: {s['text'][:160]!r}")
+    lines += quality_lines([("samples", r)]) + sweep_lines(r.get("guidance_sweep"))
     refs = r.get("references")
     if refs:
         lines += ["", "## Against references", "",
                   f"BLEU {refs['bleu']:.2f}, chrF {refs['chrf']:.2f}, ROUGE-L {refs['rouge_l']:.2f} over "
                   f"{refs['rows']} rows (greedy)"]
     return "\n".join(lines) + "\n"
+
+
+QUALITY_HEADERS = ["", "conditioning acc.", "worst label", "mean words", "distinct-2", "degenerate",
+                   "has label word", "base-model ppl"]
+
+
+def quality_row(name: str, stats: dict[str, Any], accuracy: Any = None, worst: Any = None) -> list[str]:
+    return [name, fmt(accuracy, "{:.3f}"), fmt(worst, "{:.2f}"), fmt(stats.get("mean_words"), "{:.1f}"),
+            fmt(stats.get("distinct_2"), "{:.3f}"), fmt(stats.get("degenerate"), "{:.1%}"),
+            fmt(stats.get("label_word"), "{:.1%}"), fmt(stats.get("base_perplexity"), "{:.1f}")]
+
+
+def quality_lines(named: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    """Samples of each method beside real text: the table a skeptic reads first."""
+    rows, real, ceiling = [], None, None
+    for name, result in named:
+        q = result.get("quality") if result else None
+        if not q:
+            continue
+        cond = result.get("conditioning") or {}
+        per = cond.get("per_label") or {}
+        rows.append(quality_row(name, q["samples"], cond.get("accuracy"), min(per.values()) if per else None))
+        real, ceiling = real or q["real"], ceiling or q.get("ceiling")
+    if not rows:
+        return []
+    if real:
+        worst = min(ceiling["per_label"].values()) if ceiling and ceiling.get("per_label") else None
+        rows.append(quality_row(f"real text ({real['n']} rows)", real, real.get("judge_accuracy"), worst))
+    lines = ["", "## Samples beside real text", "", markdown_table(QUALITY_HEADERS, rows), ""]
+    if ceiling:
+        lines.append(f"The real-text row's accuracy is the judge's on those rows, its worst label the judge's lowest "
+                     f"recall on real {ceiling.get('split') or ''} text (macro recall "
+                     f"{fmt(ceiling.get('macro'), '{:.3f}')}): the ceiling conditioning accuracy can reach. "
+                     "Degenerate: a character or word repeated 4+ times in a row.")
+    return lines
+
+
+def sweep_lines(sweep: list[dict[str, Any]] | None) -> list[str]:
+    if not sweep:
+        return []
+    rows = [[fmt(r["guidance_scale"], "{:g}"), fmt(r.get("accuracy"), "{:.3f}"), fmt(r.get("worst_label"), "{:.2f}"),
+             fmt(r["mean_words"], "{:.1f}"), fmt(r["distinct_2"], "{:.3f}"), fmt(r["degenerate"], "{:.1%}"),
+             fmt(r.get("label_word"), "{:.1%}")] for r in sweep]
+    return ["", "## Guidance sweep", "",
+            markdown_table(["scale", "accuracy", "worst label", "mean words", "distinct-2", "degenerate",
+                            "has label word"], rows), "", "![guidance sweep](guidance_sweep.png)"]
 
 
 def compare_markdown(results: dict[str, Any]) -> str:
@@ -159,6 +210,7 @@ def compare_markdown(results: dict[str, Any]) -> str:
         extra = f", per label: {', '.join(f'{k} {v:.2f}' for k, v in cond['per_label'].items())}" if cond else ""
         lines.append(f"- **{row['method']}**: distinct-2 {row['distinct_2']:.3f}, copies "
                      f"{fmt(row.get('copy_rate'), '{:.1%}')}{extra}")
+    lines += quality_lines([(row["method"], row) for row in rows])
     return "\n".join(lines) + "\n"
 
 

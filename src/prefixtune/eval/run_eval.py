@@ -11,6 +11,7 @@ from typing import Any
 from prefixtune.data import DataBundle, DataError
 from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
+from prefixtune.eval.quality import choose_scale, plot_sweep
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
@@ -32,6 +33,7 @@ class EvalConfig(EvalSettings):
     label_field: str | None = None  # field holding the label (default: as in training)
     label_names: list[str] | None = None  # names for integer labels (default: as in training)
     judge: str | None = None  # module:factory of a custom judge (default: TF-IDF + logistic regression)
+    save_guidance: bool = False  # write the sweep's best natural-text scale into the adapters' manifests
     device: str | None = None  # cpu | cuda | auto
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
 
@@ -127,6 +129,25 @@ def load_references(data_kw: dict[str, Any], field: str, split: str, data: DataB
     return texts
 
 
+def save_guidance(store: AdapterStore, folders: dict[str, Path], lm, result: dict[str, Any], cfg: EvalConfig,
+                  say=print) -> dict[str, Any] | None:
+    """Record the sweep's chosen scale (and the negative it was measured against) in every adapter evaluated."""
+    best = choose_scale(result["guidance_sweep"], (result.get("quality") or {}).get("real"))
+    if best is None:
+        say("no swept scale keeps natural text (length, distinct-2, degenerate share): nothing recorded")
+        return None
+    first = next(iter(folders))
+    negative = lm.guidance(first, best["guidance_scale"], cfg.guidance_negative)[1]
+    guidance = {"scale": best["guidance_scale"], "negative": negative,
+                "measured": {"accuracy": best["accuracy"], "mean_words": best["mean_words"],
+                             "distinct_2": best["distinct_2"], "split": cfg.split}}
+    for name in folders:
+        store.set_guidance(name, guidance)
+    say(f"recorded guidance x{best['guidance_scale']:g} against {negative or 'the base model'} in "
+        f"{len(folders)} manifest(s) (accuracy {best['accuracy']:.3f}, {best['mean_words']:.1f} words)")
+    return guidance
+
+
 def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     """Evaluate, write eval.json / eval.md / confusion.png / samples.jsonl under cfg.out; returns the report."""
     from prefixtune.data import load_data
@@ -136,6 +157,8 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
 
     if not cfg.adapter:
         raise StoreError("no adapter given. Fix: pass --adapter NAME")
+    if cfg.save_guidance and not cfg.guidance_sweep:
+        raise DataError("--save-guidance records what a sweep measured: add --guidance-sweep 1,1.5,2,3")
     store = AdapterStore(cfg.store or default_store())
     folders = resolve_adapters(store, cfg.adapter)
     first = read_manifest(next(iter(folders.values())))
@@ -168,6 +191,12 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     if result.get("conditioning"):
         report["confusion_png"] = str(plot_confusion(result["conditioning"], out / "confusion.png",
                                                      f"{cfg.adapter} ({cfg.split})"))
+    if cfg.save_guidance:
+        report["saved_guidance"] = save_guidance(store, folders, lm, result, cfg, say)
+    if result.get("guidance_sweep"):
+        real = (result.get("quality") or {}).get("real")
+        report["guidance_png"] = str(plot_sweep(result["guidance_sweep"], real, out / "guidance_sweep.png",
+                                                f"{cfg.adapter}: guidance sweep ({cfg.split})"))
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in result["samples"]))
     write_json(out / "eval.json", report)
     atomic_write_text(out / "eval.md", eval_markdown(report))

@@ -29,6 +29,7 @@ class PrefixOutput:
     num_tokens: int  # labelled tokens the loss averages over
     row_loss_sum: torch.Tensor | None = None  # (B,) summed token losses per row, for per-adapter metrics
     row_tokens: torch.Tensor | None = None  # (B,) labelled tokens per row
+    row_nll: torch.Tensor | None = None  # (B,) summed token losses per row, differentiable (contrastive loss)
 
 
 class PrefixModel(nn.Module):
@@ -144,10 +145,10 @@ class PrefixModel(nn.Module):
         """Mean token loss over scored positions (N, V), plus per-row sums for per-adapter metrics."""
         token_loss = F.cross_entropy(scored.float(), labels[:, 1:][keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]
-        row_sum = torch.zeros(keep.shape[0], device=token_loss.device).index_add(0, rows, token_loss.detach())
+        row_nll = torch.zeros(keep.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
         # No scored token (e.g. rows of length 1): a zero that still connects to the graph, not NaN.
         loss = token_loss.mean() if token_loss.numel() else scored.sum() * 0.0
-        return PrefixOutput(loss, logits, int(keep.sum()), row_sum, keep.sum(-1))
+        return PrefixOutput(loss, logits, int(keep.sum()), row_nll.detach(), keep.sum(-1), row_nll)
 
     def _postprocessed_logits(self) -> bool:
         return any(getattr(self.base.config, name, None) for name in _LOGIT_POSTPROCESS)

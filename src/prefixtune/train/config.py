@@ -19,6 +19,22 @@ class ConfigError(ValueError):
 DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
+# What `train --per-label` uses for every setting the user leaves out (and what `make demo` trains): chosen by
+# the CPU-budget sweep in README "Control quality". A direct prefix started from the keys/values of a text
+# that names the label, a family adapter NAME-all learned by label dropout (the guidance negative), and the
+# contrastive loss against one sampled other label.
+FAMILY_RECIPE: dict[str, Any] = dict(
+    balance=True,
+    prefix_projection=False,
+    lr=1e-2,
+    init="text",
+    init_text="i feel {label} because",
+    family_rate=0.15,
+    contrastive_weight=1.0,
+    contrastive_negatives=1,
+    guidance_scale=2.0,
+)
+
 
 @dataclass
 class TrainConfig:
@@ -64,6 +80,10 @@ class TrainConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
     storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
     resume: bool = False  # continue from out/checkpoint
+    family_rate: float = 0.0  # per-label: share of rows that train NAME-all instead, the family's unconditional adapter
+    contrastive_weight: float = 0.0  # per-label: weight of the loss that makes each prefix explain its own label best
+    contrastive_negatives: int = 0  # per-label: other labels' prefixes scored per row for that loss (0 = all)
+    guidance_scale: float | None = None  # per-label: guidance recommended in the manifests (None = none)
     progress: bool = True  # show a progress bar
 
     def resolved_template(self) -> str:
@@ -83,6 +103,24 @@ class TrainConfig:
             raise ConfigError("max_steps must be >= 1")
         if self.lr < 0:
             raise ConfigError("lr must be >= 0")
+        if not 0 <= self.family_rate < 1:
+            raise ConfigError(f"family_rate must be in [0, 1), got {self.family_rate}")
+        if self.contrastive_weight < 0 or self.contrastive_negatives < 0:
+            raise ConfigError("contrastive_weight and contrastive_negatives must be >= 0")
+        if (self.family_rate or self.contrastive_weight) and not self.per_label:
+            raise ConfigError("--family-rate and --contrastive-weight train a per-label family: add --per-label")
+        if self.guidance_scale is not None and not (self.guidance_scale >= 0 and self.guidance_scale < 1e6):
+            raise ConfigError(f"guidance_scale must be a number >= 0 (1 = off), got {self.guidance_scale}")
+
+
+def with_family_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (settings given by the user) plus FAMILY_RECIPE for the ones not given, when per_label is on."""
+    if not values.get("per_label"):
+        return dict(values)
+    recipe = dict(FAMILY_RECIPE)
+    if "{label}" in (values.get("template") or ""):
+        recipe.pop("family_rate")  # the family adapter needs one prompt for every label
+    return {**recipe, **values}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

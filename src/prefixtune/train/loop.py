@@ -16,6 +16,7 @@ import torch
 from prefixtune.store import AdapterStore
 from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
+from prefixtune.train.contrastive import contrastive_forward
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.plan import TrainPlan, plan_run
@@ -84,6 +85,11 @@ class Trainer:
         self.progress = Progress(micro_batch_size=cfg.micro_batch_size or cfg.batch_size)
         self.warnings: list[str] = []
         self.is_main = self.accelerator.is_main_process
+        # Label adapters only: the family's unconditional adapter explains every label alike by design.
+        self.contrast_family = [a for a, label in plan.adapter_labels.items() if label is not None
+                                ] if cfg.contrastive_weight > 0 else []
+        self.contrast_rng = random.Random(cfg.seed + 13)
+        self.contrast_seen, self.contrast_rows = 0.0, 0  # running sum of the discriminative loss, rows
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _accumulate(self, batch) -> tuple[float, int]:
@@ -93,6 +99,9 @@ class Trainer:
         loss_sum = 0.0
         for start in range(0, len(batch.adapters), micro):
             part = batch.rows(start, start + micro)
+            if self.contrast_family:
+                loss_sum += self._contrastive_part(part, total, len(batch.adapters))
+                continue
             with self._autocast():
                 out = self.ddp_model(
                     part.input_ids.to(self.device), part.attention_mask.to(self.device),
@@ -102,6 +111,17 @@ class Trainer:
             loss_sum += float(out.loss.detach()) * out.num_tokens
         return loss_sum / max(total, 1), total
 
+    def _contrastive_part(self, part, total_tokens: int, total_rows: int) -> float:
+        """LM loss (token-weighted, as without the option) + weight x the family's discriminative loss."""
+        with self._autocast():
+            parts = contrastive_forward(self.ddp_model, part, self.contrast_family, self.cfg.contrastive_negatives,
+                                        self.contrast_rng, self.device)
+        loss = parts.lm_sum / max(total_tokens, 1) + self.cfg.contrastive_weight * parts.contrast_sum / total_rows
+        self.accelerator.backward(loss)
+        self.contrast_seen += float(parts.contrast_sum.detach())
+        self.contrast_rows += parts.contrasted
+        return float(parts.lm_sum.detach())
+
     def _autocast(self):
         dtype = next(self.model.base.parameters()).dtype
         if self.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
@@ -110,6 +130,9 @@ class Trainer:
 
     def step(self, batch) -> tuple[float, int]:
         """One optimizer step; on OOM, halve the micro-batch (more accumulation) and retry."""
+        # Negatives are drawn from a stream seeded by the step, so a resumed run draws the same ones.
+        self.contrast_rng.seed(self.cfg.seed * 1_000_003 + self.progress.step)
+        self.contrast_seen, self.contrast_rows = 0.0, 0
         while True:
             try:
                 loss, _ = self._accumulate(batch)
@@ -196,6 +219,8 @@ class Trainer:
                 tps = progress.tokens / max(progress.train_seconds, 1e-9)
                 progress.history.append({"kind": "train", "step": progress.step, "loss": loss,
                                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps})
+                if self.contrast_rows:
+                    progress.history[-1]["contrastive_loss"] = self.contrast_seen / self.contrast_rows
                 self._check_loss_falls()
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tps:.0f}"}
                 if (cfg.eval_every and progress.step % cfg.eval_every == 0) or progress.step == self.total_steps:

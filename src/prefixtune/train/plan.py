@@ -18,6 +18,9 @@ from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 
 
+FAMILY_SUFFIX = "all"  # NAME-all: the unconditional adapter of a per-label family
+
+
 @dataclass
 class TrainPlan:
     loaded: Any  # LoadedModel
@@ -31,6 +34,7 @@ class TrainPlan:
     pad_id: int
     total_steps: int
     accelerator: Any  # accelerate.Accelerator (one process unless launched with `accelerate launch`)
+    family: str | None = None  # NAME-all, the unconditional adapter of a per-label family (--family-rate)
 
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This process's batches; every rank gets the same count so DDP never waits on a missing one."""
@@ -113,10 +117,21 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     template, train_ex, val_ex = split_rows(cfg, data, say)
 
     labels = cfg.labels or (data.labels or [])
+    family = None
     if cfg.per_label:
         names = {label: f"{cfg.name}-{label}" for label in labels}
-        adapter_labels = {name: label for label, name in names.items()}
+        adapter_labels: dict[str, str | None] = {name: label for label, name in names.items()}
         adapter_of = lambda ex: names[ex.label]  # noqa: E731
+        if cfg.family_rate:
+            family = f"{cfg.name}-{FAMILY_SUFFIX}"
+            if family in adapter_labels or "{label}" in template:
+                raise ConfigError(f"--family-rate trains {family!r}, the family's unconditional adapter: it needs a "
+                                  f"template without {{label}} and no label named {FAMILY_SUFFIX!r}")
+            adapter_labels[family] = None
+            # Label dropout, as classifier-free guidance trains its unconditional model: a seeded share of
+            # the rows trains the family adapter instead of their label's.
+            rng = random.Random(cfg.seed + 11)
+            adapter_of = lambda ex: family if rng.random() < cfg.family_rate else names[ex.label]  # noqa: E731
     else:
         adapter_labels = {cfg.name: None}
         adapter_of = lambda ex: cfg.name  # noqa: E731
@@ -143,7 +158,8 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
 
     tok = loaded.tokenizer
     train_rows, truncated = tokenize(train_ex, tok, template, adapter_of, cfg.max_length)
-    val_rows, _ = tokenize(val_ex, tok, template, adapter_of, cfg.max_length)
+    val_rows, _ = tokenize(val_ex, tok, template, (lambda ex: names[ex.label]) if family else adapter_of,
+                           cfg.max_length)
     val_rows.sort(key=lambda r: len(r.input_ids))  # eval order is free; sorted batches barely pad
     if truncated:
         say(f"truncated {truncated} of {len(train_rows)} training examples to --max-length {cfg.max_length}")
@@ -163,4 +179,4 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         say(f"{len(adapter_labels)} adapter(s) on {loaded.name} ({model.shape.describe()}), "
             f"{len(train_rows)} train / {len(val_rows)} eval rows, {total} steps")
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator)
+                     total, accelerator, family)

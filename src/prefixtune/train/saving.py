@@ -30,12 +30,25 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
             prefix=encoder.config.to_dict(),
             template=plan.template,
             label=label,
-            labels=list(plan.adapter_labels.values()) if label is not None else plan.data.labels,
+            labels=[x for x in plan.adapter_labels.values() if x is not None] if plan.family or label is not None
+            else plan.data.labels,
             dataset={"source": cfg.data, "fingerprint": plan.data.fingerprint,
                      "train_rows": len(plan.train_rows), "eval_rows": len(plan.val_rows)},
             hyperparams=cfg.to_dict(),
             metrics=own,
+            guidance=_guidance(cfg, plan, label),
         )
         out[name] = write_adapter_folder(root / name, encoder.fold(), shape, encoder.config, manifest, encoder,
                                          cfg.storage_dtype)
     return out
+
+
+def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
+    """What a per-label adapter recommends for generation: guidance against the family adapter.
+
+    Against the base model guidance also amplifies whatever sets the data apart from the base model (length,
+    style): texts collapse to "i feel angry". So a scale is recommended only when the family adapter exists.
+    """
+    if label is None or cfg.guidance_scale is None or plan.family is None:
+        return {}
+    return {"scale": cfg.guidance_scale, "negative": plan.family}

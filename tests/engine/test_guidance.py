@@ -1,0 +1,109 @@
+"""Guidance in offline generation: a guided row runs with an unconditioned companion row in the same batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.lm import PrefixLM
+from prefixtune.prefix.model import PrefixModel
+from prefixtune.store import AdapterStore
+from prefixtune.testing import write_random_adapter
+
+PROMPTS = ["The weather today is", "Hi", "Once upon a time, in a land far away,"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("guided-store")
+    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
+    write_random_adapter(root, "b", tiny_lm, tokens=7, seed=2)
+    write_random_adapter(root, "fam", tiny_lm, tokens=3, seed=3)
+    write_random_adapter(root, "rec", tiny_lm, tokens=4, seed=4, guidance={"scale": 2.5, "negative": "fam"})
+    return PrefixLM(tiny_lm, AdapterStore(root))
+
+
+def _reference(lm, prompt, adapter, negative, scale, steps):
+    """Guided greedy decoding from two separate full forwards per step (no cache, no batching)."""
+    model = PrefixModel(lm.model)
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    kv = lm.adapter(adapter).kv
+    neg = None if negative is None else lm.adapter(negative).kv
+    out = []
+    for _ in range(steps):
+        mask = torch.ones_like(ids)
+        cond = model(ids, mask, prefixes=[kv]).logits[:, -1]
+        uncond = model(ids, mask, prefixes=[neg]).logits[:, -1]
+        token = int(guided_logits(cond, uncond, scale).argmax(-1))
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("negative", [None, "fam"])
+def test_guided_greedy_equals_two_separate_forwards(lm, negative):
+    got = lm.generate(PROMPTS[:2], ["a", "b"], max_new_tokens=6, guidance_scale=3.0,
+                      guidance_negative=negative or "none", ignore_eos=True)
+    for prompt, adapter, row in zip(PROMPTS, ["a", "b"], got):
+        assert row.tokens == _reference(lm, prompt, adapter, negative, 3.0, 6)
+
+
+def test_guidance_changes_output_and_scale_one_is_off(lm):
+    plain = lm.generate(PROMPTS, ["a", "b", "a"], max_new_tokens=8, ignore_eos=True)
+    off = lm.generate(PROMPTS, ["a", "b", "a"], max_new_tokens=8, ignore_eos=True, guidance_scale=1.0)
+    guided = lm.generate(PROMPTS, ["a", "b", "a"], max_new_tokens=8, ignore_eos=True, guidance_scale=4.0)
+    assert [g.tokens for g in off] == [g.tokens for g in plain]
+    assert [g.tokens for g in guided] != [g.tokens for g in plain]
+
+
+def test_guided_row_in_a_mixed_batch_equals_it_alone(lm):
+    # Greedy: the random tiny model's next-token distribution is nearly flat over 49k tokens, so a sampled
+    # draw can flip on the ~1e-6 float noise that batch shapes cause; the argmax cannot.
+    adapters = ["a", None, "b", "a"]
+    kw = dict(max_new_tokens=10, guidance_scale=2.0, guidance_negative="fam", ignore_eos=True)
+    mixed = lm.generate(PROMPTS + ["x"], adapters, **kw)
+    for prompt, adapter, row in zip(PROMPTS + ["x"], adapters, mixed):
+        alone = lm.generate([prompt], [adapter], **kw)[0]
+        assert alone.tokens == row.tokens and alone.finish_reason == row.finish_reason
+    # A base-model row has nothing to be guided against: it is the plain base model.
+    assert mixed[1].tokens == lm.generate([PROMPTS[1]], [None], max_new_tokens=10, ignore_eos=True)[0].tokens
+    # Rows that finish at different steps leave the batch with their companions, the others go on unchanged.
+    stop = mixed[0].text[len(lm.tokenizer.decode(mixed[0].tokens[:2])):][:3]
+    short = lm.generate(PROMPTS + ["x"], adapters, stop=[stop], **kw)
+    assert short[0].finish_reason == "stop" and len(short[0].tokens) < 10
+    for before, after in zip(mixed[1:], short[1:]):
+        if stop not in before.text:
+            assert after.tokens == before.tokens
+
+
+def test_manifest_recommendation_is_the_default(lm):
+    assert lm.guidance("rec") == (2.5, "fam")
+    assert lm.guidance("rec", 1.0) == (1.0, None)  # the caller's scale wins, and drops the recommended negative
+    assert lm.guidance("a") == (1.0, None)
+    default = lm.generate([PROMPTS[0]], ["rec"], max_new_tokens=6, ignore_eos=True)
+    explicit = lm.generate([PROMPTS[0]], ["rec"], max_new_tokens=6, ignore_eos=True, guidance_scale=2.5,
+                           guidance_negative="fam")
+    assert default[0].tokens == explicit[0].tokens
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=2.0, guidance_negative="a"), "adapter itself"),
+    (dict(guidance_scale=2.0, guidance_negative="missing"), "missing"),
+])
+def test_bad_guidance_is_refused(lm, kw, message):
+    with pytest.raises(ValueError, match=message):
+        lm.generate([PROMPTS[0]], ["a"], max_new_tokens=2, **kw)
+
+
+def test_num_samples_gives_seeded_distinct_samples(lm):
+    out = lm.generate(PROMPTS[:2], ["a", "b"], max_new_tokens=6, temperature=1.0, seed=5, num_samples=3)
+    assert len(out) == 6 and [g.adapter for g in out] == ["a"] * 3 + ["b"] * 3
+    assert len({tuple(g.tokens) for g in out[:3]}) > 1
+    for i in range(3):  # sample i is the row seeded seed + i
+        assert out[i].tokens == lm.generate([PROMPTS[0]], ["a"], max_new_tokens=6, temperature=1.0,
+                                            seed=5 + i)[0].tokens
+    with pytest.raises(ValueError, match="num_samples"):
+        lm.generate(PROMPTS[:1], ["a"], num_samples=0)
