@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -166,10 +167,10 @@ def _bodies(models: list[str], count: int, max_tokens: int, **extra) -> list[dic
              "temperature": 0, "ignore_eos": True, **extra} for i in range(count)]
 
 
-def _tiny_model_dir() -> str:
+def _tiny_model_dir(scratch: Path) -> str:
     from prefixtune.testing import save_tiny_model
 
-    return str(save_tiny_model(Path(tempfile.mkdtemp(prefix="prefixtune-bench-tiny-")), arch="llama", seed=0))
+    return str(save_tiny_model(scratch / "tiny-llama", arch="llama", seed=0))
 
 
 def best(results: list[LoadResult]) -> LoadResult:
@@ -181,13 +182,22 @@ def run_http(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tup
              requests: int = 32, max_tokens: int = 16, many: int = 500, repeats: int = 2, peft: bool = False,
              say=print) -> dict:
     """Each scenario runs `repeats` times, alternating with its baseline; the best of each is compared."""
+    scratch = Path(tempfile.mkdtemp(prefix="prefixtune-bench-serve-"))  # removed at the end, whatever happens
+    try:
+        return _run_http(scratch, model, tiny, concurrencies, requests, max_tokens, many, repeats, peft, say)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_http(scratch: Path, model: str, tiny: bool, concurrencies: tuple[int, ...], requests: int,
+              max_tokens: int, many: int, repeats: int, peft: bool, say) -> dict:
     from prefixtune.bench import engine_overhead
     from prefixtune.engine.lm import PrefixLM
     from prefixtune.models import load_base_model
 
-    model = _tiny_model_dir() if tiny else model
+    model = _tiny_model_dir(scratch) if tiny else model
     loaded = load_base_model(model)
-    root6, root_many = (Path(tempfile.mkdtemp(prefix=f"prefixtune-bench-{n}-")) for n in (6, many))
+    root6, root_many = scratch / "store-6", scratch / f"store-{many}"
     names = write_random_adapters(loaded, root6, 6, tokens=10)
     write_random_adapters(loaded, root_many, many, tokens=10)  # bench-0..bench-5 are the same names
     report: dict = {"model": loaded.name, "runs": []}
