@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from prefixtune.engine.decode import RunningBatch
@@ -11,6 +12,7 @@ from prefixtune.engine.policy import BatchPolicy
 from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 from prefixtune.engine.scheduler import Request, Scheduler
+from prefixtune.testing import TINY_ARCHS, make_tiny_model
 
 PROMPTS = ["Hello there", "The cat sat on the mat and", "I am feeling", "x y z"]
 
@@ -150,3 +152,24 @@ def test_guided_request_in_a_mixed_batch_matches_alone_and_offline(serve_lm):
         assert "".join(o.text for o in mixed.outputs) == offline.text
         assert s.stats.finished["length"] + s.stats.finished["stop"] == 4  # the guided pair is one request
         assert s.stats.max_batch_size == 5 and s.running == 0 and s.in_flight == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_runner_matches_running_batch_on_every_architecture(arch):
+    model = make_tiny_model(arch, seed=3)
+    if getattr(model.config, "sliding_window", None):
+        model.config.sliding_window = 6  # a window shorter than the rows: the mask must carry it
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    runner = ModelRunner(model, 4)
+    runner.add(["a", "b"], prompts, [None, None], 0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 12, 13]])
+    mask = torch.tensor([[1] * 7, [0] * 5 + [1, 1]])
+    ref, logits = RunningBatch.prefill(model, ids, mask, [None, None])
+    for step in range(6):
+        assert torch.allclose(runner.current_logits(), logits, atol=1e-4), (arch, step)
+        tokens = logits.argmax(-1).tolist()
+        runner.decode(tokens)
+        logits = ref.step(torch.tensor(tokens))
+    runner.remove("a")
+    runner.remove("b")
+    assert runner.keys == [] and runner.logits is None  # an idle runner holds no KV memory

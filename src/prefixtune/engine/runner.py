@@ -66,6 +66,13 @@ class ModelRunner:
         self.values: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None  # (S, V) latest next-token logits per slot
         self._cache: _SlotCache | None = None
+        # Sliding-window attention (Mistral, Qwen2 with use_sliding_window, Gemma2/3 layers): the 4-D mask we pass
+        # is used as is, so it must carry the window itself; mixed models take one mask per layer type.
+        config = model.config
+        window = getattr(config, "sliding_window", None)
+        self.window = window if isinstance(window, int) and window > 0 else None
+        types = set(getattr(config, "layer_types", None) or [])
+        self.mixed_layers = self.window is not None and "full_attention" in types and len(types) > 1
         # Set for the duration of one decode step (read by _SlotLayer.update).
         self.size = 0
         self.width = 0
@@ -145,9 +152,16 @@ class ModelRunner:
             self.order[slot], self.lengths[slot] = self.order[last], self.lengths[last]
         self.order.pop()
         self.lengths.pop()
+        self.release()
 
     def clear(self) -> None:
         self.order, self.lengths = [], []
+        self.release()
+
+    def release(self) -> None:
+        """Free the buffers when no row runs: one long request must not keep its capacity for ever."""
+        if not self.order:
+            self.keys, self.values, self.logits, self._cache = [], [], None, None
 
     # ---- decode ----------------------------------------------------------------------------------------
     def current_logits(self) -> torch.Tensor:
@@ -163,15 +177,23 @@ class ModelRunner:
         self.slot_index = torch.arange(b, device=self.device)
         columns = torch.arange(self.width, device=self.device).view(1, -1)  # (1, W)
         visible = columns <= self.write.view(-1, 1)  # (B, W): the row's own columns and its new one
-        floor = torch.finfo(self.dtype).min  # additive mask; a finite floor keeps fully masked math NaN-free
-        mask = torch.zeros((b, 1, 1, self.width), dtype=self.dtype, device=self.device)  # (B, 1, q=1, W)
-        mask.masked_fill_(~visible.view(b, 1, 1, -1), floor)
+        mask = self._additive(visible)
+        if self.window is not None:
+            # As transformers' sliding overlay: key position > query position - window.
+            sliding = self._additive(visible & (columns > (self.write - self.window).view(-1, 1)))
+            mask = {"full_attention": mask, "sliding_attention": sliding} if self.mixed_layers else sliding
         out = self.model(
             input_ids=torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(-1, 1),
-            attention_mask=mask,  # 4D: used as is by transformers (no mask building from the cache)
+            attention_mask=mask,  # 4-D (or per layer type): used as is by transformers
             position_ids=self.write.view(-1, 1),
             past_key_values=self._cache,
             use_cache=True,
         )
         self.logits[:b] = out.logits[:, -1].float()
         self.lengths = [n + 1 for n in self.lengths]
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, W) bool -> (B, 1, 1, W) additive mask; a finite floor keeps fully masked math NaN-free."""
+        b, w = visible.shape
+        mask = torch.zeros((b, 1, 1, w), dtype=self.dtype, device=self.device)  # (B, 1, q=1, W)
+        return mask.masked_fill_(~visible.view(b, 1, 1, w), torch.finfo(self.dtype).min)
