@@ -106,7 +106,8 @@ class Job:
         except SchedulerClosed as err:
             raise APIError(503, str(err), "server_error", None, "shutting_down") from err
         except ValueError as err:
-            raise APIError(400, str(err), param="max_tokens") from err
+            param = "guidance_scale" if "guided" in str(err) else "max_tokens"
+            raise APIError(400, str(err), param=param) from err
         self.open = set(range(len(self.requests)))
 
     def _emit(self, index: int, output: Output) -> None:  # output thread
