@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from prefixtune.cli import app
 
 
+@pytest.mark.slow  # starts two server processes
 def test_bench_serve_http_reports_every_ratio(tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", "serve", "--http", "--tiny", "--concurrency", "2", "--requests", "2",
