@@ -76,10 +76,15 @@ class StopMatcher:
 
     def feed(self, text: str) -> int | None:
         """Advance over `text`; returns the index in `text` where a completed stop string starts, or None."""
+        # A stop string with nothing matched so far stays at state 0 unless its first character occurs in the
+        # text: one C-level `in` skips it (the usual case for every stop, on every token).
+        active = [i for i, stop in enumerate(self.stops) if self.state[i] or stop[0] in text]
+        if not active:
+            return None
         for pos, ch in enumerate(text):
             starts = []
-            for i, stop in enumerate(self.stops):
-                k, fail = self.state[i], self.fail[i]
+            for i in active:
+                stop, k, fail = self.stops[i], self.state[i], self.fail[i]
                 while k and stop[k] != ch:
                     k = fail[k - 1]
                 if stop[k] == ch:
