@@ -35,7 +35,7 @@ def _reference(lm, prompt, adapter, negative, scale, steps):
         mask = torch.ones_like(ids)
         cond = model(ids, mask, prefixes=[kv]).logits[:, -1]
         uncond = model(ids, mask, prefixes=[neg]).logits[:, -1]
-        token = int(guided_logits(cond, uncond, scale).argmax(-1))
+        token = int(guided_logits(cond, uncond, scale, eos_ids=lm.eos_ids()).argmax(-1))
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
@@ -107,3 +107,19 @@ def test_num_samples_gives_seeded_distinct_samples(lm):
                                             seed=5 + i)[0].tokens
     with pytest.raises(ValueError, match="num_samples"):
         lm.generate(PROMPTS[:1], ["a"], num_samples=0)
+
+
+def test_guided_distribution_keeps_the_adapters_stop_probability_and_plausible_tokens():
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 50) * 3, torch.randn(3, 50) * 3
+    out = guided_logits(cond, uncond, 4.0, plausibility=0.05, eos_ids=[7])
+    probs, pc = out.softmax(-1), cond.softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert torch.allclose(probs[:, 7], pc[:, 7], atol=1e-6)  # guidance never changes when to stop
+    implausible = pc < 0.05 * pc.max(-1, keepdim=True).values
+    implausible[:, 7] = False
+    assert (probs[implausible] == 0).all() and (probs[~implausible] > 0).all()
+    # Without EOS handling and plausibility it is plain classifier-free guidance.
+    plain = guided_logits(cond, uncond, 4.0, plausibility=0.0)
+    ref = torch.log_softmax(uncond, -1) + 4.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1))
+    assert torch.allclose(plain, ref, atol=1e-5)

@@ -50,7 +50,7 @@ def generate_ids(
     live = list(range(len(params)))  # original row index of each primary batch row
     pairs = list(guided)  # original row index of each companion batch row
     while live:
-        logits = _combine(logits, live, pairs, params)
+        logits = _combine(logits, live, pairs, params, eos_ids)
         tokens = sample_rows(logits, [samplers[r] for r in live])
         keep, next_tokens = [], []
         for slot, (row, token) in enumerate(zip(live, tokens)):
@@ -80,8 +80,8 @@ def generate_ids(
     return outputs
 
 
-def _combine(logits: torch.Tensor, live: list[int], pairs: list[int], params: Sequence[SamplingParams]
-             ) -> torch.Tensor:
+def _combine(logits: torch.Tensor, live: list[int], pairs: list[int], params: Sequence[SamplingParams],
+             eos_ids: set[int]) -> torch.Tensor:
     """Primary rows' logits (B, V), guided ones replaced by the group's combined log-probabilities."""
     primary = logits[: len(live)]  # (B, V)
     if not pairs:
@@ -89,5 +89,5 @@ def _combine(logits: torch.Tensor, live: list[int], pairs: list[int], params: Se
     slot = {r: s for s, r in enumerate(live)}
     rows = torch.tensor([slot[r] for r in pairs], dtype=torch.long, device=logits.device)
     scale = torch.tensor([params[r].guidance_scale for r in pairs], device=logits.device)
-    combined = guided_logits(primary.index_select(0, rows), logits[len(live):], scale)  # (G, V)
+    combined = guided_logits(primary.index_select(0, rows), logits[len(live):], scale, eos_ids=eos_ids)  # (G, V)
     return primary.float().index_copy(0, rows, combined)

@@ -13,10 +13,15 @@ and the group finishes together. `scale == 1` is treated as "off": no second row
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 OFF = 1.0  # guidance_scale that means "no guidance"
+# Adaptive plausibility (Li et al. 2023, contrastive decoding): only tokens the adapter itself gives at least
+# this share of its top token's probability stay candidates. Without it a large scale promotes tokens both
+# rows find unlikely but the negative finds even less likely (",,,,", half words).
+PLAUSIBILITY = 0.1
 
 
 def validate_scale(scale: float) -> None:
@@ -28,7 +33,8 @@ def is_guided(scale: float | None) -> bool:
     return scale is not None and float(scale) != OFF
 
 
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor,
+                  plausibility: float | None = None, eos_ids: Sequence[int] = ()) -> torch.Tensor:
     """Combined next-token log-probabilities (G, V) of G groups from their rows' logits (G, V) each.
 
     `scale` is a float or a (G,) tensor (groups of one batch may use different scales). The result is a
@@ -41,7 +47,20 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     # Where the conditioned row gives a token -inf (masked), keep it impossible whatever the scale.
     out = lu + scale * (lc - lu)
     out = torch.where(torch.isfinite(lu), out, lc)  # a token the unconditioned row masks: the adapter decides
-    return torch.where(torch.isfinite(lc), out, torch.full_like(out, float("-inf")))
+    alpha = PLAUSIBILITY if plausibility is None else plausibility
+    floor = lc.max(dim=-1, keepdim=True).values + math.log(alpha) if alpha > 0 else float("-inf")  # (G, 1)
+    keep = torch.isfinite(lc) & (lc >= floor)
+    out = torch.where(keep, out, torch.full_like(out, float("-inf")))
+    if not eos_ids:
+        return out
+    # When to stop stays the adapter's decision: guidance only redistributes the mass of the other tokens.
+    # Guided EOS would be amplified too (the data's texts end sooner than the base model's), and samples
+    # collapse to "i feel angry".
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device)
+    p_stop = lc.index_select(-1, eos).exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # (G, 1)
+    out = out.index_fill(-1, eos, float("-inf"))
+    out = torch.log_softmax(out, dim=-1) + torch.log1p(-p_stop)
+    return out.index_copy(-1, eos, lc.index_select(-1, eos))
 
 
 __all__ = ["OFF", "guided_logits", "is_guided", "validate_scale"]
