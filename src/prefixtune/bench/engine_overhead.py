@@ -57,6 +57,6 @@ def run(lm, batch: int = 16, new_tokens: int = 64, repeats: int = 3, say=print) 
     for _ in range(repeats):  # alternating, so a burst of load elsewhere hits both sides alike
         bare = max(bare, bare_loop_tokens_per_s(lm.model, prompt, batch, new_tokens))
         ours = max(ours, engine_tokens_per_s(lm, prompt, batch, new_tokens))
-    say(f"tiny model, batch {batch}: engine {ours:.0f} tokens/s vs bare transformers loop {bare:.0f} "
+    say(f"{lm.loaded.name}, batch {batch}: engine {ours:.0f} tokens/s vs bare transformers loop {bare:.0f} "
         f"= {ours / bare:.2f}x")
     return {"engine tokens/s": ours, "bare loop tokens/s": bare, "engine / bare": ours / bare}
