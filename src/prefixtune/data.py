@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 __all__ = ["DataBundle", "DataError", "Example", "load_data", "SPLIT_ALIASES"]
 
@@ -49,6 +49,12 @@ class DataError(ValueError):
 class Example:
     text: str
     label: str | None = None  # always the label *name* after loading; None for unlabelled data
+    inputs: tuple[tuple[str, str], ...] = ()  # (field, value) of each input field a task template names
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The input fields as a dict (for filling a task template)."""
+        return dict(self.inputs)
 
 
 @dataclass
@@ -81,30 +87,36 @@ class _Loc:
         return DataError(f"{self.file}, {self.unit} {self.row}: {problem}. Fix: {fix}", path=self.file, row=self.row)
 
 
-_Row = tuple[_Loc, str, Any]  # (where, stripped text, raw label or _MISSING)
+_Row = tuple[_Loc, str, Any, tuple]  # (where, stripped text, raw label or _MISSING, input (field, value) pairs)
 
 
 def load_data(source: str, text_field: str = "text", label_field: str | None = "label",
-              label_names: list[str] | None = None, max_examples: int | None = None) -> DataBundle:
-    """Load `source` (folder of split files, single file = train, or Hub id) into a validated DataBundle."""
+              label_names: list[str] | None = None, max_examples: int | None = None,
+              input_fields: Sequence[str] = ()) -> DataBundle:
+    """Load `source` (folder of split files, single file = train, or Hub id) into a validated DataBundle.
+
+    `input_fields` (the fields a task template names) must be present in every row; they are kept on
+    each Example as `inputs`.
+    """
     if not source.strip():  # Path("") is the current directory, which would load whatever happens to be there
         raise DataError("no data source given. Fix: pass --data with a folder, a file or a Hub dataset id")
     if max_examples is not None and max_examples < 1:
         raise DataError(f"max_examples must be a positive number, got {max_examples}. Fix: pass 1 or more")
     names = _check_label_names(label_names)
     label_field = label_field or None  # an empty --label-field means "ignore labels"
+    fields = tuple(input_fields)
     path = Path(source).expanduser()
     if path.is_dir():
-        raw = {split: [r for f in files for r in _read_rows(f, text_field, label_field)]
+        raw = {split: [r for f in files for r in _read_rows(f, text_field, label_field, fields)]
                for split, files in _split_files(path).items()}
     elif path.is_file():
-        raw = {"train": _read_rows(path, text_field, label_field)}
+        raw = {"train": _read_rows(path, text_field, label_field, fields)}
     elif not _HUB_ID.match(source) or path.suffix.lower() in _SUFFIXES:
         # Clearly meant as a path: asking the Hub about it would only hide the real problem (a typo).
         raise DataError(f"{source}: no such file or folder. Fix: check the path (relative paths start at "
                         f"{Path.cwd()})", path=source)
     else:
-        raw, hub_names = _load_hub(source, text_field, label_field)
+        raw, hub_names = _load_hub(source, text_field, label_field, fields)
         names = names or hub_names
     return _build(source, raw, names, label_field, max_examples)
 
@@ -154,7 +166,7 @@ def _unsupported(path: Path) -> DataError:
                      f"{', '.join(_SUFFIXES)}", path=str(path))
 
 
-def _read_rows(path: Path, text_field: str, label_field: str | None) -> list[_Row]:
+def _read_rows(path: Path, text_field: str, label_field: str | None, fields: tuple[str, ...] = ()) -> list[_Row]:
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise _unsupported(path)
@@ -164,7 +176,7 @@ def _read_rows(path: Path, text_field: str, label_field: str | None) -> list[_Ro
         records = _txt(path, _read_text(path), text_field, label_field)
     else:
         records = {".jsonl": _json_lines, ".json": _json, ".csv": _csv}[suffix](path, _read_text(path))
-    rows = [_extract(loc, rec, text_field, label_field) for loc, rec in records]
+    rows = [_extract(loc, rec, text_field, label_field, fields) for loc, rec in records]
     if not rows:
         raise DataError(f"{path}: contains no examples. Fix: add rows or remove the file", path=str(path))
     return rows
@@ -247,7 +259,7 @@ def _txt(path: Path, text: str, text_field: str, label_field: str | None) -> Ite
         yield loc, {text_field: body, **({label_field: label} if label_field else {})}
 
 
-def _extract(loc: _Loc, record: Any, text_field: str, label_field: str | None) -> _Row:
+def _extract(loc: _Loc, record: Any, text_field: str, label_field: str | None, fields: tuple[str, ...] = ()) -> _Row:
     if not isinstance(record, dict):
         raise loc.error(f"expected an object with a '{text_field}' field, got {type(record).__name__}",
                         "make every row an object like {\"" + text_field + "\": ...}")
@@ -265,7 +277,21 @@ def _extract(loc: _Loc, record: Any, text_field: str, label_field: str | None) -
     label = record.get(label_field, _MISSING) if label_field else _MISSING
     # null, NaN and blank cells are how csv/parquet/pandas write "no label"; treat them like an absent field.
     blank = label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == ""
-    return loc, text, _MISSING if blank else label
+    return loc, text, _MISSING if blank else label, _inputs(loc, record, fields)
+
+
+def _inputs(loc: _Loc, record: dict, fields: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The (field, value) pairs a task template fills in; a missing or null field names the row's fields."""
+    pairs = []
+    for name in fields:
+        value = record.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            present = ", ".join(repr(str(k)) for k in record) or "none"
+            what = "no value for it" if name in record else "no such field"
+            raise loc.error(f"the template names field '{name}' but this row has {what} (fields present: {present})",
+                            "fix the field name in --template, or give every row that field")
+        pairs.append((name, value.strip() if isinstance(value, str) else str(value)))
+    return tuple(pairs)
 
 
 def _label_name(loc: _Loc, value: Any, names: list[str] | None) -> str:
@@ -293,7 +319,7 @@ def _label_name(loc: _Loc, value: Any, names: list[str] | None) -> str:
     return names[value]
 
 
-def _load_hub(source: str, text_field: str, label_field: str | None
+def _load_hub(source: str, text_field: str, label_field: str | None, fields: tuple[str, ...] = ()
               ) -> tuple[dict[str, list[_Row]], list[str] | None]:
     help_text = _LOCAL_HELP.format(id=source)
     try:
@@ -324,7 +350,7 @@ def _load_hub(source: str, text_field: str, label_field: str | None
             if class_names is not None and record.get(label_field) == -1:
                 record = {k: v for k, v in record.items() if k != label_field}  # ClassLabel -1 = unlabelled
             rows.append(_extract(_Loc(f"hub dataset '{source}' split '{split_name}'", i, "row"), record,
-                                 text_field, label_field))
+                                 text_field, label_field, fields))
         raw[canonical] = rows
     if not raw:
         raise DataError(f"hub dataset '{source}' has no train/validation/test split (it has: {', '.join(loaded)}). "
@@ -356,8 +382,8 @@ def _build(source: str, raw: dict[str, list[_Row]], names: list[str] | None, lab
             raise loc.error(f"no '{label_field}' value, but other rows of the {split} split have one "
                             f"(e.g. {first.file}, {first.unit} {first.row})",
                             "give every row a label, or remove the labels from the whole split")
-        splits[split] = [Example(text, None if lab is _MISSING else _label_name(loc, lab, names))
-                         for loc, text, lab in rows]
+        splits[split] = [Example(text, None if lab is _MISSING else _label_name(loc, lab, names), inputs)
+                         for loc, text, lab, inputs in rows]
     seen = {ex.label for examples in splits.values() for ex in examples if ex.label is not None}
     # Computed before capping so max_examples never changes the label order (and hence label ids).
     labels = (list(names) if names else sorted(seen)) if seen else None
@@ -371,5 +397,7 @@ def _fingerprint(splits: dict[str, list[Example]], labels: list[str] | None) -> 
     digest = hashlib.sha256(json.dumps(labels, ensure_ascii=False).encode())
     for split, examples in splits.items():
         for ex in examples:
-            digest.update(json.dumps([split, ex.text, ex.label], ensure_ascii=False).encode() + b"\n")
+            # Inputs only when a task template names some, so label data keeps its fingerprint.
+            item = [split, ex.text, ex.label] + ([list(map(list, ex.inputs))] if ex.inputs else [])
+            digest.update(json.dumps(item, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:16]

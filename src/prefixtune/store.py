@@ -57,6 +57,7 @@ class Manifest:
     template: str | None = None  # prompt template used in training ({label} is filled in)
     label: str | None = None  # the label this adapter is conditioned on (per-label adapters)
     labels: list[str] | None = None  # label set of the training data
+    fields: list[str] | None = None  # row fields a task template fills in (e.g. ["meaning_representation"])
     dataset: dict[str, Any] = field(default_factory=dict)  # source, fingerprint, rows
     hyperparams: dict[str, Any] = field(default_factory=dict)  # training settings
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...

@@ -116,9 +116,18 @@ def test_guided_distribution_keeps_the_adapters_stop_probability_and_plausible_t
     probs, pc = out.softmax(-1), cond.softmax(-1)
     assert torch.allclose(probs.sum(-1), torch.ones(3))
     assert torch.allclose(probs[:, 7], pc[:, 7], atol=1e-6)  # guidance never changes when to stop
-    implausible = pc < 0.05 * pc.max(-1, keepdim=True).values
+    implausible = pc < 0.05 * pc.max(-1, keepdim=True).values  # relative to the likeliest token, EOS included
+    going = pc.clone()
+    going[:, 7] = 0
+    implausible[torch.arange(3), going.argmax(-1)] = False  # the likeliest continuing token always stays
     implausible[:, 7] = False
     assert (probs[implausible] == 0).all() and (probs[~implausible] > 0).all()
+    # Where the adapter would rather stop, the likeliest continuing token still survives the floor.
+    stop = torch.full((1, 50), -20.0)
+    stop[0, 7], stop[0, 3] = 10.0, -5.0
+    out = guided_logits(stop, torch.zeros(1, 50), 3.0, eos_ids=[7]).softmax(-1)
+    assert torch.isfinite(out).all() and abs(float(out.sum()) - 1) < 1e-5
+    assert out[0, 3] > 0 and out[0, 3] + out[0, 7] > 1 - 1e-5  # nothing but stopping or the best continuation
     # Without EOS handling and plausibility it is plain classifier-free guidance.
     plain = guided_logits(cond, uncond, 4.0, plausibility=0.0)
     ref = torch.log_softmax(uncond, -1) + 4.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1))

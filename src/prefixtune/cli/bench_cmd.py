@@ -1,10 +1,9 @@
-"""`prefixtune bench`: speed and memory against baselines measured in the same run.
-
-`prefixtune bench` runs the training and in-process serving benchmarks; `prefixtune bench serve --http` loads
-a real server process over HTTP from this one.
-"""
+"""`prefixtune bench`: speed and memory against baselines measured in the same run; `bench task`: quality on a task;
+`bench serve --http`: a load generator against a real `prefixtune serve` process."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
@@ -12,11 +11,9 @@ from prefixtune.cli.common import parse_csv, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline measured in the same run.",
-                            invoke_without_command=True, no_args_is_help=False)
-    app.add_typer(bench_app, name="bench")
+    bench_app = typer.Typer(help="Benchmarks against baselines measured in the same run.", no_args_is_help=False)
 
-    @bench_app.callback()
+    @bench_app.callback(invoke_without_command=True)
     @user_errors
     def bench(
         ctx: typer.Context,
@@ -27,12 +24,38 @@ def register(app: typer.Typer) -> None:
         rows: int = typer.Option(256, help="Training rows."),
         sections: str = typer.Option("train,serve", help="Comma-separated: train, serve."),
     ) -> None:
-        """Training and serving benchmarks (in process); `bench serve --http` for the HTTP load test."""
+        """Benchmarks that print ratios against a baseline measured in the same run (`bench task`: task quality)."""
         if ctx.invoked_subcommand is not None:
             return
         from prefixtune.bench.run import run_bench
 
         run_bench(model, data, out, steps, rows, tuple(parse_csv(sections) or ["train", "serve"]))
+
+    @bench_app.command("task")
+    @user_errors
+    def bench_task(
+        model: Optional[str] = typer.Option(None, help="Base model (default smollm2-135m)."),
+        data: Optional[str] = typer.Option(None, help="Task data folder (default ../shared/data/e2e)."),
+        out: Optional[str] = typer.Option(None, help="Results folder (default runs/bench/task)."),
+        template: Optional[str] = typer.Option(None, help="Template over the input fields."),
+        target_field: Optional[str] = typer.Option(None, help="Field holding the target text."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps for both trainers (default 120)."),
+        batch_size: Optional[int] = typer.Option(None, help="Rows per step (default 8)."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate for both (default 2e-3)."),
+        num_virtual_tokens: Optional[int] = typer.Option(None, help="Prefix length (default 20)."),
+        max_length: Optional[int] = typer.Option(None, help="Tokens per training row (default 128)."),
+        items: Optional[int] = typer.Option(None, help="Distinct test inputs scored (default 100)."),
+        num_beams: Optional[int] = typer.Option(None, help="Beam width of the beam pass (default 4)."),
+        seed: Optional[int] = typer.Option(None, help="Seed (default 0)."),
+        max_examples: Optional[int] = typer.Option(None, help="Training rows drawn from train (default all)."),
+    ) -> None:
+        """Task quality: prefixtune's prefix vs a PEFT prefix trained the same way vs the base model (BLEU, chrF,
+        ROUGE-L on test inputs, greedy and beam)."""
+        from prefixtune.bench.task import TaskBenchConfig, run_task_bench
+
+        flags = {k: v for k, v in dict(locals()).items() if v is not None and k not in ("TaskBenchConfig",
+                                                                                        "run_task_bench")}
+        run_task_bench(TaskBenchConfig(**flags))
 
     @bench_app.command("serve")
     @user_errors
@@ -68,3 +91,5 @@ def register(app: typer.Typer) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out) / "results.json", json.dumps(report, indent=2, default=str))
         typer.echo(f"results in {out}/results.json")
+
+    app.add_typer(bench_app, name="bench")

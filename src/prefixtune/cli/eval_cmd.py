@@ -60,8 +60,12 @@ def register(app: typer.Typer) -> None:
         temperature: Optional[float] = Opt(None, help="Sampling temperature (default 0.8)."),
         top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 0.95)."),
         eval_batch_size: Optional[int] = Opt(None, "--batch-size", help="Rows per forward pass (default 16)."),
-        reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L."),
-        reference_rows: Optional[int] = Opt(None, help="Rows scored against references (default 100)."),
+        reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L "
+                                                        "(task adapters: default their target field)."),
+        reference_rows: Optional[int] = Opt(None, help="Rows scored against references (default 100; task "
+                                                       "adapters: distinct inputs)."),
+        num_beams: Optional[int] = Opt(None, help="Task adapters: beam search width for each input (default 1 = "
+                                                  "greedy)."),
         judge: Optional[str] = Opt(None, help="Custom judge as module:factory (default TF-IDF + logistic regression)."),
         latency_tokens: Optional[int] = Opt(None, help="Tokens per row when timing generation (default 32)."),
         latency_repeats: Optional[int] = Opt(None, help="Timed generation runs (default 3; 0 = skip latency)."),
@@ -92,6 +96,11 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             values["progress"] = False
         report = run_eval(EvalConfig(**values))
+        if report.get("task"):  # a task adapter: reference scores per method
+            for name, s in report["result"].items():
+                typer.echo(f"{name}: BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f}, ROUGE-L {s['rouge_l']:.2f} "
+                           f"({s['decoding']}, {s['items']} inputs)")
+            return
         r = report["result"]
         cond = r.get("conditioning")
         typer.echo(f"eval loss {r['eval_loss']:.4f}, perplexity {r['perplexity']:.2f}"
@@ -121,7 +130,12 @@ def register(app: typer.Typer) -> None:
         text_field: Optional[str] = Opt(None, help="Field holding the text."),
         label_field: Optional[str] = Opt(None, help="Field holding the label."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
-        template: Optional[str] = Opt(None, help="Training prompt with {label} (prefix and LoRA)."),
+        template: Optional[str] = Opt(None, help="Training prompt with {label} (prefix and LoRA), or over row "
+                                                 "fields ({meaning_representation}) for task data."),
+        reference_field: Optional[str] = Opt(None, help="Task data: field with the references (default: the "
+                                                        "text field)."),
+        reference_rows: Optional[int] = Opt(None, help="Task data: distinct test inputs scored (default 100)."),
+        num_beams: Optional[int] = Opt(None, help="Task data: beam search width (default 1 = greedy)."),
         num_virtual_tokens: Optional[int] = Opt(None, help="Prefix length (default 20)."),
         prefix_projection: Optional[bool] = Opt(None, "--prefix-projection/--no-prefix-projection",
                                                 help="Train the prefix through the MLP."),
@@ -154,6 +168,11 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             values["progress"] = False
         results = run_compare(CompareConfig(**values))
+        if results.get("task"):
+            for row in results["methods"]:
+                typer.echo(f"{row['method']:>7}: BLEU {row['bleu']:.2f}, chrF {row['chrf']:.2f}, ROUGE-L "
+                           f"{row['rouge_l']:.2f}")
+            return
         for row in results["methods"]:
             acc = row.get("conditioning_accuracy")
             typer.echo(f"{row['method']:>7}: eval loss {row['eval_loss']:.4f}"

@@ -45,6 +45,17 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Fix the sampling stream (same for every row)."),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (cut from the output); repeatable."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        input_json: list[str] = typer.Option(
+            [], "--input", "-i", help="A task adapter's input fields as JSON, e.g. '{\"meaning_representation\": "
+                                      "\"name[The Eagle], food[French]\"}'; repeatable (one batch row each)."),
+        input_file: Optional[Path] = typer.Option(
+            None, "--input-file", help="A .jsonl file of input rows (other fields, e.g. references, are ignored)."),
+        num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams (1 = greedy/sampling)."),
+        length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-prob / length ** this."),
+        no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size",
+                                                 help="Beam search: never repeat an n-gram of this size (0 = off)."),
+        early_stopping: bool = typer.Option(False, "--early-stopping",
+                                            help="Beam search: stop once num_beams hypotheses are finished."),
         guidance_scale: Optional[float] = typer.Option(
             None, "--guidance-scale", "-g", help="Sharpen each adapter against an unconditioned row (1 = off; "
                                                  "default: what the adapter recommends)."),
@@ -63,8 +74,9 @@ def register(app: typer.Typer) -> None:
         from prefixtune.store import AdapterStore, default_store, validate_name
 
         # Everything a user can get wrong is checked before the (slow) model load.
-        if not prompt and label is None:
-            _fail("give --prompt, --label, or both")
+        inputs = _input_rows(input_json, input_file)
+        if not prompt and label is None and inputs is None:
+            _fail("give --prompt, --label, or both (a task adapter: --input or --input-file)")
         names = list(adapter) or ([] if adapter_path else [BASE])
         for name in names:
             if name.lower() != BASE:
@@ -75,6 +87,11 @@ def register(app: typer.Typer) -> None:
         try:
             SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop),
                            guidance_scale=1.0 if guidance_scale is None else guidance_scale).validate()
+            if num_beams != 1 or no_repeat_ngram_size:
+                from prefixtune.engine.beam import check_beam_request
+
+                check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping,
+                                   temperature, False)
         except ValueError as err:
             _fail(str(err))
         if num_samples < 1:
@@ -93,11 +110,16 @@ def register(app: typer.Typer) -> None:
         rows: list[str | None] = [None if n.lower() == BASE else n for n in names]
         rows += [lm.register(str(folder), folder) for folder in adapter_path]
         try:
-            prompts = _render_all(lm, prompt, rows, label)
+            if inputs is None:
+                prompts = _render_all(lm, prompt, rows, label)
+            else:  # one batch row per (input, adapter)
+                prompts = [p for values in inputs for p in _render_all(lm, prompt, rows, label, values)]
+                rows = rows * len(inputs)
             results = lm.generate(prompts, rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat,
                                   guidance_scale=guidance_scale, guidance_negative=guidance_negative,
-                                  num_samples=num_samples)
+                                  num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)
         except ValueError as err:
             from prefixtune.errors import user_error_types
 
@@ -113,8 +135,10 @@ def register(app: typer.Typer) -> None:
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
                 "tokens": r.tokens,
+                **({"input": inputs[i // num_samples // (len(rows) // len(inputs))]} if inputs is not None else {}),
+                **({"score": r.score} if r.score is not None else {}),
             }
-            for p, r in zip([p for p in prompts for _ in range(num_samples)], results)
+            for i, (p, r) in enumerate(zip([p for p in prompts for _ in range(num_samples)], results))
         ]
         if as_json:
             typer.echo(json.dumps(out, indent=2))
@@ -128,13 +152,34 @@ def register(app: typer.Typer) -> None:
             typer.echo()
 
 
-def _render_all(lm, prompt: str, rows: list, label: str | None) -> list[str]:
-    """Each row's prompt; with --label, base-model rows see the first adapter's filled template."""
-    rendered = [None if row is None else lm.render(prompt, row, label) for row in rows]
-    if label is not None and None in rows:
+def _input_rows(input_json: list[str], input_file: Optional[Path]) -> list[dict] | None:
+    """--input objects and --input-file rows, in that order; None when neither was given."""
+    from prefixtune.engine.task import read_input_rows
+
+    rows = []
+    for text in input_json:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            _fail(f"--input {text!r} is not valid JSON ({err.msg}); pass an object like '{{\"field\": \"value\"}}'")
+        if not isinstance(value, dict):
+            _fail(f"--input must be a JSON object of input fields, got {type(value).__name__}")
+        rows.append(value)
+    if input_file is not None:
+        try:
+            rows.extend(read_input_rows(input_file))
+        except ValueError as err:
+            _fail(str(err))
+    return rows or None
+
+
+def _render_all(lm, prompt: str, rows: list, label: str | None, inputs: dict | None = None) -> list[str]:
+    """Each row's prompt; with --label or inputs, base-model rows see the first adapter's filled template."""
+    rendered = [None if row is None else lm.render(prompt, row, label, inputs=inputs) for row in rows]
+    if (label is not None or inputs is not None) and None in rows:
         reference = next((r for r in rendered if r is not None), None)
         if reference is None:
-            raise ValueError("--label fills an adapter's training template; the base model has none "
+            raise ValueError("--label / --input fill an adapter's training template; the base model has none "
                              "(add an --adapter, or pass the whole --prompt)")
         return [reference if r is None else r for r in rendered]
     return [prompt if r is None else r for r in rendered]

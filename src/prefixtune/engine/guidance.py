@@ -47,18 +47,23 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     # Where the conditioned row gives a token -inf (masked), keep it impossible whatever the scale.
     out = lu + scale * (lc - lu)
     out = torch.where(torch.isfinite(lu), out, lc)  # a token the unconditioned row masks: the adapter decides
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device)
+    going = lc.index_fill(-1, eos, float("-inf")) if eos_ids else lc  # the continuing tokens
     alpha = PLAUSIBILITY if plausibility is None else plausibility
+    # Relative to the adapter's likeliest token, EOS included: where it would rather stop, the leftovers of
+    # its distribution (rare junk such as a 16-comma token, which the base model finds even rarer) must not
+    # be promoted. The likeliest continuing token always survives, so a row that does not stop can go on.
     floor = lc.max(dim=-1, keepdim=True).values + math.log(alpha) if alpha > 0 else float("-inf")  # (G, 1)
-    keep = torch.isfinite(lc) & (lc >= floor)
+    best = going.argmax(dim=-1, keepdim=True)  # (G, 1)
+    keep = torch.isfinite(going) & ((going >= floor) | torch.zeros_like(going, dtype=torch.bool).scatter(
+        -1, best, True))
     out = torch.where(keep, out, torch.full_like(out, float("-inf")))
     if not eos_ids:
         return out
     # When to stop stays the adapter's decision: guidance only redistributes the mass of the other tokens.
     # Guided EOS would be amplified too (the data's texts end sooner than the base model's), and samples
     # collapse to "i feel angry".
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device)
     p_stop = lc.index_select(-1, eos).exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # (G, 1)
-    out = out.index_fill(-1, eos, float("-inf"))
     out = torch.log_softmax(out, dim=-1) + torch.log1p(-p_stop)
     return out.index_copy(-1, eos, lc.index_select(-1, eos))
 

@@ -26,7 +26,7 @@ from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, Manifest, StoreError, check_compatible, default_store, read_manifest
-from prefixtune.templates import fill_template
+from prefixtune.templates import fill_template, input_fields, is_task_template
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
     prompt_tokens: int  # tokens in the prompt
     adapter: str | None  # adapter used (None = base model)
+    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
 
     @property
     def completion_tokens(self) -> int:
@@ -234,12 +235,19 @@ class PrefixLM:
         manifest = self.manifest(name)
         return manifest.template if manifest else None
 
-    def render(self, prompt: str, adapter: str | None, label: str | None = None, chat: bool = False) -> str:
+    def render(self, prompt: str, adapter: str | None, label: str | None = None, chat: bool = False,
+               inputs: dict[str, str] | None = None) -> str:
         """The prompt as the adapter was trained: its template filled with `label`, then `prompt` after it.
 
         Training saw "<template> <text>", so generation continues "<template>" (or "<template> <prompt>").
+        A task adapter's template names row fields: `inputs` gives them ({"meaning_representation": ...}).
         """
-        if label is not None:
+        if inputs is not None:
+            from prefixtune.engine.task import render_task
+
+            prompt = render_task(self.manifest(adapter) if adapter is not None else None, adapter, inputs, label,
+                                 prompt)
+        elif label is not None:
             if adapter is None:
                 raise ValueError("--label fills an adapter's training template; the base model has none")
             manifest = self.manifest(adapter)
@@ -249,6 +257,9 @@ class PrefixLM:
                     f"adapter {adapter!r} has no training template (an imported PEFT adapter, or trained on "
                     "plain text); pass the whole prompt instead of --label"
                 )
+            if is_task_template(template):
+                raise ValueError(f"adapter {adapter!r} fills the fields {', '.join(input_fields(template))} of a row; "
+                                 f"pass them as inputs (generate --input '{{...}}') rather than only --label")
             if "{label}" in template:
                 if manifest.labels and label not in manifest.labels:
                     raise ValueError(f"adapter {adapter!r} knows labels {', '.join(manifest.labels)}, not {label!r}")
@@ -303,6 +314,10 @@ class PrefixLM:
         guidance_scale: float | None = None,
         guidance_negative: str | None = None,
         num_samples: int = 1,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        early_stopping: bool = False,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
@@ -312,7 +327,16 @@ class PrefixLM:
         model, or the adapter named by guidance_negative ("none" = the base model). None uses what the
         adapter's manifest recommends (else 1 = off). num_samples=N gives N results per prompt, prompt by
         prompt, sample i seeded with seed + i.
+        num_beams > 1 runs beam search (engine/beam.py, with length_penalty, no_repeat_ngram_size,
+        early_stopping; no guidance, one result per prompt); each row's beams keep its adapter, so a mixed
+        batch still works.
         """
+        beam = None
+        if num_beams != 1 or no_repeat_ngram_size:
+            from prefixtune.engine.beam import check_beam_request
+
+            beam = check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
+                                      early_stopping, temperature, ignore_eos, guidance_scale, num_samples)
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
@@ -351,6 +375,10 @@ class PrefixLM:
         input_ids, mask, lengths = self.encode(prompts, add_special_tokens=not chat)
         virtual = [max(0 if x is None else int(x.shape[2]) for x in pair) for pair in zip(prefixes, negatives)]
         self._check_positions(lengths, virtual, max_new_tokens)
+        if beam is not None:  # guidance a manifest recommends applies to sampling, not to beam search
+            from prefixtune.engine.beam import beam_generations
+
+            return beam_generations(self, input_ids, mask, prefixes, beam, lengths, adapters, list(stop or []))
         outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
                             self._stop_check(params), negatives)
         results = []

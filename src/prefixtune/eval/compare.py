@@ -24,7 +24,7 @@ from prefixtune.eval.report import compare_markdown, plot_bars, plot_loss_curves
 from prefixtune.eval.readme import readme_section
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.train.config import TrainConfig
-from prefixtune.templates import fill_template
+from prefixtune.templates import fill_template, is_task_template
 
 METHODS = ("prefix", "lora", "prompt")
 DEFAULT_INSTRUCTION = "Write a short tweet that expresses {label}."
@@ -227,6 +227,10 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     cfg.validate()
     out = Path(cfg.out)
     write_json(out / "config.json", asdict(cfg))  # first, so even a failed run can be repeated
+    if is_task_template(cfg.template):  # inputs -> text: scored against references, not a label judge
+        from prefixtune.eval.task_compare import run_task_compare
+
+        return run_task_compare(cfg, say)
     started = time.perf_counter()
     data = load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
     if not data.labels:

@@ -43,7 +43,8 @@ class EvalSettings:
     latency_tokens: int = 32  # tokens per row when timing generation
     latency_repeats: int = 3  # timed runs (the median is reported)
     reference_field: str | None = None  # field with reference outputs: adds BLEU, chrF and ROUGE-L
-    reference_rows: int = 100  # rows scored against references
+    reference_rows: int = 100  # rows scored against references (task adapters: distinct inputs)
+    num_beams: int = 1  # task adapters: decode each input with beam search of this width (1 = greedy)
     progress: bool = True  # show progress bars
     guidance_scale: float | None = None  # samples' guidance (1 = off; None = what each adapter recommends)
     guidance_negative: str | None = None  # the unconditioned adapter guidance contrasts with (none = base model)

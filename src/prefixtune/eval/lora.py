@@ -24,7 +24,8 @@ from prefixtune.prefix.peft_io import atomic_folder
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import Tokenized, collate, epoch_batches, tokenize
-from prefixtune.train.plan import split_rows
+from prefixtune.templates import input_fields, is_task_template
+from prefixtune.train.plan import split_rows, tokenize_rows
 from prefixtune.train.report import peak_memory_mb, plot_losses, write_log
 
 ADAPTER_DIR = "adapter"  # run folder subfolder holding PEFT's adapter_config.json + adapter_model.safetensors
@@ -84,10 +85,12 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def _rows(cfg: TrainConfig, data, tokenizer, say) -> tuple[list[Tokenized], list[Tokenized], int]:
+def _rows(cfg: TrainConfig, data, tokenizer, say, loaded=None) -> tuple[list[Tokenized], list[Tokenized], int]:
     """Train/validation rows exactly as train.plan.plan_run builds them for a single adapter."""
     template, train_ex, val_ex = split_rows(cfg, data, say)
     adapter_of = lambda ex: "lora"  # noqa: E731  (one adapter; the label is in the prompt)
+    if loaded is not None and is_task_template(template):  # input fields -> target, as the prefix trainer
+        return tokenize_rows(cfg, loaded, template, train_ex, val_ex, adapter_of, say)
     train_rows, truncated = tokenize(train_ex, tokenizer, template, adapter_of, cfg.max_length)
     val_rows, _ = tokenize(val_ex, tokenizer, template, adapter_of, cfg.max_length)
     return train_rows, val_rows, truncated
@@ -135,9 +138,10 @@ def train_lora(cfg: TrainConfig, settings: LoraSettings | None = None, loaded=No
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are randomly initialised
     loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
-    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
+                             input_fields=input_fields(cfg.template))
     tok = loaded.tokenizer
-    train_rows, val_rows, truncated = _rows(cfg, data, tok, say)
+    train_rows, val_rows, truncated = _rows(cfg, data, tok, say, loaded)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     per_epoch = len(train_rows) // cfg.batch_size + (len(train_rows) % cfg.batch_size > 0)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))

@@ -15,7 +15,7 @@ from prefixtune.eval.quality import choose_scale, plot_sweep
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
-from prefixtune.templates import fill_template
+from prefixtune.templates import fill_template, is_task_template
 
 __all__ = ["EvalConfig", "method_from_adapters", "resolve_adapters", "run_eval"]
 
@@ -162,6 +162,10 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     store = AdapterStore(cfg.store or default_store())
     folders = resolve_adapters(store, cfg.adapter)
     first = read_manifest(next(iter(folders.values())))
+    if first is not None and is_task_template(first.template):  # inputs -> text: scored against references
+        from prefixtune.eval.task_eval import run_task_eval
+
+        return run_task_eval(cfg, store, folders, first, say)
     data_kw = _data_settings(cfg, first)
     data = load_data(data_kw["source"], data_kw["text_field"], data_kw["label_field"], data_kw["label_names"])
     data.split(cfg.split)  # fail on a missing split before loading a model

@@ -94,6 +94,15 @@ class AdapterRegistry:
         if self.stale():
             await run_in_threadpool(self.rescan)
 
+    def lookup(self, model: str) -> str | None:
+        """As resolve, from memory only (any thread): None for the base model, 404 if not served."""
+        if model in self.base_ids:
+            return None
+        if model not in self._served:
+            raise APIError(404, f"The model `{model}` does not exist. See GET /v1/models.", param="model",
+                           code="model_not_found")
+        return model
+
     async def resolve(self, model: str) -> str | None:
         """Adapter name for a request's `model` (None = the base model); 404 if not served."""
         if model in self.base_ids:

@@ -221,7 +221,12 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         # holds its special tokens (special=False), a plain prompt gets the tokenizer's usual ones.
         return list(tokenizer(text, add_special_tokens=special).input_ids)
 
-    async def encode(text: str, special: bool = True) -> list[int]:
+    async def encode(text: str, special: bool = True, param: str = "prompt") -> list[int]:
+        try:
+            text.encode("utf-8")  # fields are checked on parsing; text built from them (task inputs) here
+        except UnicodeEncodeError:
+            raise APIError(400, "the text holds a lone UTF-16 surrogate (invalid Unicode); send valid UTF-8 text",
+                           param=param) from None
         return await on_text_thread(_encode, text, special)
 
     @app.post("/v1/completions")
@@ -229,8 +234,15 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
         prompts = []
-        for item in body.prompts():
-            ids = await encode(item) if isinstance(item, str) else list(item)
+        items = body.prompts()
+        if body.inputs is not None:  # extension: the adapter's template filled from a row of fields
+            from prefixtune.server.task_inputs import task_prompts
+
+            await registry.resolve(body.model)  # 404 for an unknown model (the store re-listed if it changed)
+            items = await run_in_threadpool(task_prompts, registry, body.model, body.inputs, items)
+        for item in items:
+            ids = await encode(item, param="inputs" if body.inputs is not None else "prompt") if isinstance(
+                item, str) else list(item)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             if any(not 0 <= t < len(tokenizer) for t in ids):
@@ -258,7 +270,7 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
                                                 tokenize=False))
         except Exception as err:  # noqa: BLE001 - templates raise anything (e.g. jinja's TemplateError)
             raise APIError(400, f"chat template failed: {err}", param="messages") from err
-        ids = await encode(text, special=False)
+        ids = await encode(text, special=False, param="messages")
         job = await start_job(http, body, [ids], "messages", body.new_tokens(), None)
         rid, created = P.new_id("chatcmpl"), P.now()
         if body.stream:

@@ -107,6 +107,7 @@ class CompletionRequest(SamplingBody):
     logprobs: int | None = None  # only null
     suffix: str | None = None  # only null
     best_of: int | None = None  # only null or equal to n
+    inputs: dict[str, Any] | None = None  # extension: a task adapter's input fields (filled into its template)
 
     @field_validator("prompt")
     @classmethod

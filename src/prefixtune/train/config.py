@@ -45,15 +45,15 @@ class TrainConfig:
     out: str = "runs/train"  # run folder: checkpoints, logs, plots, adapters
     store: str | None = None  # also save the final adapters into this adapter store
     name: str = "emotion"  # adapter name (per-label: NAME-LABEL)
-    text_field: str = "text"  # field holding the text
+    text_field: str = "text"  # field holding the text (the target of a task template)
     label_field: str | None = "label"  # field holding the label (missing = plain text data)
     label_names: list[str] | None = None  # names for integer labels
-    template: str | None = None  # prompt before the text; {label} is filled in (default per mode)
+    template: str | None = None  # prompt before the text; {label} and {row fields} are filled in (default per mode)
     per_label: bool = False  # one adapter per label, trained together in one pass
     labels: list[str] | None = None  # only these labels (default: all)
     balance: bool = False  # equal rows per label (downsample to the rarest)
     max_examples: int | None = None  # cap on training rows (quick runs)
-    max_length: int = 256  # tokens per example; longer ones are truncated (and counted)
+    max_length: int = 256  # tokens per example; longer ones are truncated, task rows input first (counted)
     num_virtual_tokens: int = 20  # virtual tokens per adapter
     prefix_projection: bool = True  # train through the 2-layer MLP
     encoder_hidden_size: int | None = None  # MLP width (default: the model's hidden size)

@@ -13,7 +13,7 @@ from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder, flat_to_kv, t
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import StoreError, validate_name
-from prefixtune.templates import fill_template
+from prefixtune.templates import fill_template, input_fields, is_task_template
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 
@@ -103,6 +103,36 @@ def split_rows(cfg: TrainConfig, data: DataBundle, say=print) -> tuple[str, list
     return template, train_ex, val_ex
 
 
+def tokenize_rows(cfg: TrainConfig, loaded, template: str, train_ex: list[Example], val_ex: list[Example],
+                  adapter_of, say, val_adapter_of=None) -> tuple[list[Tokenized], list[Tokenized], int]:
+    """Train and eval rows as token ids (+ how many training rows --max-length changed); prefix and LoRA alike.
+
+    `val_adapter_of` picks the eval rows' adapters when it differs from training's (default: the same)."""
+    val_adapter_of = val_adapter_of or adapter_of
+    if is_task_template(template):  # input fields -> target: inputs are shortened first, never silently the target
+        train_rows, truncated = _task_rows(train_ex, loaded, template, adapter_of, cfg, say)
+        return train_rows, _task_rows(val_ex, loaded, template, val_adapter_of, cfg, say, "eval")[0], truncated
+    train_rows, truncated = tokenize(train_ex, loaded.tokenizer, template, adapter_of, cfg.max_length)
+    val_rows, _ = tokenize(val_ex, loaded.tokenizer, template, val_adapter_of, cfg.max_length)
+    if truncated:
+        say(f"truncated {truncated} of {len(train_rows)} training examples to --max-length {cfg.max_length}")
+    return train_rows, val_rows, truncated
+
+
+def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, what: str = "training"):
+    """Task rows and how many were changed (shortened inputs or cut targets), reported through `say`."""
+    from prefixtune.engine.lm import max_positions
+    from prefixtune.train.task_rows import tokenize_task
+
+    limit = max_positions(loaded.model.config)
+    context = None if limit is None else limit - cfg.num_virtual_tokens
+    rows, counts = tokenize_task(examples, loaded.tokenizer, template, adapter_of, cfg.max_length, context)
+    message = counts.describe(cfg.max_length, what)
+    if message:
+        say(message)
+    return rows, counts.inputs_shortened + counts.targets_cut
+
+
 def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print) -> TrainPlan:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -111,7 +141,8 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     from prefixtune.models import load_base_model
 
     loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
-    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names)
+    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
+                             input_fields=input_fields(cfg.template))
     if cfg.per_label and data.labels is None:
         raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
     template, train_ex, val_ex = split_rows(cfg, data, say)
@@ -157,12 +188,9 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         model.enable_gradient_checkpointing()
 
     tok = loaded.tokenizer
-    train_rows, truncated = tokenize(train_ex, tok, template, adapter_of, cfg.max_length)
-    val_rows, _ = tokenize(val_ex, tok, template, (lambda ex: names[ex.label]) if family else adapter_of,
-                           cfg.max_length)
+    train_rows, val_rows, truncated = tokenize_rows(cfg, loaded, template, train_ex, val_ex, adapter_of, say,
+                                                    (lambda ex: names[ex.label]) if family else adapter_of)
     val_rows.sort(key=lambda r: len(r.input_ids))  # eval order is free; sorted batches barely pad
-    if truncated:
-        say(f"truncated {truncated} of {len(train_rows)} training examples to --max-length {cfg.max_length}")
 
     accelerator = Accelerator(
         cpu=loaded.device.type == "cpu",

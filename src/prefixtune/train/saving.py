@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune.store import Manifest, write_adapter_folder
+from prefixtune.templates import input_fields
 
 
 def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Path]:
@@ -32,6 +33,7 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
             label=label,
             labels=[x for x in plan.adapter_labels.values() if x is not None] if plan.family or label is not None
             else plan.data.labels,
+            fields=input_fields(plan.template) or None,
             dataset={"source": cfg.data, "fingerprint": plan.data.fingerprint,
                      "train_rows": len(plan.train_rows), "eval_rows": len(plan.val_rows)},
             hyperparams=cfg.to_dict(),
