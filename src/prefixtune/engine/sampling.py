@@ -68,10 +68,10 @@ class RowSampler:
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     """Next token per row of logits (B, V), each row with its own temperature, top-k, top-p and generator.
 
-    Vectorised: one temperature divide, one top-k, one softmax, one nucleus cut and one argmax for all
-    sampled rows, and a single host sync (the final .tolist()). A draw is the exponential race
-    argmax(p / E), E ~ Exp(1) per token, which picks token i with probability p_i; each row's E comes from its
-    own generator, so a seeded row's tokens do not depend on its batch mates.
+    Temperature, top-k, softmax and the nucleus candidates are computed for all sampled rows at once; each
+    row then draws from its own generator (torch.multinomial on a tensor: no host sync), and the whole batch
+    syncs once, at the final .tolist(). A seeded row's tokens therefore do not depend on its batch mates, and
+    are the ones a row sampled alone draws (same distribution, same generator stream).
     """
     greedy = torch.argmax(logits, dim=-1)  # (B,)
     sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
@@ -92,17 +92,24 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         cut = torch.full_like(x, float("-inf")).scatter(-1, order, values)
         x = torch.where(k < vocab, cut, x)  # rows without top-k keep everything
     probs = torch.softmax(x, dim=-1)  # (S, V)
-    top_p = torch.tensor([p.top_p for p in params], device=device).view(-1, 1)
-    if any(p.top_p < 1.0 for p in params):
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if nucleus:
         # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead of
-        # all of it is exact whenever their mass reaches top_p (else fall back to the full sort).
-        top, order = torch.topk(probs, min(_NUCLEUS_CANDIDATES, vocab), dim=-1)  # (S, C), descending
-        if bool((top.sum(-1, keepdim=True) < top_p).any()):
-            top, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest set whose mass reaches top_p (always at least the top token).
-        top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
-        probs = torch.where(top_p < 1.0, torch.zeros_like(probs).scatter(-1, order, top), probs)
-    race = torch.stack([torch.empty(vocab, device=device).exponential_(generator=samplers[i].generator)
-                        for i in sampled])  # (S, V)
-    choice = torch.argmax(probs / race.clamp_min(1e-30), dim=-1)  # (S,)
-    return greedy.index_copy(0, index, choice).tolist()
+        # all of it is exact whenever their mass reaches top_p (else that row falls back to the full sort).
+        rows = torch.tensor(nucleus, device=device)
+        top, order = torch.topk(probs.index_select(0, rows), min(_NUCLEUS_CANDIDATES, vocab), dim=-1)  # (N, C)
+        short = (top.sum(-1) < torch.tensor([params[j].top_p for j in nucleus], device=device)).tolist()
+        for n, j in enumerate(nucleus):
+            t, o = (torch.sort(probs[j], descending=True) if short[n] else (top[n], order[n]))
+            # Keep the smallest set whose mass reaches top_p (always at least the top token).
+            candidates[j] = (t.masked_fill(t.cumsum(-1) - t >= params[j].top_p, 0.0), o)
+    draws = []
+    for j, i in enumerate(sampled):
+        generator = samplers[i].generator
+        if j in candidates:
+            t, o = candidates[j]
+            draws.append(o[torch.multinomial(t, 1, generator=generator)])
+        else:
+            draws.append(torch.multinomial(probs[j], 1, generator=generator))
+    return greedy.index_copy(0, index, torch.cat(draws)).tolist()
