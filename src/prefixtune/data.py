@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +34,7 @@ _LOCAL_HELP = ("to work offline, download it on a machine with internet access (
                "'{id}')[split].to_json(f'{{split}}.jsonl')` for each split), copy that folder here and pass it to "
                "--data; a folder of train/validation/test .jsonl, .csv or .parquet files works")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+MAX_TEXT_CHARS = 1_000_000  # one example this long is a runaway line (a missing newline), not a text
 
 
 class DataError(ValueError):
@@ -63,6 +64,7 @@ class DataBundle:
     splits: dict[str, list[Example]]
     labels: list[str] | None
     fingerprint: str
+    skipped: list[str] = field(default_factory=list)  # why each bad row was skipped (skip_bad_rows=True)
 
     def split(self, name: str) -> list[Example]:
         canonical = SPLIT_ALIASES.get(name.strip().lower(), name)
@@ -92,12 +94,14 @@ _Row = tuple[_Loc, str, Any, tuple]  # (where, stripped text, raw label or _MISS
 
 def load_data(source: str, text_field: str = "text", label_field: str | None = "label",
               label_names: list[str] | None = None, max_examples: int | None = None,
-              input_fields: Sequence[str] = ()) -> DataBundle:
+              input_fields: Sequence[str] = (), skip_bad_rows: bool = False) -> DataBundle:
     """Load `source` (folder of split files, single file = train, or Hub id) into a validated DataBundle.
 
     `input_fields` (the fields a task template names) must be present in every row; they are kept on
-    each Example as `inputs`.
+    each Example as `inputs`. A bad row is an error naming its file and row; with `skip_bad_rows` it is
+    skipped and recorded in `DataBundle.skipped` instead (a file that is unreadable as a whole still fails).
     """
+    bad: list[str] | None = [] if skip_bad_rows else None
     if not source.strip():  # Path("") is the current directory, which would load whatever happens to be there
         raise DataError("no data source given. Fix: pass --data with a folder, a file or a Hub dataset id")
     if max_examples is not None and max_examples < 1:
@@ -107,10 +111,10 @@ def load_data(source: str, text_field: str = "text", label_field: str | None = "
     fields = tuple(input_fields)
     path = Path(source).expanduser()
     if path.is_dir():
-        raw = {split: [r for f in files for r in _read_rows(f, text_field, label_field, fields)]
+        raw = {split: [r for f in files for r in _read_rows(f, text_field, label_field, fields, bad)]
                for split, files in _split_files(path).items()}
     elif path.is_file():
-        raw = {"train": _read_rows(path, text_field, label_field, fields)}
+        raw = {"train": _read_rows(path, text_field, label_field, fields, bad)}
     elif not _HUB_ID.match(source) or path.suffix.lower() in _SUFFIXES:
         # Clearly meant as a path: asking the Hub about it would only hide the real problem (a typo).
         raise DataError(f"{source}: no such file or folder. Fix: check the path (relative paths start at "
@@ -118,7 +122,9 @@ def load_data(source: str, text_field: str = "text", label_field: str | None = "
     else:
         raw, hub_names = _load_hub(source, text_field, label_field, fields)
         names = names or hub_names
-    return _build(source, raw, names, label_field, max_examples)
+    bundle = _build(source, raw, names, label_field, max_examples, bad)
+    bundle.skipped = bad or []
+    return bundle
 
 
 def _check_label_names(label_names: list[str] | None) -> list[str] | None:
@@ -166,29 +172,50 @@ def _unsupported(path: Path) -> DataError:
                      f"{', '.join(_SUFFIXES)}", path=str(path))
 
 
-def _read_rows(path: Path, text_field: str, label_field: str | None, fields: tuple[str, ...] = ()) -> list[_Row]:
+def _read_rows(path: Path, text_field: str, label_field: str | None, fields: tuple[str, ...] = (),
+               bad: list[str] | None = None) -> list[_Row]:
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise _unsupported(path)
     if suffix == ".parquet":
         records = _parquet(path)
     elif suffix == ".txt":  # the only format whose field names come from the caller, not the file
-        records = _txt(path, _read_text(path), text_field, label_field)
+        records = _txt(path, _read_text(path, bad), text_field, label_field)
     else:
-        records = {".jsonl": _json_lines, ".json": _json, ".csv": _csv}[suffix](path, _read_text(path))
-    rows = [_extract(loc, rec, text_field, label_field, fields) for loc, rec in records]
+        records = {".jsonl": _json_lines, ".json": _json, ".csv": _csv}[suffix](path, _read_text(path, bad))
+    rows = []
+    for loc, rec in records:
+        try:
+            if isinstance(rec, DataError):  # a line that is not JSON: reported here so it can be skipped
+                raise rec
+            rows.append(_extract(loc, rec, text_field, label_field, fields))
+        except DataError as err:
+            if bad is None:
+                raise
+            bad.append(str(err))
     if not rows:
         raise DataError(f"{path}: contains no examples. Fix: add rows or remove the file", path=str(path))
     return rows
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, bad: list[str] | None = None) -> str:
     try:
         # Decode ourselves (no newline translation) so csv sees the real line endings; -sig drops Excel's BOM.
-        return path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start}). Fix: re-save it as UTF-8",
-                        path=str(path)) from None
+        line = data[:e.start].count(b"\n") + 1
+        if bad is None:
+            raise DataError(f"{path}, line {line}: not valid UTF-8 text ({e.reason} at byte {e.start}). Fix: re-save "
+                            f"it as UTF-8, or pass --skip-bad-rows", path=str(path), row=line) from None
+        lines = data.split(b"\n")
+        for n, raw in enumerate(lines):  # blank the undecodable lines (keeps the numbering) and record them
+            try:
+                raw.decode("utf-8-sig" if n == 0 else "utf-8")
+            except UnicodeDecodeError:
+                bad.append(f"{path}, line {n + 1}: not valid UTF-8 text")
+                lines[n] = b""
+        return b"\n".join(lines).decode("utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror}). Fix: check the path and its permissions",
                         path=str(path)) from None
@@ -202,8 +229,8 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[_Loc, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: invalid JSON ({e.msg} at column {e.colno}). Fix: each line must "
-                            f"be one complete JSON object", path=str(path), row=n) from None
+            record = DataError(f"{path}, line {n}: invalid JSON ({e.msg} at column {e.colno}). Fix: each line must "
+                               f"be one complete JSON object", path=str(path), row=n)
         yield _Loc(str(path), n, "line"), record
 
 
@@ -274,6 +301,9 @@ def _extract(loc: _Loc, record: Any, text_field: str, label_field: str | None, f
     text = (text or "").strip()
     if not text:
         raise loc.error(f"'{text_field}' is empty", "fill in the text or delete the row")
+    if len(text) > MAX_TEXT_CHARS:
+        raise loc.error(f"'{text_field}' is {len(text):,} characters long (limit {MAX_TEXT_CHARS:,}): a runaway "
+                        "line?", "split or shorten it, or pass --skip-bad-rows")
     label = record.get(label_field, _MISSING) if label_field else _MISSING
     # null, NaN and blank cells are how csv/parquet/pandas write "no label"; treat them like an absent field.
     blank = label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == ""
@@ -371,11 +401,17 @@ def _is_offline(error: BaseException) -> bool:
 
 
 def _build(source: str, raw: dict[str, list[_Row]], names: list[str] | None, label_field: str | None,
-           max_examples: int | None) -> DataBundle:
+           max_examples: int | None, bad: list[str] | None = None) -> DataBundle:
     splits: dict[str, list[Example]] = {}
     for split, rows in raw.items():
         # A whole split may be unlabelled (Kaggle/GLUE test sets), but a split with gaps is a data bug.
         labelled = [r for r in rows if r[2] is not _MISSING]
+        if bad is not None and labelled and len(labelled) < len(rows):
+            bad.extend(f"{loc.file}, {loc.unit} {loc.row}: no '{label_field}' value" for loc, _, lab, _ in rows
+                       if lab is _MISSING)
+            rows = labelled
+        if bad is not None:
+            rows = [r for r in rows if _label_ok(r, names, bad)]
         if labelled and len(labelled) < len(rows):
             loc = next(r[0] for r in rows if r[2] is _MISSING)
             first = labelled[0][0]
@@ -390,6 +426,18 @@ def _build(source: str, raw: dict[str, list[_Row]], names: list[str] | None, lab
     if max_examples is not None:
         splits = {s: examples[:max_examples] for s, examples in splits.items()}
     return DataBundle(source=source, splits=splits, labels=labels, fingerprint=_fingerprint(splits, labels))
+
+
+def _label_ok(row: _Row, names: list[str] | None, bad: list[str]) -> bool:
+    loc, _, label, _ = row
+    if label is _MISSING:
+        return True
+    try:
+        _label_name(loc, label, names)
+        return True
+    except DataError as err:
+        bad.append(str(err))
+        return False
 
 
 def _fingerprint(splits: dict[str, list[Example]], labels: list[str] | None) -> str:

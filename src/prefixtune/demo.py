@@ -40,6 +40,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
         save_every=50,
         per_label=True,
         **FAMILY_RECIPE,
+        overwrite=True,  # the demo owns its folder: `make demo` again replaces the previous demo run
     )
     result = train(cfg, loaded=loaded, data=bundle, say=console.print)
     if result.interrupted:
@@ -54,8 +55,9 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
                               adapters=[method.adapter(label) for label in labels],
                               max_new_tokens=24 if quick else 40, temperature=0.8, top_p=0.95,
                               seed=list(range(len(labels))))
+    negative = lm.guidance(method.adapter(labels[0]))[1] or "the base model"
     table = Table(title=f"one sample per emotion, one mixed batch of {len(labels)} adapters "
-                        f"(guidance {scale:g} against emotion-all)")
+                        f"(guidance x{scale:g} against {negative}, as the manifests recommend)")
     table.add_column("adapter")
     table.add_column("generated text")
     for label, gen in zip(labels, generations):

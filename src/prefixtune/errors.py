@@ -10,7 +10,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from prefixtune.prefix.peft_io import AdapterFormatError
     from prefixtune.prefix.shapes import ShapeMismatchError, UnsupportedModelError
     from prefixtune.store import StoreError
+    from prefixtune.train.checkpoint import CheckpointError
     from prefixtune.train.config import ConfigError
 
     return (DataError, ModelLoadError, AdapterFormatError, ShapeMismatchError, UnsupportedModelError, StoreError,
-            ConfigError)
+            ConfigError, CheckpointError)

@@ -6,7 +6,6 @@ defaults and the model fingerprint (which adapters record to refuse a mismatched
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -96,44 +95,15 @@ def resolve_device_dtype(
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
-
-# Keys that change with how a model was loaded rather than what its weights compute. `architectures` is
-# dropped because a GGUF load leaves it None while save_pretrained fills it in; the loaded class name is
-# hashed instead, which carries the same information for both.
-_VOLATILE_KEYS = frozenset({
-    "torch_dtype", "dtype", "transformers_version", "architectures", "quantization_config",
-    "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-})
-
-
-def _stable_config(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _stable_config(v) for k, v in obj.items() if k not in _VOLATILE_KEYS and not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_stable_config(v) for v in obj]
-    return obj
-
-
-def model_fingerprint(model: Any) -> str:
-    """16-hex sha256 identifying a base model's config and weights, independent of dtype and source.
-
-    Sampled values are rounded through bfloat16 before hashing: rounding to N decimal digits would still
-    flip values near a digit boundary, whereas fp32->bf16 is exactly the cast a bf16 load performs, so fp32
-    and bf16 loads of the same weights hash identically. (fp16 loads round twice and may differ.)
-    """
-    if hasattr(model, "get_base_model"):  # a PEFT wrapper: fingerprint the frozen base underneath
-        model = model.get_base_model()
-    digest = hashlib.sha256(type(model).__name__.encode())
-    digest.update(json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str).encode())
-    params = dict(model.named_parameters())
-    names = sorted(params)
-    samples = [("input_embeddings", model.get_input_embeddings().weight)]
-    samples += [(names[0], params[names[0]]), (names[-1], params[names[-1]])]
-    for label, tensor in samples:
-        values = tensor.detach().reshape(-1)[:64].to("cpu", torch.float32).to(torch.bfloat16).float()
-        digest.update(f"{label}{tuple(tensor.shape)}".encode())
-        digest.update(json.dumps(values.tolist()).encode())
-    return digest.hexdigest()[:16]
+# In prefixtune.fingerprint; re-exported here, where callers have always found it.
+from prefixtune.fingerprint import (  # noqa: E402,F401
+    FINGERPRINT_VERSION,
+    cached_fingerprints,
+    legacy_fingerprint,
+    legacy_fingerprint_of,
+    model_fingerprint,
+    remember_legacy,
+)
 
 
 # ------------------------------------------------------------------------------------------ bundled SmolLM2
@@ -264,7 +234,8 @@ class LoadedModel:
     path: str  # where it was loaded from: cache folder, local folder, .gguf file or hub id
     device: torch.device
     dtype: torch.dtype
-    fingerprint: str
+    fingerprint: str  # model_fingerprint: class + config + every weight (FINGERPRINT_VERSION)
+    legacy_fingerprint: str = ""  # the version-1 fingerprint, to recognise adapters written before v2
 
 
 def _looks_like_path(name: str) -> bool:
@@ -363,5 +334,7 @@ def load_base_model(
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
     source = str(Path(location) / gguf_file) if gguf_file else location
+    fingerprint, legacy = cached_fingerprints(model, location, gguf_file, dt)
+    remember_legacy(fingerprint, legacy)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=source, device=dev, dtype=dt,
-                       fingerprint=model_fingerprint(model))
+                       fingerprint=fingerprint, legacy_fingerprint=legacy)

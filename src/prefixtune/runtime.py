@@ -2,40 +2,95 @@
 
 On a 2-core machine with other work running, 2 intra-op threads made one SmolLM2 training step
 ~10x slower than 1 thread (16 s vs 1.7 s, measured here): every op waits for the second thread to
-be scheduled. So prefixtune only ever lowers the thread count, to the cores that are actually free.
+be scheduled. So prefixtune only ever lowers the thread count, to the cores that are free *now*: a short
+/proc/stat sample of what other processes use, minus this process and its children. (The 1-minute load
+average it replaced still counted the job's own previous step: `make test` then `make demo` ran the demo
+on 1 thread of 2.)
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 import torch
 
 THREADS_ENV = "PREFIXTUNE_THREADS"
+SAMPLE_S = 0.15  # /proc/stat counts in 10 ms ticks: 0.15 s x 2 cores resolves ~3% of the machine
 
 
-def free_cores() -> int:
-    cores = os.cpu_count() or 1
+def cpu_count() -> int:
     try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def read_proc_stat() -> tuple[int, int] | None:
+    """(busy ticks, total ticks) summed over all cores since boot, or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def own_ticks() -> float:
+    """CPU ticks used by this process and its (waited-for) children so far."""
+    t = os.times()
+    return (t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
+
+
+def busy_other_cores(read_stat: Callable[[], tuple[int, int] | None] = read_proc_stat,
+                     own: Callable[[], float] = own_ticks, sleep: Callable[[float], None] = time.sleep,
+                     seconds: float = SAMPLE_S, cores: int | None = None) -> float | None:
+    """Cores kept busy by OTHER processes during a short sample (None where /proc/stat does not exist)."""
+    cores = cores or cpu_count()
+    before, own_before = read_stat(), own()
+    if before is None:
+        return None
+    sleep(seconds)
+    after, own_after = read_stat(), own()
+    if after is None or after[1] <= before[1]:
+        return None
+    busy = after[0] - before[0] - (own_after - own_before)
+    return max(0.0, busy / (after[1] - before[1]) * cores)
+
+
+def free_cores(others: float | None = None) -> int:
+    cores = cpu_count()
+    if others is None:
+        others = busy_other_cores(cores=cores)
+    if others is None:  # no /proc/stat (macOS, Windows): the load average is the best there is
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return cores
     # A core counts as taken only once other work keeps it ~90% busy: on an idle 2-core machine 2 threads
     # made a training step 1.6x faster than 1, so a light background load must not cost that.
-    return max(1, min(cores, int(cores - busy + 0.9)))
+    return max(1, min(cores, int(cores - others + 0.9)))
 
 
-def configure_threads(say=None) -> int:
-    """Set torch's CPU threads: $PREFIXTUNE_THREADS if set, else lower (never raise) to the free cores."""
+def configure_threads(say=None, others: float | None = None) -> int:
+    """Set torch's CPU threads: $PREFIXTUNE_THREADS if set, else lower (never raise) to the free cores.
+
+    `others` (cores busy with other processes) replaces the /proc/stat sample, for tests.
+    """
     current = torch.get_num_threads()
     wanted = os.environ.get(THREADS_ENV)
     if wanted:
         torch.set_num_threads(max(1, int(wanted)))
         return torch.get_num_threads()
-    target = min(current, free_cores())
+    if others is None:
+        others = busy_other_cores()
+    target = min(current, free_cores(others))
     if target < current:
         torch.set_num_threads(target)
         if say is not None:
-            say(f"note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): using "
-                f"{target} torch thread(s) instead of {current}; set {THREADS_ENV} to override")
+            busy = f"other processes keep {others:.1f}" if others is not None else "the load average is high on"
+            say(f"note: the CPU is busy ({busy} of {cpu_count()} cores): using {target} torch thread(s) "
+                f"instead of {current}; set {THREADS_ENV} to override")
     return torch.get_num_threads()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +20,16 @@ from typing import Any
 
 import torch
 
+from prefixtune.fingerprint import (  # noqa: F401 - LegacyFingerprintWarning is part of the store's API
+    FINGERPRINT_VERSION,
+    LegacyFingerprintWarning,
+    is_legacy,
+    legacy_fingerprint_of,
+    warn_legacy,
+)
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.peft_io import (
+    _umask,
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoadedAdapter,
@@ -50,7 +59,7 @@ class Manifest:
 
     name: str  # adapter name in the store
     base_model: str  # what the base model was asked as (e.g. smollm2-135m)
-    base_fingerprint: str  # hash of the base model's config + a few weights
+    base_fingerprint: str  # hash of the base model's class, config and every weight (prefixtune.fingerprint)
     shape: dict[str, Any]  # PrefixShape fields the prefix was built for
     prefix: dict[str, Any]  # PrefixConfig fields
     created: str = ""  # ISO time
@@ -62,6 +71,7 @@ class Manifest:
     hyperparams: dict[str, Any] = field(default_factory=dict)  # training settings
     metrics: dict[str, Any] = field(default_factory=dict)  # eval loss, perplexity, tokens/s ...
     versions: dict[str, str] = field(default_factory=dict)  # prefixtune/torch/transformers/peft
+    fingerprint_version: int = FINGERPRINT_VERSION  # how base_fingerprint was computed (1 = legacy)
     guidance: dict[str, Any] = field(default_factory=dict)  # recommended {"scale": float, "negative": name|None}
 
     @classmethod
@@ -71,6 +81,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         known = {f for f in cls.__dataclass_fields__}
+        data = {"fingerprint_version": 1, **data}  # manifests from before the field: the legacy fingerprint
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,17 +89,18 @@ class Manifest:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import transformers
+    """Installed versions from package metadata (importing peft just to ask would cost every save ~0.5 s)."""
+    from importlib import metadata
 
     import prefixtune
 
-    return {
-        "prefixtune": prefixtune.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    found = {"prefixtune": prefixtune.__version__, "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def shape_dict(shape: PrefixShape) -> dict[str, int]:
@@ -166,6 +178,11 @@ def check_compatible(
         return None  # foreign (PEFT) adapters carry no fingerprint; their shapes are checked on load
     wanted = shape_dict(shape)
     same_shape = {k: manifest.shape.get(k) for k in SHAPE_KEYS} == wanted
+    if is_legacy(manifest.fingerprint_version):
+        legacy = legacy_fingerprint_of(fingerprint)
+        if legacy is not None and manifest.base_fingerprint == legacy and same_shape:
+            warn_legacy(manifest.name)
+            return None
     if manifest.base_fingerprint == fingerprint and same_shape:
         return None
     problem = (
@@ -310,6 +327,8 @@ class AdapterStore:
         if theirs is not None:
             manifest = theirs
             manifest.dataset = {**manifest.dataset, "imported_from": str(source)}
+            if warning is None and is_legacy(manifest.fingerprint_version):  # matched this model's v1: upgrade
+                manifest.base_fingerprint, manifest.fingerprint_version = fingerprint, FINGERPRINT_VERSION
         else:
             manifest = Manifest(
                 name=name, base_model=base_model, base_fingerprint=fingerprint, shape=shape_dict(shape),
@@ -331,6 +350,27 @@ class AdapterStore:
         with atomic_folder(target) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
         return target
+
+    def put_all(self, folders: dict[str, str | Path]) -> dict[str, Path]:
+        """Publish several adapters together: every copy is staged (hidden) first, then each is swapped in.
+
+        A failure while staging leaves the store untouched; only the final renames run one after another.
+        """
+        from prefixtune.prefix.peft_io import swap_in
+
+        staged: dict[str, Path] = {}
+        try:
+            for name, folder in folders.items():
+                target = self.path(name)
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{name}.tmp-"))
+                shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                tmp.chmod(0o777 & ~_umask())
+                staged[name] = tmp
+            return {name: swap_in(tmp, self.path(name)) for name, tmp in staged.items()}
+        finally:
+            for tmp in staged.values():
+                shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
 
     def export(self, name: str, target: str | Path, peft_only: bool = False) -> Path:
         """A PEFT-loadable copy of the adapter; our extra files ride along unless peft_only (PEFT ignores them)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -227,3 +229,30 @@ def test_top_p_keeps_exactly_the_nucleus():
         drawn = {sampler(logits) for _ in range(300)}
         assert drawn <= nucleus
         assert len(drawn) > 1
+
+
+def test_adapter_with_the_legacy_fingerprint_still_loads_and_warns_once(tiny_lm, tmp_path):
+    import json
+    import warnings
+
+    from prefixtune.store import MANIFEST_FILE, LegacyFingerprintWarning
+
+    folder = write_adapter(tmp_path, "old-adapter", tiny_lm, fingerprint=tiny_lm.legacy_fingerprint)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["fingerprint_version"]  # as written before fingerprints covered every weight
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = PrefixLM(tiny_lm, AdapterStore(tmp_path))
+        lm.generate(["x"], ["old-adapter"], max_new_tokens=1)
+        PrefixLM(tiny_lm, AdapterStore(tmp_path)).generate(["x"], ["old-adapter"], max_new_tokens=1)
+    legacy = [w for w in caught if issubclass(w.category, LegacyFingerprintWarning)]
+    assert len(legacy) == 1 and "legacy fingerprint" in str(legacy[0].message)
+    # A legacy manifest naming another model's legacy fingerprint is still refused.
+    manifest["base_fingerprint"] = "0" * 16
+    manifest["name"] = "old-foreign"
+    other = tmp_path / "old-foreign"
+    shutil.copytree(folder, other)
+    (other / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="fingerprint 0000000000000000"):
+        lm.generate(["x"], ["old-foreign"], max_new_tokens=1)

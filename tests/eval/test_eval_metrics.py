@@ -65,7 +65,9 @@ def test_tfidf_judge_is_cached_by_fingerprint_and_reports_its_accuracy(tmp_path,
     time.sleep(0.01)
     again = load_judge(data, say=said.append, home=tmp_path)
     assert again.from_cache and path.stat().st_mtime_ns == stamp  # loaded, not retrained
-    path.write_bytes(b"not a pickle")  # a corrupt cache is retrained, not fatal
+    texts = ["i feel so furious again", "so scared", "what a lovely day", "unknown words here"]
+    assert again.predict(texts) == judge.predict(texts) and again.accuracy == judge.accuracy  # no pickle needed
+    path.write_bytes(b"not a judge file")  # a corrupt cache is retrained, not fatal
     assert not load_judge(data, say=said.append, home=tmp_path).from_cache
     assert any("ignoring unreadable judge cache" in s for s in said)
 
@@ -94,7 +96,7 @@ def test_judge_from_spec_loads_a_factory_and_rejects_bad_specs(tmp_path, monkeyp
 
 
 def test_lora_targets_are_the_attention_projections():
-    from prefixtune.eval.lora import attention_targets
+    from prefixtune.train.methods import attention_targets
     from prefixtune.testing import make_tiny_model
 
     llama = attention_targets(make_tiny_model("llama"))

@@ -103,3 +103,23 @@ def test_saved_files_are_readable_by_others(tmp_path):
     os.umask(mask)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_written_config_is_exactly_pefts_own():
+    import json
+
+    from peft import PrefixTuningConfig
+
+    from prefixtune.prefix.encoder import PrefixConfig
+    from prefixtune.prefix.peft_io import peft_config_dict
+    from prefixtune.prefix.shapes import PrefixShape
+
+    shape = PrefixShape(num_layers=3, kv_heads=2, head_dim=16, hidden_size=64, model_type="llama")
+    for config in (PrefixConfig(5), PrefixConfig(7, prefix_projection=False, encoder_hidden_size=48)):
+        theirs = PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens, token_dim=shape.token_dim,
+            num_layers=shape.num_layers, num_attention_heads=shape.kv_heads,
+            encoder_hidden_size=config.encoder_hidden_size or shape.hidden_size,
+            prefix_projection=config.prefix_projection, base_model_name_or_path="m", inference_mode=True).to_dict()
+        ours = peft_config_dict(shape, config, "m")
+        assert json.loads(json.dumps(ours)) == json.loads(json.dumps(theirs, default=str))

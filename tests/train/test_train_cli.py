@@ -70,9 +70,9 @@ def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_m
     assert result.exit_code == 0, result.output
     joy = read_manifest(store / "emotion-joy")
     assert joy.hyperparams["lr"] == 0.005, "a given flag wins over the recipe"
-    for key in ("init", "init_text", "prefix_projection", "family_rate", "contrastive_weight", "balance"):
+    for key in ("init", "init_text", "prefix_projection", "family_rate", "balance"):
         assert joy.hyperparams[key] == FAMILY_RECIPE[key], key
-    assert joy.guidance == {"scale": FAMILY_RECIPE["guidance_scale"], "negative": "emotion-all"}
+    assert joy.guidance == {"scale": FAMILY_RECIPE["guidance_scale"], "negative": None}  # None: the base model
     assert read_manifest(store / "emotion-all").label is None
 
     # A template with {label} has no single prompt for a family adapter: the recipe leaves it out.
@@ -83,4 +83,5 @@ def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_m
         "--name", "tpl", "--no-progress", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "s2" / "tpl-all").exists() and read_manifest(tmp_path / "s2" / "tpl-joy").guidance == {}
+    assert not (tmp_path / "s2" / "tpl-all").exists()
+    assert read_manifest(tmp_path / "s2" / "tpl-joy").guidance == {"scale": 2.0, "negative": None}

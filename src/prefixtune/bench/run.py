@@ -69,6 +69,23 @@ def bench_serving(loaded, out: Path, console: Console) -> dict[str, Any]:
     return r
 
 
+def bench_end_to_end(model: str, data: str, out: Path, rows: int, console: Console) -> dict[str, Any]:
+    from prefixtune.bench import train_e2e
+
+    r = train_e2e.run(model, data, out / "e2e", rows=rows, eval_rows=rows, say=console.print)
+    table = Table(title=f"whole `train` command: {rows} rows, 1 epoch, batch 8, final eval on {rows} rows, save")
+    for col in ("method", "wall seconds", "eval loss (same scorer)"):
+        table.add_column(col)
+    table.add_row("prefixtune train", f"{r['ours_seconds']:.1f}", f"{r['ours_eval_loss']:.3f}")
+    table.add_row("peft+trainer (pad 128)", f"{r['peer_seconds']:.1f}", f"{r['peer_eval_loss']:.3f}")
+    console.print(table)
+    console.print(f"end to end, prefixtune train is {r['ratio']:.2f}x faster than the peer recipe "
+                  f"(eval loss {r['ours_eval_loss']:.3f} vs {r['peer_eval_loss']:.3f})")
+    bar_chart(out / "train_e2e_seconds.png", "whole training command (s, lower is better)",
+              ["prefixtune train", "peft+trainer"], [r["ours_seconds"], r["peer_seconds"]], "seconds")
+    return r
+
+
 def run_bench(model: str, data: str, out: str, steps: int = 10, rows: int = 256,
               sections: tuple[str, ...] = ("train", "serve")) -> dict[str, Any]:
     from prefixtune.data import load_data
@@ -81,6 +98,8 @@ def run_bench(model: str, data: str, out: str, steps: int = 10, rows: int = 256,
     bundle = load_data(data) if "train" in sections else None
     if "train" in sections:
         report["train"] = bench_training(load_base_model(model), bundle, out_dir, steps, rows, console)
+    if "e2e" in sections:
+        report["e2e"] = bench_end_to_end(model, data, out_dir, rows, console)
     if "serve" in sections:
         report["serve"] = bench_serving(load_base_model(model), out_dir, console)
     atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))

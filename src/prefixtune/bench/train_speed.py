@@ -48,24 +48,30 @@ def peer_model(loaded, cfg: TrainConfig):
         encoder_hidden_size=loaded.model.config.hidden_size))
 
 
+class Padded(torch.utils.data.Dataset):
+    """The peer recipe's dataset: every row padded (or cut) to 128 tokens, prompt tokens masked."""
+
+    def __init__(self, rows: list[Tokenized], pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        ids = r.input_ids[:128]
+        pad = 128 - len(ids)
+        labels = [-100] * r.prompt_len + ids[r.prompt_len:]
+        return {
+            "input_ids": torch.tensor(ids + [self.pad_id] * pad),
+            "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+            "labels": torch.tensor(labels[:128] + [-100] * pad),
+        }
+
+
 def run_peer(model, rows: list[Tokenized], cfg: TrainConfig, pad_id: int, on_cpu: bool):
     """PEFT + HF Trainer with every row padded to 128 tokens, as the measured peer recipe."""
     from transformers import Trainer, TrainingArguments
-
-    class Padded(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            r = rows[i]
-            ids = r.input_ids[:128]
-            pad = 128 - len(ids)
-            labels = [-100] * r.prompt_len + ids[r.prompt_len:]
-            return {
-                "input_ids": torch.tensor(ids + [pad_id] * pad),
-                "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
-                "labels": torch.tensor(labels[:128] + [-100] * pad),
-            }
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -74,7 +80,7 @@ def run_peer(model, rows: list[Tokenized], cfg: TrainConfig, pad_id: int, on_cpu
             report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=on_cpu,
             dataloader_num_workers=0, disable_tqdm=True, seed=cfg.seed,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=Padded())
+        trainer = Trainer(model=model, args=args, train_dataset=Padded(rows, pad_id))
         real = 0
         original = trainer.training_step
 

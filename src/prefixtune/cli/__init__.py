@@ -24,10 +24,16 @@ bench_cmd.register(app)
 
 @app.command()
 def doctor() -> None:
-    """Print versions, device, the bundled model's state and known-bad version combinations."""
+    """Print versions, device, the bundled model's state and known-bad version combinations.
+
+    Exits 1 when a check fails (warnings alone exit 0), so scripts and CI can rely on it.
+    """
     from prefixtune.doctor import print_doctor
 
-    print_doctor()
+    failed = [check for check, _, status in print_doctor() if status == "fail"]
+    if failed:
+        typer.echo(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("runs/bench", help="Where results.json and the PNG charts go."),
         steps: int = typer.Option(10, help="Training steps per method."),
         rows: int = typer.Option(256, help="Training rows."),
-        sections: str = typer.Option("train,serve", help="Comma-separated: train, serve."),
+        sections: str = typer.Option("train,serve", help="Comma-separated: train (steps), e2e (whole "
+                                                                 "train command vs the peer script), serve."),
     ) -> None:
         """Benchmarks that print ratios against a baseline measured in the same run (`bench task`: task quality)."""
         if ctx.invoked_subcommand is not None:

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         num_virtual_tokens: Optional[int] = Opt(None, help="Virtual tokens per adapter."),
         prefix_projection: Optional[bool] = Opt(None, "--prefix-projection/--no-prefix-projection",
                                                 help="Train through the 2-layer MLP."),
+        encoder_hidden_size: Optional[int] = Opt(None, help="MLP width (default: the model's hidden size)."),
         init: Optional[str] = Opt(None, help="random | zero | text"),
         init_text: Optional[str] = Opt(None, help="Text whose keys/values start the prefix (--init text)."),
         init_from: Optional[str] = Opt(None, help="Continue this adapter folder (through its MLP if saved)."),
@@ -64,6 +65,12 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
         storage_dtype: Optional[str] = Opt(None, help="Saved prefix dtype (bfloat16 halves the file)."),
         resume: Optional[bool] = Opt(None, "--resume", help="Continue from OUT/checkpoint."),
+        overwrite: Optional[bool] = Opt(None, "--overwrite", help="Replace a previous run in a non-empty OUT."),
+        skip_bad_rows: Optional[bool] = Opt(None, "--skip-bad-rows", help="Skip and count malformed data rows."),
+        method: Optional[str] = Opt(None, help="What trains: prefix (default) | lora."),
+        lora_r: Optional[int] = Opt(None, help="LoRA rank (--method lora)."),
+        lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (--method lora)."),
+        lora_targets: Optional[str] = Opt(None, help="LoRA target modules, comma-separated (default: attention)."),
         family_rate: Optional[float] = Opt(None, help="Per-label: share of rows training NAME-all, the family's "
                                                       "unconditional adapter (the guidance negative)."),
         contrastive_weight: Optional[float] = Opt(None, help="Per-label: weight of the loss that makes each "
@@ -80,6 +87,7 @@ def register(app: typer.Typer) -> None:
             flags.pop(key)
         flags["label_names"] = parse_csv(label_names)
         flags["labels"] = parse_csv(labels)
+        flags["lora_targets"] = parse_csv(lora_targets)
         if no_progress:
             flags["progress"] = False
         cfg = build_config(config, flags)

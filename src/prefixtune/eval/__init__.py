@@ -18,8 +18,6 @@ _EXPORTS = {
     "run_eval": "prefixtune.eval.run_eval",
     "CompareConfig": "prefixtune.eval.compare",
     "run_compare": "prefixtune.eval.compare",
-    "LoraSettings": "prefixtune.eval.lora",
-    "train_lora": "prefixtune.eval.lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,7 +19,6 @@ from typing import Any
 
 from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
-from prefixtune.eval.lora import LoraSettings
 from prefixtune.eval.report import compare_markdown, plot_bars, plot_loss_curves, write_json
 from prefixtune.eval.readme import readme_section
 from prefixtune.prefix.peft_io import atomic_write_text
@@ -64,6 +63,9 @@ class CompareConfig(EvalSettings):
     template: str | None = None  # training prompt with {label} (default: TrainConfig's)
     num_virtual_tokens: int = 20  # prefix length
     prefix_projection: bool = True  # train the prefix through the MLP
+    encoder_hidden_size: int | None = None  # prefix MLP width (default: the model's hidden size)
+    init: str = "random"  # prefix init: random | zero | text
+    init_text: str | None = None  # text whose keys/values start the prefix (init=text; {label} filled in)
     per_label: bool = False  # prefix: one adapter per label instead of the label in the prompt
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA alpha
@@ -88,27 +90,23 @@ class CompareConfig(EvalSettings):
         if "{label}" not in self.instruction:
             raise CompareConfigError(f"--instruction {self.instruction!r} must contain {{label}}")
         try:  # fail here, not minutes later inside a training process
-            self.train_config("prefix").validate()
-            LoraSettings(**self.lora_settings()).validate()
+            for method in self.methods:
+                if method != "prompt":
+                    self.train_config(method).validate()
         except ValueError as err:
             raise CompareConfigError(str(err)) from None
 
     def train_config(self, method: str) -> TrainConfig:
-        lr = {"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr
-        return TrainConfig(
-            model=self.model, data=self.data, out=str(Path(self.out) / method), store=None, name=method,
-            text_field=self.text_field, label_field=self.label_field, label_names=self.label_names,
-            template=self.template, per_label=self.per_label and method == "prefix", labels=self.labels,
-            balance=self.balance, max_examples=self.max_examples, max_length=self.max_length,
-            num_virtual_tokens=self.num_virtual_tokens, prefix_projection=self.prefix_projection, lr=lr,
-            weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio, schedule=self.schedule,
-            grad_clip=self.grad_clip, batch_size=self.batch_size, max_steps=self.steps, seed=self.seed,
-            eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0, device=self.device,
-            dtype=self.dtype, progress=self.progress)
-
-    def lora_settings(self) -> dict[str, Any]:
-        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
-                "targets": self.lora_targets}
+        """The TrainConfig `prefixtune train` would use: every same-named setting is carried over, so the
+        prefix in a comparison gets the recipe `train` gives it (init, init_text, projection, widths ...)."""
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        values.update(
+            method=method, name=method, out=str(Path(self.out) / method), store=None, overwrite=True,
+            lr={"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr,
+            per_label=self.per_label and method == "prefix", max_steps=self.steps,
+            eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0)
+        return TrainConfig(**values)
 
 
 def load_compare_config(path: str | Path) -> dict[str, Any]:
@@ -148,8 +146,7 @@ def train_method(method: str, cfg: CompareConfig, say=print, loaded=None, data=N
                  threads: int | None = None) -> dict[str, Any]:
     """Train one method, in a child process when cfg.isolate; returns its summary, adapters and history."""
     run = Path(cfg.out) / method
-    spec = {"method": method, "train": asdict(cfg.train_config(method)), "lora": cfg.lora_settings(),
-            "result": str(run / "result.json")}
+    spec = {"method": method, "train": asdict(cfg.train_config(method)), "result": str(run / "result.json")}
     if not cfg.isolate:
         from prefixtune.eval.worker import run_training
 
@@ -220,7 +217,7 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     """Train, evaluate and report every method; writes results.json/.md, PNGs and config.json under cfg.out."""
     from prefixtune.data import load_data
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.eval.lora import lora_applied
+    from prefixtune.train.methods import lora_applied
     from prefixtune.eval.run_eval import method_from_adapters
     from prefixtune.models import load_base_model
 

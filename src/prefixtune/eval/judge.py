@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +124,48 @@ def judge_cache_path(data: DataBundle, home: Path | None = None) -> Path:
 
     from prefixtune.models import prefixtune_home
 
-    # sklearn pickles are only safe to load with the version that wrote them, hence the version in the key.
+    # No pickle: the fitted numbers go into a safetensors file (vocabulary and settings in its JSON metadata);
+    # the sklearn version stays in the key because its TF-IDF details may change between releases.
     key = f"{data.fingerprint}-v{_JUDGE_VERSION}-sklearn{sklearn.__version__}"
-    return (home or prefixtune_home()) / "judges" / f"{key}.pkl"
+    return (home or prefixtune_home()) / "judges" / f"{key}.safetensors"
+
+
+def _save_judge(judge: TfidfJudge, path: Path) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    vectorizer, logreg = judge.pipeline.steps[0][1], judge.pipeline.steps[1][1]
+    tensors = {"idf": torch.from_numpy(vectorizer.idf_.copy()), "coef": torch.from_numpy(logreg.coef_.copy()),
+               "intercept": torch.from_numpy(logreg.intercept_.copy())}
+    meta = {"vocabulary": {k: int(v) for k, v in vectorizer.vocabulary_.items()},
+            "min_df": vectorizer.min_df, "classes": [str(c) for c in logreg.classes_], "labels": judge.labels,
+            "accuracy": judge.accuracy, "accuracy_split": judge.accuracy_split,
+            "macro_accuracy": judge.macro_accuracy, "per_label_accuracy": judge.per_label_accuracy,
+            "train_rows": judge.train_rows, "fingerprint": judge.fingerprint}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"judge": json.dumps(meta)}))
+
+
+def _read_judge(path: Path) -> TfidfJudge:
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["judge"])
+        tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
+    pipeline = _pipeline()
+    vectorizer, logreg = pipeline.steps[0][1], pipeline.steps[1][1]
+    vectorizer.set_params(min_df=meta["min_df"])
+    vectorizer.vocabulary_ = meta["vocabulary"]
+    vectorizer.idf_ = tensors["idf"]
+    logreg.coef_, logreg.intercept_ = tensors["coef"], tensors["intercept"]
+    logreg.classes_ = np.array(meta["classes"], dtype=object)
+    logreg.n_features_in_ = tensors["coef"].shape[1]
+    return TfidfJudge(pipeline, meta["labels"], meta["accuracy"], meta["accuracy_split"], meta["macro_accuracy"],
+                      meta["per_label_accuracy"], meta["train_rows"], meta["fingerprint"])
 
 
 def load_judge(data: DataBundle, spec: str | None = None, say=print, home: Path | None = None) -> Judge:
@@ -137,15 +175,14 @@ def load_judge(data: DataBundle, spec: str | None = None, say=print, home: Path 
     path = judge_cache_path(data, home)
     if path.is_file():
         try:
-            with path.open("rb") as f:
-                judge = pickle.load(f)
-            if isinstance(judge, TfidfJudge) and judge.fingerprint == data.fingerprint:
+            judge = _read_judge(path)
+            if judge.fingerprint == data.fingerprint:
                 judge.from_cache = True
                 return judge
         except Exception as err:  # a truncated or foreign file: retrain rather than fail the evaluation
             say(f"note: ignoring unreadable judge cache {path} ({type(err).__name__}: {err})")
     judge = tfidf_judge(data, say)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(pickle.dumps(judge)))
+    _save_judge(judge, path)
     say(f"{judge.describe()} (cached at {path})")
     return judge
 

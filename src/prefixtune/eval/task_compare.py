@@ -24,7 +24,7 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
 
     from prefixtune.engine.lm import PrefixLM
     from prefixtune.eval.compare import _row, train_method
-    from prefixtune.eval.lora import lora_applied
+    from prefixtune.train.methods import lora_applied
     from prefixtune.eval.task_eval import load_task_items
     from prefixtune.models import load_base_model
     from prefixtune.runtime import configure_threads

@@ -38,22 +38,16 @@ def run_training(spec: dict[str, Any], loaded=None, data=None, say=print) -> dic
     load_before = _load_average()
     if torch.cuda.is_available():  # in-process runs share the device: count this method's peak only
         torch.cuda.reset_peak_memory_stats()
-    if spec["method"] == "prefix":
-        from prefixtune.train.loop import train
-
-        result = train(cfg, loaded, data, say)
-        if result.interrupted:
-            raise RuntimeError("prefix training was interrupted")
-        adapters = {name: str(folder) for name, folder in result.adapters.items()}
-        summary = result.summary
-    elif spec["method"] == "lora":
-        from prefixtune.eval.lora import LoraSettings, train_lora
-
-        result = train_lora(cfg, LoraSettings(**spec["lora"]), loaded, data, say)
-        adapters = {"lora": str(result.adapter)}
-        summary = result.summary
-    else:
+    if spec["method"] not in ("prefix", "lora"):
         raise ValueError(f"unknown method {spec['method']!r}")
+    from prefixtune.train.loop import train
+
+    cfg.method = spec["method"]
+    result = train(cfg, loaded, data, say)  # one engine: LoRA gets the same loop as prefix tuning
+    if result.interrupted:
+        raise RuntimeError(f"{spec['method']} training was interrupted")
+    adapters = {name: str(folder) for name, folder in result.adapters.items()}
+    summary = result.summary
     # Other processes on the machine slow training down; the load average lets readers judge the timings.
     summary["load average"] = max(load_before, _load_average())
     out = {"method": spec["method"], "summary": summary, "adapters": adapters, "history": _history(Path(cfg.out))}

@@ -92,12 +92,31 @@ def _umask() -> int:
     return _IMPORT_UMASK if mask is None else mask
 
 
+def swap_in(tmp: Path, target: Path, overwrite: bool = True) -> Path:
+    """Rename the finished folder `tmp` to `target`; an old `target` is moved aside first and put back if the
+    rename fails. Between the two renames the name is briefly absent, never half-written."""
+    old = None
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 @contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole.
+    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole (swap_in).
 
-    An old `target` is moved aside, then removed (put back if the rename fails); between the two renames
-    the name is briefly absent, never half-written. On failure the temp folder goes and `target` stays.
+    On failure the temp folder goes and `target` stays.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,20 +124,7 @@ def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp is owner-only; the result should read like any other folder
     try:
         yield tmp
-        old = None
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None and not target.exists():
-                os.rename(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,20 +135,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def peft_config_dict(shape: PrefixShape, config: PrefixConfig, base_model: str) -> dict[str, Any]:
-    from peft import PrefixTuningConfig
+    """PEFT's PrefixTuningConfig(...).to_dict(), written out so saving never imports peft (~0.5 s a run);
+    tests/prefix/test_peft_io.py checks it equals PEFT's own output and that PEFT loads the folder."""
+    from importlib import metadata
 
-    peft_cfg = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=config.num_virtual_tokens,
-        token_dim=shape.token_dim,
-        num_layers=shape.num_layers,
-        num_attention_heads=shape.kv_heads,
-        encoder_hidden_size=config.encoder_hidden_size or shape.hidden_size,
-        prefix_projection=config.prefix_projection,
-        base_model_name_or_path=base_model,
-        inference_mode=True,
-    )
-    return peft_cfg.to_dict()
+    try:
+        peft_version = metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        peft_version = None
+    return {
+        "task_type": "CAUSAL_LM", "peft_type": "PREFIX_TUNING", "auto_mapping": None, "peft_version": peft_version,
+        "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+        "num_virtual_tokens": config.num_virtual_tokens, "token_dim": shape.token_dim,
+        "num_transformer_submodules": None, "num_attention_heads": shape.kv_heads, "num_layers": shape.num_layers,
+        "modules_to_save": None, "init_weights": None,
+        "encoder_hidden_size": config.encoder_hidden_size or shape.hidden_size,
+        "prefix_projection": config.prefix_projection,
+    }
 
 
 def save_adapter(
@@ -177,14 +186,30 @@ def read_peft_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{folder} has no {CONFIG_FILE}; is it an adapter folder?")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFormatError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "PREFIX_TUNING":
         raise AdapterFormatError(
             f"{path} describes a {cfg.get('peft_type')} adapter; prefixtune loads PREFIX_TUNING adapters "
             "(LoRA adapters are for `prefixtune compare`, not the prefix engine)."
         )
     return cfg
+
+
+_MAX_CONFIG_INT = 1 << 20  # no real prefix has a million virtual tokens, layers or widths
+
+
+def _config_int(folder: Path, cfg: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """An integer field of adapter_config.json, refused clearly when absent-but-required, non-integer or absurd."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_CONFIG_INT:
+        raise AdapterFormatError(f"{folder}/{CONFIG_FILE}: {key}={value!r} is not a sensible size (a whole number "
+                                 f"from 1 to {_MAX_CONFIG_INT}); re-export the adapter")
+    return value
 
 
 def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> LoadedAdapter:
@@ -206,19 +231,30 @@ def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> Loaded
     key = next((k for k in weights if k.endswith("prompt_embeddings")), None)
     if key is None:
         raise AdapterFormatError(f"{folder}/{WEIGHTS_FILE} holds no prompt_embeddings ({', '.join(weights)})")
-    flat = weights[key].float()
-    p = int(cfg.get("num_virtual_tokens") or flat.shape[0])
+    flat = weights[key]
+    if flat.dim() != 2 or not flat.is_floating_point():
+        raise AdapterFormatError(f"{folder}: prompt_embeddings must be a 2-D float tensor (virtual tokens x width), "
+                                 f"got {flat.dtype} of shape {tuple(flat.shape)}; re-export or retrain the adapter")
+    flat = flat.float()
+    if not torch.isfinite(flat).all():
+        raise AdapterFormatError(f"{folder}: prompt_embeddings hold NaN or inf values (a diverged run?); retrain it")
+    p = _config_int(folder, cfg, "num_virtual_tokens", default=flat.shape[0])
     if flat.shape[0] != p:
         raise AdapterFormatError(f"{folder}: config says {p} virtual tokens, weights have {flat.shape[0]}")
     if shape is not None:
-        check_size("num_layers", cfg.get("num_layers"), shape.num_layers, shape)
-        check_size("token_dim", cfg.get("token_dim"), shape.token_dim, shape)
-        check_size("num_attention_heads (kv heads)", cfg.get("num_attention_heads"), shape.kv_heads, shape)
+        check_size("num_layers", _config_int(folder, cfg, "num_layers"), shape.num_layers, shape)
+        check_size("token_dim", _config_int(folder, cfg, "token_dim"), shape.token_dim, shape)
+        check_size("num_attention_heads (kv heads)", _config_int(folder, cfg, "num_attention_heads"), shape.kv_heads,
+                   shape)
         check_size("prompt_embeddings width", flat.shape[1], shape.flat_dim, shape)
     config = PrefixConfig(
         num_virtual_tokens=p,
         prefix_projection=bool(cfg.get("prefix_projection", False)),
-        encoder_hidden_size=cfg.get("encoder_hidden_size"),
+        encoder_hidden_size=_config_int(folder, cfg, "encoder_hidden_size"),
     )
-    trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else None
+    try:
+        trainable = load_file(str(folder / TRAINABLE_FILE)) if (folder / TRAINABLE_FILE).is_file() else None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterFormatError(f"{folder}/{TRAINABLE_FILE} is unreadable ({type(err).__name__}: {err}); delete "
+                                 "it to use the folded prefix alone, or retrain the adapter") from err
     return LoadedAdapter(flat, config, cfg, trainable)

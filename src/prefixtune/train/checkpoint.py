@@ -1,4 +1,8 @@
-"""Checkpoints: trainable state, optimizer, scheduler, RNG and data position, written atomically."""
+"""Checkpoints: trainable state, optimizer, scheduler, RNG and data position, written atomically.
+
+No pickle: `state.pt` holds only tensors and plain containers (read back with `weights_only=True`); the RNG
+states are stored as lists and tensors, the progress as JSON.
+"""
 
 from __future__ import annotations
 
@@ -32,49 +36,96 @@ class Progress:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                               has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, encoders, optimizer, scheduler, progress: Progress) -> Path:
-    """Write run_dir/checkpoint as a whole: a temp folder renamed over the old one."""
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says what is kept and what to do."""
+
+
+def save_checkpoint(run_dir: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    progress: Progress) -> Path:
+    """Write run_dir/checkpoint as a whole: a temp folder renamed over the old one (kept if this fails)."""
     target = run_dir / CHECKPOINT_DIR
-    with atomic_folder(target) as tmp:
-        torch.save(
-            {
-                "encoders": encoders.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-            },
-            tmp / "state.pt",
-        )
-        (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
+    try:
+        with atomic_folder(target) as tmp:
+            torch.save(
+                {
+                    "trainable": trainable,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                },
+                tmp / "state.pt",
+            )
+            (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
+    except OSError as err:
+        kept = _saved_step(target)
+        raise CheckpointError(
+            f"cannot write a checkpoint into {run_dir} ({err.strerror or err}); "
+            + (f"the last good checkpoint (step {kept}) is kept: fix the folder and rerun with --resume"
+               if kept is not None else "no checkpoint was kept: fix the folder and rerun")
+        ) from None
     return target
 
 
-def load_checkpoint(run_dir: Path, encoders, optimizer, scheduler) -> Progress:
+def _saved_step(target: Path) -> int | None:
+    try:
+        return int(json.loads((target / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_checkpoint(run_dir: Path, load_trainable, optimizer, scheduler) -> Progress:
+    """Restore a checkpoint: `load_trainable(state_dict)` takes the method's tensors back."""
     target = run_dir / CHECKPOINT_DIR
     if not (target / "state.pt").is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"--resume: no checkpoint in {target}; start without --resume (or point --out at the run to resume)"
         )
-    state = torch.load(target / "state.pt", map_location="cpu", weights_only=False)
-    encoders.load_state_dict(state["encoders"])
+    try:
+        state = torch.load(target / "state.pt", map_location="cpu", weights_only=True)
+        progress = Progress(**json.loads((target / "progress.json").read_text()))
+    except Exception as err:  # noqa: BLE001 - torch/json raise many types for a damaged file
+        first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's refusal runs to a page
+        raise CheckpointError(f"--resume: the checkpoint in {target} is unreadable ({type(err).__name__}: "
+                              f"{first}); start again with --overwrite") from None
+    load_trainable(state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return Progress(**json.loads((target / "progress.json").read_text()))
+    return progress
+
+
+def recover_checkpoint(run_dir: Path) -> None:
+    """Undo a swap cut short by a kill: atomic_folder moves the old checkpoint aside (`.checkpoint.old-*`)
+    only after the new one (`.checkpoint.tmp-*`) is complete; the candidate with the highest readable step
+    is put back (state.pt is written before progress.json, so a readable progress.json means a whole one)."""
+    if has_checkpoint(run_dir) or not run_dir.is_dir():
+        return
+    if not any(run_dir.glob(f".{CHECKPOINT_DIR}.old-*")):
+        return  # no swap was cut short
+    candidates = [(step, p) for p in run_dir.glob(f".{CHECKPOINT_DIR}.*-*")
+                  if (step := _saved_step(p)) is not None and (p / "state.pt").is_file()]
+    if candidates:
+        max(candidates, key=lambda c: c[0])[1].rename(run_dir / CHECKPOINT_DIR)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

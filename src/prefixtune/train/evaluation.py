@@ -17,7 +17,7 @@ class EvalLoss:
     tokens: int  # scored tokens
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad: no version counters or views tracked
 def eval_loss(model, rows: Sequence[Tokenized], pad_id: int, batch_size: int, device,
               prefix_of: Callable[[str], torch.Tensor | None] | None = None, bar=None) -> EvalLoss:
     """Token-weighted loss of `model` (a PrefixModel) on `rows`.

@@ -50,6 +50,8 @@ def tokenize(
 
     Returns the rows and how many were truncated to max_length.
     """
+    if not examples:  # e.g. --eval-examples 0, or a label filter that leaves no validation rows
+        return [], 0
     eos = tokenizer.eos_token_id
     truncated = 0
     rows: list[Tokenized] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -14,20 +15,20 @@ from typing import Any
 import torch
 
 from prefixtune.store import AdapterStore
-from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
+from prefixtune.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.contrastive import contrastive_forward
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.plan import TrainPlan, plan_run
-from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, write_log
-from prefixtune.train.saving import save_adapters
+from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
+from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
 
 
 @dataclass
 class TrainResult:
     out: Path  # run folder
-    adapters: dict[str, Path]  # adapter name -> folder of the kept (best, else last) adapter
+    adapters: dict[str, Path]  # adapter name -> folder of the kept (best, else last) adapter; {} if interrupted
     summary: dict[str, Any]  # numbers printed at the end
     interrupted: bool = False  # stopped by SIGINT/SIGTERM after checkpointing
     warnings: list[str] = field(default_factory=list)  # e.g. a loss that did not fall
@@ -64,14 +65,18 @@ def _is_oom(err: BaseException) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print):
+    """The one training loop: every method (prefix, LoRA, ...) runs through it with the same features."""
+
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print, resume: bool | None = None):
         self.cfg, self.plan, self.say = cfg, plan, say
+        self.resume = cfg.resume if resume is None else resume
         self.run_dir = Path(cfg.out)
         self.model = plan.model
+        self.method = plan.method
         self.device = next(self.model.base.parameters()).device
         self.accelerator = plan.accelerator
         self.ddp_model = self.accelerator.prepare(self.model) if self.accelerator.num_processes > 1 else self.model
-        params = [p for p in self.model.encoders.parameters() if p.requires_grad]
+        params = self.method.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         from transformers import get_scheduler
 
@@ -105,7 +110,7 @@ class Trainer:
             with self._autocast():
                 out = self.ddp_model(
                     part.input_ids.to(self.device), part.attention_mask.to(self.device),
-                    adapters=part.adapters, labels=part.labels.to(self.device),
+                    adapters=self.method.row_adapters(part.adapters), labels=part.labels.to(self.device),
                 )
             self.accelerator.backward(out.loss * (out.num_tokens / max(total, 1)))
             loss_sum += float(out.loss.detach()) * out.num_tokens
@@ -167,7 +172,8 @@ class Trainer:
         rows = self.plan.val_rows
         if not rows:
             return {}
-        result = eval_loss(self.model, rows, self.plan.pad_id, self.cfg.batch_size, self.device)
+        result = eval_loss(self.model, rows, self.plan.pad_id, self.cfg.batch_size, self.device,
+                           prefix_of=self.method.prefix_of)
         return {"eval_loss": result.loss, "perplexity": math.exp(min(result.loss, 50)),
                 "per_adapter": result.per_adapter}
 
@@ -190,14 +196,14 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, plan, progress = self.cfg, self.plan, self.progress
-        if cfg.resume:
-            self.progress = progress = load_checkpoint(self.run_dir, self.model.encoders, self.optimizer,
+        if self.resume:
+            self.progress = progress = load_checkpoint(self.run_dir, self.method.load_state_dict, self.optimizer,
                                                        self.scheduler)
             self.say(f"resumed from {self.run_dir / 'checkpoint'} at step {progress.step}")
-        elif has_checkpoint(self.run_dir) and self.is_main:
-            self.say(f"note: {self.run_dir} holds a checkpoint; starting fresh (use --resume to continue it)")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.is_main:
+            preload_plotting()  # the loss curve at the end then costs no import time
         bar = _progress_bar(self.total_steps, progress.step, cfg.progress and self.is_main)
         interrupted = Interrupted()
         with interrupted.installed():
@@ -231,14 +237,21 @@ class Trainer:
                 bar.set_postfix(postfix)
                 bar.update(1)
                 if cfg.save_every and progress.step % cfg.save_every == 0 and self.is_main:
-                    save_checkpoint(self.run_dir, self.model.encoders, self.optimizer, self.scheduler, progress)
+                    self._checkpoint()
         bar.close()
         stopped = interrupted.signal is not None
-        if self.is_main:
-            save_checkpoint(self.run_dir, self.model.encoders, self.optimizer, self.scheduler, progress)
+        if self.is_main and (stopped or not cfg.save_every or progress.step % cfg.save_every):
+            # A finished run writes its adapters next; the checkpoint is what a kill during that finish
+            # resumes from (skipped when the periodic one of this very step already exists).
+            self._checkpoint()
         if stopped:
-            self.say(f"interrupted at step {progress.step}: checkpoint saved; continue with --resume")
+            store = f"; {self.cfg.store} is untouched" if self.cfg.store else ""
+            self.say(f"interrupted at step {progress.step}: checkpoint saved{store}. Continue with: "
+                     f"{resume_command(self.cfg)}")
         return self._finish(stopped)
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, self.method.state_dict(), self.optimizer, self.scheduler, self.progress)
 
     def _eval_and_keep(self) -> bool:
         """Evaluate, save the best adapters; True when early stopping says stop."""
@@ -252,7 +265,7 @@ class Trainer:
             progress.best_eval = metrics["eval_loss"]
             progress.evals_without_gain = 0
             if self.is_main:
-                save_adapters(self, self.run_dir / "best", metrics)
+                self.method.save(self, self.run_dir / "best", metrics)
         else:
             progress.evals_without_gain += 1
         if self.is_main:
@@ -266,7 +279,7 @@ class Trainer:
         """DDP keeps replicas identical; prove it before rank 0 saves what it alone holds."""
         if self.accelerator.num_processes < 2:
             return
-        checksum = torch.stack([p.detach().double().sum() for p in self.model.encoders.parameters()]).sum()
+        checksum = torch.stack([p.detach().double().sum() for p in self.method.parameters()]).sum()
         gathered = self.accelerator.gather(checksum.view(1).to(self.accelerator.device)).cpu()
         if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=1e-9):
             raise RuntimeError(f"DDP ranks disagree on the trained prefixes: checksums {gathered.tolist()}")
@@ -274,42 +287,46 @@ class Trainer:
             self.say(f"ranks agree: {len(gathered)} processes, prefix checksum {float(gathered[0]):.6f}")
 
     def _finish(self, stopped: bool) -> TrainResult:
+        """Reports and adapters of a finished run; the store sees them only when the run completed."""
         progress, plan = self.progress, self.plan
         self._check_ranks_agree()
+        if stopped or not self.is_main:
+            if self.is_main:
+                write_log(self.run_dir, progress.history)
+            return TrainResult(self.run_dir, {}, {}, stopped, self.warnings)
         last_metrics = next((r for r in reversed(progress.history) if r.get("kind") == "eval"), {})
-        result_dirs: dict[str, Path] = {}
-        summary: dict[str, Any] = {}
-        if self.is_main:
-            write_log(self.run_dir, progress.history)
-            plot_losses(progress.history, self.run_dir / "loss_curve.png")
-            last = save_adapters(self, self.run_dir / "last", last_metrics)
-            best_root = self.run_dir / "best"
-            result_dirs = {n: (best_root / n if (best_root / n).is_dir() else p) for n, p in last.items()}
-            trainable = sum(p.numel() for p in self.model.encoders.parameters())
-            base_params = sum(p.numel() for p in self.model.base.parameters())
-            sizes = [(p / "adapter_model.safetensors").stat().st_size for p in result_dirs.values()]
-            summary = {
-                "adapters": len(result_dirs),
-                "steps": progress.step,
-                "train rows": len(plan.train_rows),
-                "trainable params": trainable,
-                "trainable %": 100.0 * trainable / base_params,
-                "adapter file bytes": sizes[0],  # one adapter (per-label adapters share the shape)
-                "all adapters bytes": sum(sizes),
-                "train seconds": progress.train_seconds,
-                "real tokens/s": progress.tokens / max(progress.train_seconds, 1e-9),
-                "best eval loss": progress.best_eval if progress.best_eval is not None else float("nan"),
-                # CUDA: this run's peak (reset at start); CPU: the process's peak resident memory.
-                "peak memory MB": peak_memory_mb(self.device),
-                "truncated examples": plan.truncated,
-            }
-            if self.cfg.store:
-                store = AdapterStore(self.cfg.store)
-                for name, folder in result_dirs.items():
-                    if store.exists(name):
-                        self.say(f"store {store.root}: replacing adapter {name} with this run's")
-                    result_dirs[name] = store.put(name, folder)
-            self.say(format_summary(summary))
+        write_log(self.run_dir, progress.history)
+        plot_losses(progress.history, self.run_dir / "loss_curve.png")
+        last = self.method.save(self, self.run_dir / "last", last_metrics)
+        # best/ is this run's own (a fresh run starts in an empty OUT); without an eval there is no best.
+        best_root = self.run_dir / "best"
+        use_best = progress.best_eval is not None
+        result_dirs = {n: (best_root / n if use_best and (best_root / n).is_dir() else p) for n, p in last.items()}
+        trainable = sum(p.numel() for p in self.method.parameters())
+        base_params = sum(p.numel() for p in self.model.base.parameters() if not p.requires_grad)
+        sizes = [(p / "adapter_model.safetensors").stat().st_size for p in result_dirs.values()]
+        summary = {
+            "adapters": len(result_dirs),
+            "steps": progress.step,
+            "train rows": len(plan.train_rows),
+            "trainable params": trainable,
+            "trainable %": 100.0 * trainable / base_params,
+            "adapter file bytes": sizes[0],  # one adapter (per-label adapters share the shape)
+            "all adapters bytes": sum(sizes),
+            "train seconds": progress.train_seconds,
+            "real tokens/s": progress.tokens / max(progress.train_seconds, 1e-9),
+            "best eval loss": progress.best_eval if progress.best_eval is not None else float("nan"),
+            # CUDA: this run's peak (reset at start); CPU: the process's peak resident memory.
+            "peak memory MB": peak_memory_mb(self.device),
+            "truncated examples": plan.truncated,
+        }
+        if self.cfg.store:
+            store = AdapterStore(self.cfg.store)
+            for name in result_dirs:
+                if store.exists(name):
+                    self.say(f"store {store.root}: replacing adapter {name} with this run's")
+            result_dirs = store.put_all(result_dirs)
+        self.say(format_summary(summary))
         return TrainResult(self.run_dir, result_dirs, summary, stopped, self.warnings)
 
 
@@ -320,9 +337,26 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def train(cfg: TrainConfig, loaded=None, data=None, say=print) -> TrainResult:
-    """Train as `cfg` says; `loaded` (a LoadedModel) and `data` (a DataBundle) may be passed in to reuse them."""
+    """Train as `cfg` says; `loaded` (a LoadedModel) and `data` (a DataBundle) may be passed in to reuse them.
+
+    All or nothing: settings, paths and OUT are checked before the model loads, OUT is claimed only after the
+    data and adapters are planned, and the store sees the adapters only when the run completes.
+    """
     cfg.validate()
+    check_paths(cfg)
+    main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 owns OUT
+    resume = check_out(cfg) if main else cfg.resume
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     plan = plan_run(cfg, loaded, data, say)
-    return Trainer(cfg, plan, say).run()
+    try:
+        if main:
+            claim_out(cfg, resume, say)
+        plan.accelerator.wait_for_everyone()
+        if not main:  # resume whatever checkpoint rank 0 kept (it clears OUT when there was none)
+            from prefixtune.train.checkpoint import has_checkpoint
+
+            resume = cfg.resume and has_checkpoint(Path(cfg.out))
+        return Trainer(cfg, plan, say, resume=resume).run()
+    finally:
+        plan.method.close()

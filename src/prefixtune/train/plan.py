@@ -35,6 +35,7 @@ class TrainPlan:
     total_steps: int
     accelerator: Any  # accelerate.Accelerator (one process unless launched with `accelerate launch`)
     family: str | None = None  # NAME-all, the unconditional adapter of a per-label family (--family-rate)
+    method: Any = None  # train.methods.TrainMethod: what trains (prefix encoders, LoRA, ...)
 
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This process's batches; every rank gets the same count so DDP never waits on a missing one."""
@@ -142,7 +143,9 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
 
     loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
     data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
-                             input_fields=input_fields(cfg.template))
+                             input_fields=input_fields(cfg.template), skip_bad_rows=cfg.skip_bad_rows)
+    if data.skipped:
+        say(f"--skip-bad-rows: skipped {len(data.skipped)} bad row(s); first: {data.skipped[0]}")
     if cfg.per_label and data.labels is None:
         raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
     template, train_ex, val_ex = split_rows(cfg, data, say)
@@ -175,7 +178,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     model = PrefixModel(loaded.model)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)
-    for name in adapter_labels:
+    for name in adapter_labels if cfg.method == "prefix" else ():  # other methods build their own weights
         encoder = model.add_adapter(name, prefix_cfg)
         if cfg.init == "text":
             # "{label}" in the init text gives each per-label adapter its own starting point.
@@ -206,5 +209,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     if accelerator.is_main_process:
         say(f"{len(adapter_labels)} adapter(s) on {loaded.name} ({model.shape.describe()}), "
             f"{len(train_rows)} train / {len(val_rows)} eval rows, {total} steps")
+    from prefixtune.train.methods import build_method
+
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator, family)
+                     total, accelerator, family, build_method(cfg, model))

@@ -17,18 +17,34 @@ def write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
+def preload_plotting() -> None:
+    """Import matplotlib (and build its font list) in a background thread while training runs: the import
+    costs 1-5 s on a CPU, and torch's kernels release the GIL, so overlapped it is nearly free."""
+    import threading
+
+    def load() -> None:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
+            from matplotlib.font_manager import fontManager  # noqa: F401
+        except Exception:  # noqa: BLE001 - plot_losses will report it where it matters
+            pass
+
+    threading.Thread(target=load, name="preload-matplotlib", daemon=True).start()
+
+
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "prefixtune training") -> Path | None:
     """Train loss per step and eval loss per eval, one PNG."""
     train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("kind") == "eval"]
     if not train and not evals:
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no backend machinery or global figure state to load
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, label="train loss", alpha=0.35)
@@ -42,7 +58,6 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "prefixt
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
     return path
 
 

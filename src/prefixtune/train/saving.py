@@ -46,11 +46,11 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
 
 
 def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
-    """What a per-label adapter recommends for generation: guidance against the family adapter.
+    """What a per-label adapter recommends for generation: guidance against the base model.
 
-    Against the base model guidance also amplifies whatever sets the data apart from the base model (length,
-    style): texts collapse to "i feel angry". So a scale is recommended only when the family adapter exists.
+    Safe against the base model because guidance keeps the adapter's own stop probability and a
+    plausibility floor (engine/guidance.py); `--guidance-negative NAME-all` is the milder choice.
     """
-    if label is None or cfg.guidance_scale is None or plan.family is None:
+    if label is None or cfg.guidance_scale is None:
         return {}
-    return {"scale": cfg.guidance_scale, "negative": plan.family}
+    return {"scale": cfg.guidance_scale, "negative": None}
