@@ -70,8 +70,8 @@ class LiveServer:
 
 @contextlib.contextmanager
 def live_server(lm: PrefixLM, **kwargs) -> Iterator[LiveServer]:
-    """Settings fields and Scheduler kwargs (max_batch, max_queue, mode) mixed, for brevity."""
-    sched = {k: kwargs.pop(k) for k in ("max_batch", "max_queue", "mode") if k in kwargs}
+    """Settings fields and Scheduler kwargs (max_batch, max_queue, mode, max_inflight_tokens) mixed, for brevity."""
+    sched = {k: kwargs.pop(k) for k in ("max_batch", "max_queue", "mode", "max_inflight_tokens") if k in kwargs}
     settings = ServerSettings(model_name="tiny-base", **kwargs)
     server = LiveServer(lm, settings, **sched).start()
     try:

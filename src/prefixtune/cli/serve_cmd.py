@@ -21,10 +21,16 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PREFIXTUNE_API_KEY",
                                               help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
         max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together."),
-        max_queue: int = typer.Option(256, "--max-queue", min=0, help="Waiting rows before requests get HTTP 429."),
+        max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting rows before requests get HTTP 429."),
         max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
                                                     help="Virtual + prompt + new tokens per row (default: the model's limit)."),
         max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Cap on max_tokens per choice."),
+        max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1,
+                                                        help="Tokens per prompt (default: --max-model-len)."),
+        max_n: int = typer.Option(16, "--max-n", min=1, help="Choices per prompt (n)."),
+        max_stop_chars: int = typer.Option(256, "--max-stop-chars", min=1, help="Characters per stop string."),
+        max_inflight_tokens: int = typer.Option(1 << 19, "--max-inflight-tokens", min=1,
+                                                help="Prompt + max_tokens summed over in-flight rows (beyond: 429)."),
         mode: str = typer.Option("continuous", "--batching", help="continuous (rows join/leave every step) or grouped."),
         admin: bool = typer.Option(True, "--admin/--no-admin", help="Enable POST/DELETE /v1/adapters."),
         adapter_root: Optional[list[Path]] = typer.Option(None, "--adapter-root",
@@ -58,9 +64,11 @@ def register(app: typer.Typer) -> None:
             model_name=served_model_name or default_id, host=host, port=port, api_key=api_key or None, admin=admin,
             adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes,
             max_model_len=max_model_len or limit, max_tokens=max_tokens, shutdown_timeout=shutdown_timeout,
+            max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_stop_chars=max_stop_chars,
         )
         scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode,
-                              max_model_len=settings.max_model_len, start=False)
+                              max_model_len=settings.max_model_len, start=False,
+                              max_inflight_tokens=max_inflight_tokens)
         try:
             serve(lm, scheduler, settings, log_level=log_level)
         except OSError as err:

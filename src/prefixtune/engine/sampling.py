@@ -48,7 +48,7 @@ MIN_TEMPERATURE = 1e-5
 
 
 class RowSampler:
-    """Draws the next token of one row from its logits with its own generator."""
+    """One row's sampling settings and random stream (its own generator: batch mates never shift its draws)."""
 
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
@@ -61,29 +61,55 @@ class RowSampler:
                 self.generator.seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
-            return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
-        if p.top_k > 0:
-            # By index, not by threshold: ties with the k-th logit must not widen the set beyond k.
-            keep = torch.topk(logits, min(p.top_k, logits.shape[-1])).indices
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits[keep])
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p >= 1.0:
-            return int(torch.multinomial(probs, 1, generator=self.generator))
-        # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead
-        # of all of it is exact whenever their mass reaches top_p (else fall back to the full sort).
-        top, order = torch.topk(probs, min(_NUCLEUS_CANDIDATES, probs.shape[-1]))  # sorted, descending
-        if float(top.sum()) < p.top_p:
-            top, order = torch.sort(probs, descending=True)
-        # Keep the smallest set whose mass reaches top_p (always at least the top token).
-        top = top.masked_fill(top.cumsum(-1) - top >= p.top_p, 0.0)
-        return int(order[torch.multinomial(top, 1, generator=self.generator)])
+        """Next token from one row's logits (V,); the same draw sample_rows makes for this row in any batch."""
+        return sample_rows(logits.view(1, -1), [self])[0]
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Next token per row; an all-greedy batch takes one vectorised argmax."""
-    if all(s.params.greedy for s in samplers):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [s(row) for s, row in zip(samplers, logits)]
+    """Next token per row of logits (B, V), each row with its own temperature, top-k, top-p and generator.
+
+    Temperature, top-k, softmax and the nucleus candidates are computed for all sampled rows at once; each
+    row then draws from its own generator (torch.multinomial on a tensor: no host sync), and the whole batch
+    syncs once, at the final .tolist(). A seeded row's tokens therefore do not depend on its batch mates, and
+    are the ones a row sampled alone draws (same distribution, same generator stream).
+    """
+    greedy = torch.argmax(logits, dim=-1)  # (B,)
+    sampled = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if not sampled:
+        return greedy.tolist()
+    device = logits.device
+    params = [samplers[i].params for i in sampled]
+    index = torch.tensor(sampled, dtype=torch.long, device=device)
+    x = logits.index_select(0, index).float()  # (S, V)
+    vocab = x.shape[-1]
+    x = x / torch.tensor([p.temperature for p in params], device=device).view(-1, 1)
+    if any(p.top_k > 0 for p in params):
+        # By index, not by threshold: ties with the k-th logit must not widen the set beyond k.
+        width = min(vocab, max(p.top_k for p in params))
+        values, order = torch.topk(x, width, dim=-1)  # (S, width), descending
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).view(-1, 1)
+        values = values.masked_fill(torch.arange(width, device=device).view(1, -1) >= k, float("-inf"))
+        cut = torch.full_like(x, float("-inf")).scatter(-1, order, values)
+        x = torch.where(k < vocab, cut, x)  # rows without top-k keep everything
+    probs = torch.softmax(x, dim=-1)  # (S, V)
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if nucleus:
+        # The nucleus almost always lies inside the top candidates; sorting 1024 of a 49k vocabulary instead of
+        # all of it is exact whenever their mass reaches top_p (else that row falls back to the full sort).
+        rows = torch.tensor(nucleus, device=device)
+        top, order = torch.topk(probs.index_select(0, rows), min(_NUCLEUS_CANDIDATES, vocab), dim=-1)  # (N, C)
+        short = (top.sum(-1) < torch.tensor([params[j].top_p for j in nucleus], device=device)).tolist()
+        for n, j in enumerate(nucleus):
+            t, o = (torch.sort(probs[j], descending=True) if short[n] else (top[n], order[n]))
+            # Keep the smallest set whose mass reaches top_p (always at least the top token).
+            candidates[j] = (t.masked_fill(t.cumsum(-1) - t >= params[j].top_p, 0.0), o)
+    draws = []
+    for j, i in enumerate(sampled):
+        generator = samplers[i].generator
+        if j in candidates:
+            t, o = candidates[j]
+            draws.append(o[torch.multinomial(t, 1, generator=generator)])
+        else:
+            draws.append(torch.multinomial(probs[j], 1, generator=generator))
+    return greedy.index_copy(0, index, torch.cat(draws)).tolist()

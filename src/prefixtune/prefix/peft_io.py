@@ -61,10 +61,35 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int | None:
+    """The process umask without changing it (Linux: /proc/self/status), or None where that is unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _probe_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before a server or trainer starts its
+    # threads, so no other thread can create a file while the mask is briefly 0.
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_IMPORT_UMASK = _read_umask()
+if _IMPORT_UMASK is None:
+    _IMPORT_UMASK = _probe_umask()
+
+
+def _umask() -> int:
+    """Never sets the umask at runtime: another thread may be creating files at that moment."""
+    mask = _read_umask()
+    return _IMPORT_UMASK if mask is None else mask
 
 
 def swap_in(tmp: Path, target: Path, overwrite: bool = True) -> Path:

@@ -6,9 +6,12 @@ scheduler's batches. Route handlers only validate, tokenize and format: generati
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -41,6 +44,11 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_model_len: int | None = None  # virtual + prompt + new tokens per row; None = the model's limit
     max_tokens: int = 1024  # cap on max_tokens per choice
+    # Per-request limits (each refused with a 400 naming it): every one bounds work a single request can cause.
+    max_prompt_tokens: int | None = None  # tokens per prompt; None = max_model_len
+    max_n: int = 16  # choices per prompt (each is a batch row)
+    max_stop_strings: int = 4  # OpenAI's limit
+    max_stop_chars: int = 256  # characters per stop string (matching cost per token grows with it)
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
 
 
@@ -58,13 +66,15 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     base_ids = {settings.model_name, lm.loaded.name}
     registry = AdapterRegistry(lm, scheduler.lm_lock, base_ids, settings.adapter_roots)
     metrics = ServerMetrics(scheduler, registry.loaded, lambda: len(registry.names()))
-    tokenizer = lm.tokenizer  # event-loop thread only (the worker decodes with its own copy)
+    tokenizer = lm.tokenizer  # the text thread only (the engine decodes with its own copy)
 
     @asynccontextmanager
     async def lifespan(_app):
         scheduler.start()
         yield
         await run_in_threadpool(scheduler.shutdown, settings.shutdown_timeout)
+        registry.close()
+        text_pool.shutdown(wait=False)
 
     app = FastAPI(title="prefixtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry, app.state.metrics, app.state.scheduler = registry, metrics, scheduler
@@ -109,13 +119,14 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
+        await registry.refresh()
         cards = [P.model_card(settings.model_name)]
         cards += [P.model_card(name, parent=settings.model_name) for name in registry.names()]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        adapter = registry.resolve(model)
+        adapter = await registry.resolve(model)
         return P.model_card(settings.model_name) if adapter is None else P.model_card(adapter, settings.model_name)
 
     # ---- admin -----------------------------------------------------------------------------------------
@@ -135,19 +146,42 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         return await run_in_threadpool(registry.unload, name)
 
     # ---- generation ------------------------------------------------------------------------------------
+    def check_limits(body: P.SamplingBody, prompts: list[list[int]], prompt_field: str) -> None:
+        def refuse(param: str, message: str) -> None:
+            raise APIError(400, message, param=param, code="limit_exceeded")
+
+        stops = body.stop or []
+        if len(stops) > settings.max_stop_strings:
+            refuse("stop", f"{len(stops)} stop strings; this server's limit max_stop_strings is "
+                           f"{settings.max_stop_strings}")
+        longest = max(map(len, stops), default=0)
+        if longest > settings.max_stop_chars:
+            refuse("stop", f"a stop string of {longest} characters; this server's limit max_stop_chars is "
+                           f"{settings.max_stop_chars}")
+        if body.n > settings.max_n:
+            refuse("n", f"n={body.n}; this server's limit max_n is {settings.max_n}")
+        limit = settings.max_prompt_tokens or max_len
+        for p, ids in enumerate(prompts):
+            if len(ids) > limit:
+                refuse(prompt_field, f"prompt {p} has {len(ids)} tokens; this server's limit max_prompt_tokens "
+                                     f"is {limit}")
+        if body.n * len(prompts) > scheduler.max_queue:
+            refuse("n", f"n x prompts = {body.n * len(prompts)} rows exceed this server's max_queue "
+                        f"{scheduler.max_queue}")
+
     async def start_job(http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]], prompt_field: str,
                         max_tokens: int | None, default_tokens: int | None) -> Job:
-        adapter = registry.resolve(body.model)
+        adapter = await registry.resolve(body.model)
         http.state.adapter = body.model  # metrics label, only once the model is known to be served
-        prefix = await run_in_threadpool(registry.prefix, adapter)
-        virtual = 0 if prefix is None else int(prefix.shape[2])
+        check_limits(body, prompts, prompt_field)
         if max_tokens is not None and max_tokens > settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {settings.max_tokens}",
                            param="max_tokens")
-        if body.n * len(prompts) > scheduler.max_queue:
-            raise APIError(400, f"n x prompts = {body.n * len(prompts)} rows exceed max_queue {scheduler.max_queue}",
-                           param="n")
+        # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop.
+        prep = await run_in_threadpool(registry.prepare, adapter, body.guidance_scale, body.guidance_negative)
+        virtual = prep.virtual
         job = Job(scheduler, metrics.ttft.labels(adapter=body.model))
+        rows = []
         for p, ids in enumerate(prompts):
             room = max_len - virtual - len(ids)
             if room < 1:
@@ -162,16 +196,38 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
                 params = SamplingParams(
                     max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
-                    stop=list(body.stop or []), ignore_eos=body.ignore_eos,
+                    stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
                 )
-                job.add(ids, adapter, prefix, params)
+                rows.append(len(ids) + new)
+                job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)
+        # A request that could never fit (alone) is the client's error; one that fits later is a 429 (submit).
+        need = sum(rows) * (2 if prep.guidance_scale != 1.0 else 1)
+        if need > scheduler.max_inflight_tokens:
+            raise APIError(400, f"this request needs {need} tokens of batch room (prompt + max_tokens per row); "
+                           f"this server's limit max_inflight_tokens is {scheduler.max_inflight_tokens}",
+                           param="max_tokens", code="limit_exceeded")
         job.submit()
         return job
 
-    def encode(text: str, special: bool = True) -> list[int]:
+    # Tokenizing a 1 MB prompt takes a while: it runs on one dedicated thread (a fast tokenizer must not be
+    # used by two threads at once), so the event loop keeps serving streams meanwhile.
+    text_pool = ThreadPoolExecutor(1, thread_name_prefix="prefixtune-tokenize")
+
+    async def on_text_thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(text_pool, fn, *args)
+
+    def _encode(text: str, special: bool = True) -> list[int]:
         # As PrefixLM.generate encodes, so greedy outputs match offline ones: a chat template already
         # holds its special tokens (special=False), a plain prompt gets the tokenizer's usual ones.
         return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+    async def encode(text: str, special: bool = True, param: str = "prompt") -> list[int]:
+        try:
+            text.encode("utf-8")  # fields are checked on parsing; text built from them (task inputs) here
+        except UnicodeEncodeError:
+            raise APIError(400, "the text holds a lone UTF-16 surrogate (invalid Unicode); send valid UTF-8 text",
+                           param=param) from None
+        return await on_text_thread(_encode, text, special)
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, http: HTTPRequest):
@@ -182,9 +238,11 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         if body.inputs is not None:  # extension: the adapter's template filled from a row of fields
             from prefixtune.server.task_inputs import task_prompts
 
+            await registry.resolve(body.model)  # 404 for an unknown model (the store re-listed if it changed)
             items = await run_in_threadpool(task_prompts, registry, body.model, body.inputs, items)
         for item in items:
-            ids = encode(item) if isinstance(item, str) else list(item)
+            ids = await encode(item, param="inputs" if body.inputs is not None else "prompt") if isinstance(
+                item, str) else list(item)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             if any(not 0 <= t < len(tokenizer) for t in ids):
@@ -208,10 +266,11 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = await on_text_thread(partial(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                                tokenize=False))
         except Exception as err:  # noqa: BLE001 - templates raise anything (e.g. jinja's TemplateError)
             raise APIError(400, f"chat template failed: {err}", param="messages") from err
-        ids = encode(text, special=False)
+        ids = await encode(text, special=False, param="messages")
         job = await start_job(http, body, [ids], "messages", body.new_tokens(), None)
         rid, created = P.new_id("chatcmpl"), P.now()
         if body.stream:
@@ -235,15 +294,22 @@ def _sse(data) -> str:
 
 async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, created: int, prompts):
     tokens = [0] * len(job.requests)
-    async for index, out in job.events():
-        if out.error:
-            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+    async for batch in job.merged():  # one write per wake-up, one chunk per choice however many steps it spans
+        events, failed = [], False
+        for index, out in batch:
+            if out.error:
+                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error").body()))
+                failed = True
+                break
+            tokens[index] = out.completion_tokens
+            finish = FINISH.get(out.finish_reason, out.finish_reason) if out.finish_reason else None
+            if out.text or finish:
+                events.append(_sse(P.envelope("text_completion", rid, created, body.model,
+                                              [P.completion_choice(index, out.text, finish)])))
+        if events:
+            yield "".join(events)
+        if failed:
             break
-        tokens[index] = out.completion_tokens
-        finish = FINISH.get(out.finish_reason, out.finish_reason) if out.finish_reason else None
-        if out.text or finish:
-            yield _sse(P.envelope("text_completion", rid, created, body.model,
-                                  [P.completion_choice(index, out.text, finish)]))
     if body.include_usage():
         yield _sse(P.envelope("text_completion", rid, created, body.model, [],
                               P.usage(sum(map(len, prompts)), sum(tokens))))
@@ -253,19 +319,28 @@ async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, crea
 async def _stream_chat(job: Job, body: P.ChatRequest, rid: str, created: int, prompt_tokens: int):
     kind = "chat.completion.chunk"
     tokens = [0] * len(job.requests)
-    for index in range(len(job.requests)):  # OpenAI opens every choice with the role
-        yield _sse(P.envelope(kind, rid, created, body.model,
-                              [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
-    async for index, out in job.events():
-        if out.error:
-            yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+    # OpenAI opens every choice with the role.
+    yield "".join(_sse(P.envelope(kind, rid, created, body.model,
+                                  [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
+                  for index in range(len(job.requests)))
+    async for batch in job.merged():
+        events, failed = [], False
+        for index, out in batch:
+            if out.error:
+                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error").body()))
+                failed = True
+                break
+            tokens[index] = out.completion_tokens
+            if out.text:
+                events.append(_sse(P.envelope(kind, rid, created, body.model,
+                                              [P.chat_delta(index, {"content": out.text}, None)])))
+            if out.finish_reason:
+                finish = FINISH.get(out.finish_reason, out.finish_reason)
+                events.append(_sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {}, finish)])))
+        if events:
+            yield "".join(events)
+        if failed:
             break
-        tokens[index] = out.completion_tokens
-        if out.text:
-            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {"content": out.text}, None)]))
-        if out.finish_reason:
-            finish = FINISH.get(out.finish_reason, out.finish_reason)
-            yield _sse(P.envelope(kind, rid, created, body.model, [P.chat_delta(index, {}, finish)]))
     if body.include_usage():
         yield _sse(P.envelope(kind, rid, created, body.model, [], P.usage(prompt_tokens, sum(tokens))))
     yield _sse("[DONE]")

@@ -1,13 +1,19 @@
-"""Bridge between the scheduler's worker thread and the event loop: one Job per HTTP request.
+"""Bridge between the engine's threads and the event loop: one Job per HTTP request.
 
-The worker calls Request.emit; emit hands the Output to the loop with call_soon_threadsafe into the job's
-asyncio.Queue, so the worker never blocks on a slow client and the loop never blocks on the model.
+The engine's output thread calls Request.emit; emit appends the Output to the job's deque and marks the job in
+the loop's Wakeups, which calls call_soon_threadsafe only if no wake-up is pending. So the engine never blocks
+on a slow client, the loop never blocks on the model, and one engine step of many rows and many requests costs
+one loop wake-up (and one socket write per stream), not one per row and token. When the loop falls behind the
+engine, a stream sends everything that accumulated in one write (merged per choice): the slower the loop, the
+less it has to do per token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,22 +39,62 @@ class Choice:
     error: str | None = None  # engine error message
 
 
+class Wakeups:
+    """One event loop's pending wake-ups: many jobs marked during one engine step share one loop callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._marked: list[Job] = []
+
+    def mark(self, job: Job) -> None:  # output thread
+        with self._lock:
+            first = not self._marked
+            self._marked.append(job)
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._run)
+            except RuntimeError:
+                pass  # the event loop is closed: nobody listens any more
+
+    def _run(self) -> None:  # event loop
+        with self._lock:
+            marked, self._marked = self._marked, []
+        for job in marked:
+            job._ready.set()
+
+
+_WAKEUPS: dict[asyncio.AbstractEventLoop, Wakeups] = {}
+
+
+def wakeups_for(loop: asyncio.AbstractEventLoop) -> Wakeups:
+    wakeups = _WAKEUPS.get(loop)
+    if wakeups is None:
+        for old in [other for other in _WAKEUPS if other.is_closed()]:
+            del _WAKEUPS[old]
+        wakeups = _WAKEUPS[loop] = Wakeups(loop)
+    return wakeups
+
+
 class Job:
     """The rows (prompts x n) of one HTTP request; collect() or stream events() exactly once."""
 
     def __init__(self, scheduler: Scheduler, ttft=None):
         self.scheduler = scheduler
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.wakeups = wakeups_for(asyncio.get_running_loop())
+        self._pending: deque[tuple[int, Output]] = deque()  # appended by the output thread, drained by the loop
+        self._ready = asyncio.Event()
         self.requests: list[Request] = []
         self.open: set[int] = set()  # rows not finished yet
         self.ttft = ttft  # histogram child to observe time to first token on, or None
         self.start = time.monotonic()
         self.first_token_at: float | None = None
 
-    def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams) -> int:
+    def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams,
+            negative: str | None = None, negative_prefix=None) -> int:
         index = len(self.requests)
-        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix))
+        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix,
+                                     negative=negative, negative_prefix=negative_prefix))
         return index
 
     def submit(self) -> None:
@@ -60,30 +106,60 @@ class Job:
         except SchedulerClosed as err:
             raise APIError(503, str(err), "server_error", None, "shutting_down") from err
         except ValueError as err:
-            raise APIError(400, str(err), param="max_tokens") from err
+            param = "guidance_scale" if "guided" in str(err) else "max_tokens"
+            raise APIError(400, str(err), param=param) from err
         self.open = set(range(len(self.requests)))
 
-    def _emit(self, index: int, output: Output) -> None:  # worker thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, output))
-        except RuntimeError:
-            pass  # the event loop is closed: nobody listens any more
+    def _emit(self, index: int, output: Output) -> None:  # output thread
+        self._pending.append((index, output))
+        self.wakeups.mark(self)
 
     def cancel(self) -> None:
         """Free the batch slots of rows still running (idempotent)."""
         for index in list(self.open):
             self.scheduler.cancel(self.requests[index].request_id)
 
-    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+    async def batches(self) -> AsyncIterator[list[tuple[int, Output]]]:
+        """Every output so far, as lists of (row index, Output) in order, until every row finished."""
         while self.open:
-            index, output = await self.queue.get()
-            if output.finish_reason is not None:
-                self.open.discard(index)
-            if self.first_token_at is None and output.token_ids:
-                self.first_token_at = time.monotonic()
-                if self.ttft is not None:
-                    self.ttft.observe(self.first_token_at - self.start)
-            yield index, output
+            if not self._pending:
+                self._ready.clear()
+                if not self._pending:
+                    await self._ready.wait()
+            batch = []
+            while self._pending:
+                index, output = self._pending.popleft()
+                if output.finish_reason is not None:
+                    self.open.discard(index)
+                if self.first_token_at is None and output.token_ids:
+                    self.first_token_at = time.monotonic()
+                    if self.ttft is not None:
+                        self.ttft.observe(self.first_token_at - self.start)
+                batch.append((index, output))
+            yield batch
+
+    async def merged(self) -> AsyncIterator[list[tuple[int, Output]]]:
+        """As batches(), with each choice's consecutive outputs merged into one (text joined, last counts)."""
+        async for batch in self.batches():
+            out: list[tuple[int, Output]] = []
+            last: dict[int, int] = {}  # choice -> position in out of its open (unfinished) merged output
+            for index, o in batch:
+                at = last.get(index)
+                if at is not None and not o.error:
+                    prev = out[at][1]
+                    o = Output(o.request_id, prev.text + o.text, prev.token_ids + o.token_ids, o.finish_reason,
+                               o.completion_tokens, o.error)
+                    out[at] = (index, o)
+                else:
+                    out.append((index, o))
+                    at = len(out) - 1
+                last[index] = at
+            yield out
+
+    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
     async def collect(self, http: HTTPRequest) -> list[Choice]:
         """Wait for every row; a client that disconnects meanwhile cancels them."""

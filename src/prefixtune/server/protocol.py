@@ -1,16 +1,19 @@
 """OpenAI request bodies (pydantic) and response/chunk builders, plus the OpenAI error format.
 
 Unknown fields are rejected (a typo such as `max_token` fails loudly with the field named, as OpenAI does);
-OpenAI fields we do not implement are accepted only at their neutral value.
+OpenAI fields we do not implement are accepted only at their neutral value. Types are strict, as OpenAI's:
+`"stream": "yes"` or `"max_tokens": "5"` is a 400, not a silent coercion; NaN/Infinity are refused, and so is
+any string holding a lone UTF-16 surrogate (`"\ud800"` parses in JSON but no tokenizer can encode it).
+Size limits that depend on the server's settings (stop strings, prompt tokens, n) are checked in app.py.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -36,8 +39,20 @@ def _neutral(name: str, value: Any, neutral: tuple[Any, ...] = (None, 0, 0.0, Fa
     return value
 
 
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate (invalid Unicode); send valid UTF-8 text") from None
+    return value
+
+
+# Every free-text field: valid Unicode only, so tokenizers and logs never see what they cannot encode.
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -47,18 +62,22 @@ class StreamOptions(_Body):
 class SamplingBody(_Body):
     """Fields completions and chat share."""
 
-    model: str = Field(min_length=1)  # base model id or adapter name (see GET /v1/models)
+    model: Text = Field(min_length=1)  # base model id or adapter name (see GET /v1/models)
     max_tokens: int | None = Field(None, ge=1)  # new tokens per choice
     temperature: float | None = Field(None, ge=0, le=2)  # 0 = greedy; None = 1 (OpenAI's default)
     top_p: float | None = Field(None, gt=0, le=1)  # nucleus mass
     top_k: int | None = Field(None, ge=-1)  # extension (as vLLM): -1 / 0 = off
     n: int = Field(1, ge=1, le=128)  # choices per prompt
     seed: int | None = None  # reproducible sampling; choice i uses seed + i
-    stop: str | list[str] | None = None  # up to 4 stop strings, cut from the text
+    stop: Text | list[Text] | None = None  # stop strings, cut from the text (count/length limits: app.py)
     stream: bool = False  # server-sent events, OpenAI chunk format, ends with [DONE]
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (as vLLM): keep generating past EOS
-    user: str | None = None  # accepted and ignored
+    # Extensions: classifier-free guidance against an unconditioned row (engine/guidance.py). None = what the
+    # adapter's manifest recommends (else off); 1 = off. The negative is an adapter name or "none" (base model).
+    guidance_scale: float | None = Field(None, ge=0)
+    guidance_negative: Text | None = None
+    user: Text | None = None  # accepted and ignored
     presence_penalty: float | None = None  # only 0
     frequency_penalty: float | None = None  # only 0
     logit_bias: dict[str, float] | None = None  # only empty
@@ -67,8 +86,6 @@ class SamplingBody(_Body):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [] if value is None else [value] if isinstance(value, str) else list(value)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
@@ -85,7 +102,7 @@ class SamplingBody(_Body):
 class CompletionRequest(SamplingBody):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
+    prompt: Text | list[Text] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
     echo: bool = False  # only false
     logprobs: int | None = None  # only null
     suffix: str | None = None  # only null
@@ -115,13 +132,13 @@ class CompletionRequest(SamplingBody):
 
 class TextPart(_Body):
     type: Literal["text"]  # only text parts (no images or audio)
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -166,8 +183,8 @@ class ChatRequest(SamplingBody):
 class LoadAdapterRequest(_Body):
     """POST /v1/adapters: load `name` from the store, or from `path` (under an allowed root) as `name`."""
 
-    name: str = Field(min_length=1)
-    path: str | None = None
+    name: Text = Field(min_length=1)
+    path: Text | None = None
 
 
 # ---- responses ------------------------------------------------------------------------------------------

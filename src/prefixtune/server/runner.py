@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -13,6 +14,9 @@ import uvicorn
 
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.server.app import ServerSettings, create_app
+
+
+SWITCH_INTERVAL = 0.0005  # seconds (Python's default is 0.005)
 
 
 class GracefulServer(uvicorn.Server):
@@ -63,6 +67,9 @@ def url_of(sock: socket.socket) -> str:
 def serve(lm, scheduler: Scheduler, settings: ServerSettings, log_level: str = "warning", out=None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get settings.shutdown_timeout seconds to finish."""
     out = out or sys.stdout
+    # The decode thread takes the GIL back after every torch call; with the default 5 ms switch interval it can
+    # wait that long behind the event loop formatting streams. A short interval keeps the model fed.
+    sys.setswitchinterval(float(os.environ.get("PREFIXTUNE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
     app = create_app(lm, scheduler, settings)
     sock = bind(settings.host, settings.port)
     adapters = app.state.registry.names()

@@ -6,8 +6,13 @@ untouched.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
+import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 from prefixtune.server.protocol import APIError, error_body
@@ -99,3 +104,61 @@ def check_adapter_path(path: str, roots: list[Path]) -> Path:
     if not folder.is_dir():
         raise APIError(400, f"{path} is not a folder", param="path", code="adapter_not_found")
     return folder
+
+
+MAX_ADAPTER_FILE_BYTES = 4 << 30  # a prefix adapter is megabytes; refuse to copy anything absurd
+
+
+def snapshot_adapter(path: str, roots: list[Path]) -> tuple[Path, Path]:
+    """Copy the adapter folder at `path` (checked to lie under a root) into a private temp folder.
+
+    Returns (the checked folder, the private copy). Checking a path and then reading it by name are two
+    steps: a symlink swapped in between would make the server read a folder outside the roots. So the
+    folder is opened once (O_NOFOLLOW), that open directory is verified to be the one the path resolves
+    to *after* the open (same device and inode, still under a root), and every file is read through that
+    directory handle with O_NOFOLLOW (a symlinked file is refused). The engine then only ever reads the copy.
+    """
+    folder = check_adapter_path(path, roots)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise APIError(400, f"cannot open adapter folder {path}: {err.strerror}", param="path",
+                       code="adapter_not_found") from err
+    copy = Path(tempfile.mkdtemp(prefix="prefixtune-adapter-"))
+    try:
+        again = check_adapter_path(path, roots)  # re-resolve: a component swapped since the check shows here
+        opened, now = os.fstat(fd), os.stat(again)
+        if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
+            raise APIError(409, f"{path} changed while it was being loaded; retry", param="path",
+                           code="adapter_changed")
+        for name in os.listdir(fd):
+            _copy_file(fd, name, copy / name, path)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+    return folder, copy
+
+
+def _copy_file(dir_fd: int, name: str, target: Path, shown: str) -> None:
+    try:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise APIError(403, f"{shown}/{name} is a symbolic link; adapter files must be plain files",
+                           "permission_error", "path", "path_not_allowed") from err
+        if err.errno == errno.EISDIR:
+            return  # a sub-folder (e.g. a checkpoint) is not part of the adapter
+        raise APIError(400, f"cannot read {shown}/{name}: {err.strerror}", param="path") from err
+    try:
+        info = os.fstat(src)
+        if not stat.S_ISREG(info.st_mode):
+            return  # sockets, fifos, folders: not adapter files, and reading a fifo could block forever
+        if info.st_size > MAX_ADAPTER_FILE_BYTES:
+            raise APIError(400, f"{shown}/{name} is {info.st_size} bytes; adapter files are at most "
+                           f"{MAX_ADAPTER_FILE_BYTES} bytes", param="path")
+        with os.fdopen(os.dup(src), "rb") as reader, open(target, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+    finally:
+        os.close(src)

@@ -14,7 +14,7 @@ from prefixtune.server.protocol import APIError
 
 def task_prompts(registry, model: str, inputs: dict[str, Any], prompts: list) -> list[str]:
     """Each prompt after the served adapter's filled template; 400 naming the fields on any mismatch. Blocking."""
-    adapter = registry.resolve(model)
+    adapter = registry.lookup(model)  # the caller resolved it on the event loop (404s there)
     if adapter is None:
         raise APIError(400, "inputs fill a task adapter's training template; the base model has none. Fix: use "
                             "an adapter trained with a template over row fields as model", param="inputs")

@@ -1,0 +1,175 @@
+"""The engine's stages on their own: policy, per-slot KV runner, vectorised sampling, output processor, guidance."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from prefixtune.engine.decode import RunningBatch
+from prefixtune.engine.policy import BatchPolicy
+from prefixtune.engine.runner import ModelRunner
+from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+from prefixtune.engine.scheduler import Request, Scheduler
+from prefixtune.testing import TINY_ARCHS, make_tiny_model
+
+PROMPTS = ["Hello there", "The cat sat on the mat and", "I am feeling", "x y z"]
+
+
+class Sink:
+    def __init__(self):
+        self.outputs, self.threads, self.done = [], set(), threading.Event()
+
+    def __call__(self, out):
+        self.outputs.append(out)
+        self.threads.add(threading.current_thread().name)
+        if out.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [t for o in self.outputs for t in o.token_ids]
+
+
+def _drain(s: Scheduler) -> None:
+    for _ in range(500):
+        if not s.run_once():
+            return
+    raise AssertionError("scheduler did not finish")
+
+
+def _ids(lm, text):
+    return lm.tokenizer(text).input_ids
+
+
+def test_runner_matches_running_batch_and_never_reallocates_on_join_or_leave(serve_lm):
+    model = serve_lm.model
+    prefixes = [serve_lm.adapter("alpha").kv, None, serve_lm.adapter("beta").kv]
+    prompts = [_ids(serve_lm, p) for p in PROMPTS[:3]]
+    runner = ModelRunner(model, 8)
+    runner.add(["a", "b"], prompts[:2], prefixes[:2], 0)
+    buffers = [t.data_ptr() for t in runner.keys]
+    width = max(map(len, prompts[:2]))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts[:2]])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts[:2]])
+    ref, logits = RunningBatch.prefill(model, ids, mask, prefixes[:2])
+    for step in range(4):
+        assert torch.allclose(runner.current_logits(), logits, atol=1e-4), step
+        tokens = logits.argmax(-1).tolist()
+        runner.decode(tokens)
+        logits = ref.step(torch.tensor(tokens))
+    runner.remove("a")  # the last row moves into slot 0: only its own columns are copied
+    ref.select([1])
+    logits = logits[1:]  # (1, V)
+    assert runner.order == ["b"] and torch.allclose(runner.current_logits(), logits, atol=1e-4)
+    runner.add(["c"], prompts[2:], prefixes[2:], 0)  # joins a batch 4 tokens in, with a longer prefix
+    assert [t.data_ptr() for t in runner.keys] == buffers  # no whole-cache copy on join or leave
+    alone = ModelRunner(model, 2)
+    alone.add(["c"], prompts[2:], prefixes[2:], 0)
+    assert torch.allclose(runner.current_logits()[1], alone.current_logits()[0], atol=1e-4)
+
+
+def test_policy_admits_groups_in_order_and_releases_cancelled():
+    class R:
+        def __init__(self, guided=False, adapter=None):
+            self.params = SamplingParams(guidance_scale=2.0 if guided else 1.0)
+            self.adapter, self.cancelled, self.stopped = adapter, False, False
+
+    policy = BatchPolicy(max_batch=3)
+    running = [R()]
+    waiting = [R(guided=True), R(guided=True), R()]
+    plan = policy.schedule(waiting, running)
+    assert plan.admit == waiting[:1] and not plan.release  # 1 + 2 rows; the next group waits (no overtaking)
+    running[0].cancelled = True
+    plan = policy.schedule(waiting[1:], running)
+    assert plan.release == running and plan.admit == waiting[1:]
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_mates():
+    vocab = 300
+    params = SamplingParams(temperature=0.9, top_p=0.8, top_k=50, seed=11)
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    alone_sampler = RowSampler(params, torch.device("cpu"))
+    alone = [alone_sampler(logits[0]) for _ in range(20)]
+    mixed = [RowSampler(params, torch.device("cpu"))] + [
+        RowSampler(SamplingParams(temperature=t, top_p=p, top_k=k, seed=s), torch.device("cpu"))
+        for t, p, k, s in [(0.0, 1.0, 0, None), (1.5, 1.0, 0, 3), (0.7, 0.5, 0, None), (1.0, 1.0, 5, 9), (0, 1, 0, 1)]
+    ]
+    together = [sample_rows(logits, mixed)[0] for _ in range(20)]
+    assert together == alone
+    greedy = sample_rows(logits, [RowSampler(SamplingParams(), torch.device("cpu"))] * 6)
+    assert greedy == logits.argmax(-1).tolist()
+
+
+def test_outputs_come_from_the_output_thread_also_for_a_cancelled_queued_request(serve_lm):
+    s = Scheduler(serve_lm, max_batch=1)  # started: worker + output threads
+    try:
+        from serve_helpers import gated_model
+
+        with gated_model(serve_lm) as gate:
+            running, queued = Sink(), Sink()
+            s.submit(Request(_ids(serve_lm, "Hi"), None, SamplingParams(max_new_tokens=3), running))
+            r2 = Request(_ids(serve_lm, "Yo"), None, SamplingParams(max_new_tokens=3), queued)
+            s.submit(r2)
+            assert s.cancel(r2.request_id)
+            assert queued.done.wait(10) and queued.outputs[-1].finish_reason == "cancelled"
+            gate.set()
+        assert running.done.wait(30)
+        assert queued.threads == running.threads == {"prefixtune-output"}  # never the caller's or decode thread
+        assert s.stats.finished["cancelled"] == 1 and s.stats.finished["length"] == 1
+    finally:
+        s.shutdown(timeout=5)
+
+
+def test_guided_request_in_a_mixed_batch_matches_alone_and_offline(serve_lm):
+    prompt = PROMPTS[1]
+    for negative in (None, "beta"):
+        offline = serve_lm.generate([prompt], "alpha", max_new_tokens=8, guidance_scale=3.0,
+                                    guidance_negative=negative)[0]
+        plain = serve_lm.generate([prompt], "alpha", max_new_tokens=8)[0]
+        assert offline.tokens != plain.tokens, "guidance must change the output (else vacuous)"
+        s = Scheduler(serve_lm, max_batch=8, start=False)
+        alone = Sink()
+        s.submit(Request(_ids(serve_lm, prompt), "alpha", SamplingParams(max_new_tokens=8, guidance_scale=3.0),
+                         alone, negative=negative))
+        _drain(s)
+        s = Scheduler(serve_lm, max_batch=8, start=False)
+        mixed, others = Sink(), [Sink() for _ in range(3)]
+        s.submit(Request(_ids(serve_lm, PROMPTS[0]), "beta", SamplingParams(max_new_tokens=12), others[0]))
+        s.run_once()
+        s.run_once()
+        s.submit_many([
+            Request(_ids(serve_lm, prompt), "alpha", SamplingParams(max_new_tokens=8, guidance_scale=3.0), mixed,
+                    negative=negative),
+            Request(_ids(serve_lm, PROMPTS[2]), None, SamplingParams(max_new_tokens=3, temperature=1.0, seed=1),
+                    others[1]),
+        ])
+        s.run_once()
+        s.submit(Request(_ids(serve_lm, PROMPTS[3]), "alpha", SamplingParams(max_new_tokens=5), others[2]))
+        _drain(s)
+        assert alone.tokens == mixed.tokens == offline.tokens
+        assert "".join(o.text for o in mixed.outputs) == offline.text
+        assert s.stats.finished["length"] + s.stats.finished["stop"] == 4  # the guided pair is one request
+        assert s.stats.max_batch_size == 5 and s.running == 0 and s.in_flight == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_runner_matches_running_batch_on_every_architecture(arch):
+    model = make_tiny_model(arch, seed=3)
+    if getattr(model.config, "sliding_window", None):
+        model.config.sliding_window = 6  # a window shorter than the rows: the mask must carry it
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    runner = ModelRunner(model, 4)
+    runner.add(["a", "b"], prompts, [None, None], 0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 12, 13]])
+    mask = torch.tensor([[1] * 7, [0] * 5 + [1, 1]])
+    ref, logits = RunningBatch.prefill(model, ids, mask, [None, None])
+    for step in range(6):
+        assert torch.allclose(runner.current_logits(), logits, atol=1e-4), (arch, step)
+        tokens = logits.argmax(-1).tolist()
+        runner.decode(tokens)
+        logits = ref.step(torch.tensor(tokens))
+    runner.remove("a")
+    runner.remove("b")
+    assert runner.keys == [] and runner.logits is None  # an idle runner holds no KV memory
