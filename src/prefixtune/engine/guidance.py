@@ -7,7 +7,9 @@ such as a family's unconditional prefix). Each step the group draws ONE token fr
     logp = log_softmax(u) + scale * (log_softmax(c) - log_softmax(u))
 
 (classifier-free guidance; scale 1 is the adapter alone, 0 the unconditioned row alone), both rows take it,
-and the group finishes together. `scale == 1` is treated as "off": no second row is run at all.
+and the group finishes together. `scale == 1` is treated as "off": no second row is run at all. Two guards
+make large scales usable (see guided_logits): the adapter keeps its own stop probability, and only tokens
+above a plausibility floor of the adapter's own distribution can be chosen.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     lu = torch.log_softmax(uncond.float(), dim=-1)  # (G, V)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(lc.dtype).view(-1, 1)  # (G, 1)
-    # Where the conditioned row gives a token -inf (masked), keep it impossible whatever the scale.
     out = lu + scale * (lc - lu)
     out = torch.where(torch.isfinite(lu), out, lc)  # a token the unconditioned row masks: the adapter decides
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device)
@@ -56,6 +57,7 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     # be promoted. The likeliest continuing token always survives, so a row that does not stop can go on.
     floor = lc.max(dim=-1, keepdim=True).values + math.log(alpha) if alpha > 0 else float("-inf")  # (G, 1)
     best = going.argmax(dim=-1, keepdim=True)  # (G, 1)
+    # A token the adapter masks (-inf) stays impossible whatever the scale.
     keep = torch.isfinite(going) & ((going >= floor) | torch.zeros_like(going, dtype=torch.bool).scatter(
         -1, best, True))
     out = torch.where(keep, out, torch.full_like(out, float("-inf")))
