@@ -20,6 +20,7 @@ from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.eval.judge import Judge, check_judge_labels
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
 from prefixtune.eval.quality import quality_report, sample_stats
+from prefixtune.eval.report import fmt
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.evaluation import eval_loss as token_eval_loss
 from prefixtune.train.examples import tokenize
@@ -231,13 +232,9 @@ def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | No
             row["worst_label"] = min(cond.per_label.values())
         row["examples"] = {s["label"]: s["text"] for s in samples[:: max(1, settings.samples_per_label)]}
         rows.append(row)
-        say(f"{method.name}: guidance {scale:g}: accuracy {fmt_or(row['accuracy'])}, "
+        say(f"{method.name}: guidance {scale:g}: accuracy {fmt(row['accuracy'], '{:.3f}')}, "
             f"{row['mean_words']:.1f} words, distinct-2 {row['distinct_2']:.2f}, degenerate {row['degenerate']:.0%}")
     return rows
-
-
-def fmt_or(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings, judge: Judge | None,
