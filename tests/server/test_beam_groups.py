@@ -23,33 +23,33 @@ def _choices(sink) -> list[list[int]]:
     return [by_index[i].token_ids for i in range(len(by_index))]
 
 
-def test_beam_group_in_a_mixed_batch_matches_alone_and_offline(serve_lm):
+def test_beam_group_in_a_mixed_batch_matches_alone_and_offline(sharp_lm):
     prompt = PROMPTS[1]
-    offline = serve_lm.generate([prompt], "alpha", max_new_tokens=8, **BEAMS)[0]
-    greedy = serve_lm.generate([prompt], "alpha", max_new_tokens=8)[0]
+    offline = sharp_lm.generate([prompt], "alpha", max_new_tokens=8, **BEAMS)[0]
+    greedy = sharp_lm.generate([prompt], "alpha", max_new_tokens=8)[0]
     assert offline.tokens != greedy.tokens, "beams must change the output (else vacuous)"
-    s = Scheduler(serve_lm, max_batch=8, start=False)
+    s = Scheduler(sharp_lm, max_batch=8, start=False)
     alone = Sink()
-    s.submit(_beam_request(serve_lm, prompt, "alpha", alone))
+    s.submit(_beam_request(sharp_lm, prompt, "alpha", alone))
     _drain(s)
-    assert s.stats.prefills == 1 and s.stats.prompt_tokens == len(_ids(serve_lm, prompt))
-    s = Scheduler(serve_lm, max_batch=8, start=False)
+    assert s.stats.prefills == 1 and s.stats.prompt_tokens == len(_ids(sharp_lm, prompt))
+    s = Scheduler(sharp_lm, max_batch=8, start=False)
     mixed, others = Sink(), [Sink() for _ in range(3)]
-    greedy_others = [serve_lm.generate([p], a, max_new_tokens=n)[0] for p, a, n in
+    greedy_others = [sharp_lm.generate([p], a, max_new_tokens=n)[0] for p, a, n in
                      [(PROMPTS[0], "beta", 12), (PROMPTS[3], None, 5)]]
-    s.submit(Request(_ids(serve_lm, PROMPTS[0]), "beta", SamplingParams(max_new_tokens=12), others[0]))
+    s.submit(Request(_ids(sharp_lm, PROMPTS[0]), "beta", SamplingParams(max_new_tokens=12), others[0]))
     s.run_once()
     s.run_once()  # the beam group joins a batch two tokens in, beside a sampled row
-    s.submit_many([_beam_request(serve_lm, prompt, "alpha", mixed),
-                   Request(_ids(serve_lm, PROMPTS[2]), None, SamplingParams(max_new_tokens=3, temperature=1.0,
+    s.submit_many([_beam_request(sharp_lm, prompt, "alpha", mixed),
+                   Request(_ids(sharp_lm, PROMPTS[2]), None, SamplingParams(max_new_tokens=3, temperature=1.0,
                                                                             seed=1), others[1])])
     s.run_once()
-    s.submit(Request(_ids(serve_lm, PROMPTS[3]), None, SamplingParams(max_new_tokens=5), others[2]))
+    s.submit(Request(_ids(sharp_lm, PROMPTS[3]), None, SamplingParams(max_new_tokens=5), others[2]))
     _drain(s)
     assert _choices(alone) == _choices(mixed) and len(_choices(mixed)) == 3
-    ids, mask, _ = serve_lm.encode([prompt])
-    n_best = beam_search(serve_lm.model, ids, mask, [serve_lm.adapter("alpha").kv],
-                         BeamParams(max_new_tokens=8, num_return_sequences=3, **BEAMS), serve_lm.eos_ids())[0]
+    ids, mask, _ = sharp_lm.encode([prompt])
+    n_best = beam_search(sharp_lm.model, ids, mask, [sharp_lm.adapter("alpha").kv],
+                         BeamParams(max_new_tokens=8, num_return_sequences=3, **BEAMS), sharp_lm.eos_ids())[0]
     assert _choices(mixed) == [h.tokens for h in n_best] and n_best[0].tokens == offline.tokens
     assert "".join(o.text for o in mixed.outputs if o.index == 0) == offline.text
     assert [o.finish_reason is not None for o in mixed.outputs] == [True] * 3  # choices arrive finished, at once
@@ -58,11 +58,11 @@ def test_beam_group_in_a_mixed_batch_matches_alone_and_offline(serve_lm):
     assert s.stats.max_batch_size == 4 + 3 and s.running == 0 and s.in_flight == 0
 
 
-def test_cancelled_beam_group_frees_every_row(serve_lm):
-    s = Scheduler(serve_lm, max_batch=8, start=False)
+def test_cancelled_beam_group_frees_every_row(sharp_lm):
+    s = Scheduler(sharp_lm, max_batch=8, start=False)
     sink, other = Sink(), Sink()
-    beams = _beam_request(serve_lm, PROMPTS[0], "beta", sink, n=40, returns=2, no_repeat_ngram_size=0)
-    s.submit_many([beams, Request(_ids(serve_lm, PROMPTS[2]), "alpha", SamplingParams(max_new_tokens=6), other)])
+    beams = _beam_request(sharp_lm, PROMPTS[0], "beta", sink, n=40, returns=2, no_repeat_ngram_size=0)
+    s.submit_many([beams, Request(_ids(sharp_lm, PROMPTS[2]), "alpha", SamplingParams(max_new_tokens=6), other)])
     s.run_once()
     s.run_once()
     assert len(s.runner) == 5
@@ -70,16 +70,16 @@ def test_cancelled_beam_group_frees_every_row(serve_lm):
     s.run_once()
     assert len(s.runner) == 1 and sink.outputs[-1].finish_reason == "cancelled"
     _drain(s)
-    assert other.tokens == serve_lm.generate([PROMPTS[2]], "alpha", max_new_tokens=6)[0].tokens
+    assert other.tokens == sharp_lm.generate([PROMPTS[2]], "alpha", max_new_tokens=6)[0].tokens
     assert s.running == 0 and s.in_flight == 0 and s.stats.finished["cancelled"] == 1
 
 
-def test_beam_settings_that_make_no_sense_are_refused(serve_lm):
-    s = Scheduler(serve_lm, max_batch=4, start=False)
+def test_beam_settings_that_make_no_sense_are_refused(sharp_lm):
+    s = Scheduler(sharp_lm, max_batch=4, start=False)
     for kw, message in [(dict(temperature=0.8), "temperature 0"), (dict(guidance_scale=2.0), "guidance"),
                         (dict(ignore_eos=True), "ignore_eos"), (dict(num_beams=5), "max_batch is 4")]:
         with pytest.raises(ValueError, match=message):
-            s.submit(_beam_request(serve_lm, "hi", "alpha", Sink(), returns=1, **kw))
+            s.submit(_beam_request(sharp_lm, "hi", "alpha", Sink(), returns=1, **kw))
     with pytest.raises(ValueError, match="num_return_sequences"):
-        s.submit(_beam_request(serve_lm, "hi", "alpha", Sink(), returns=5))
+        s.submit(_beam_request(sharp_lm, "hi", "alpha", Sink(), returns=5))
     assert s.waiting == 0

@@ -34,7 +34,7 @@ from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 
-__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats"]
+__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats", "cost"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._live: dict[str, Request] = {}  # waiting + running, by request_id
-        self._inflight_tokens = 0  # sum of _cost over _live
+        self._inflight_tokens = 0  # sum of cost() over _live
         self._running: dict[str, _Running] = {}  # worker thread only; insertion = admission order
         self._closed = False  # no new submissions
         self._stop = False  # worker exits after aborting what is left
@@ -124,19 +124,19 @@ class Scheduler:
                 what = "a guided request" if r.params.guided else f"num_beams={r.params.num_beams}"
                 raise ValueError(f"{what} needs {rows_of(r)} batch rows but max_batch is {self.max_batch}")
             self._check_length(r)
-        cost = sum(_cost(r) for r in requests)
+        need = sum(cost(r) for r in requests)
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
             if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, max_queue={self.max_queue})")
-            if self._inflight_tokens + cost > self.max_inflight_tokens:
-                raise QueueFull(f"{self._inflight_tokens} tokens in flight + {cost} requested exceed "
+            if self._inflight_tokens + need > self.max_inflight_tokens:
+                raise QueueFull(f"{self._inflight_tokens} tokens in flight + {need} requested exceed "
                                 f"max_inflight_tokens={self.max_inflight_tokens}")
             for r in requests:
                 self._waiting.append(r)
                 self._live[r.request_id] = r
-            self._inflight_tokens += cost
+            self._inflight_tokens += need
             self._cv.notify_all()
         return [r.request_id for r in requests]
 
@@ -224,7 +224,7 @@ class Scheduler:
 
     def _forget(self, request: Request) -> None:  # holding _cv
         if self._live.pop(request.request_id, None) is not None:
-            self._inflight_tokens -= _cost(request)
+            self._inflight_tokens -= cost(request)
 
     def _admit(self, requests: list[Request]) -> list[RowEvent]:
         device = self.runner.device
@@ -381,5 +381,6 @@ def _keys(request: Request) -> list[tuple[str, int]]:
     return [(request.request_id, i) for i in range(rows_of(request))]
 
 
-def _cost(request: Request) -> int:
+def cost(request: Request) -> int:
+    """Batch room a request holds while in flight: prompt + max_new_tokens on each of its rows."""
     return rows_of(request) * (len(request.prompt_ids) + request.params.max_new_tokens)
