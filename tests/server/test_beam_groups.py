@@ -68,10 +68,22 @@ def test_cancelled_beam_group_frees_every_row(sharp_lm):
     assert len(s.runner) == 5
     assert s.cancel(beams.request_id)
     s.run_once()
-    assert len(s.runner) == 1 and sink.outputs[-1].finish_reason == "cancelled"
+    assert len(s.runner) == 1
+    assert [(o.index, o.finish_reason) for o in sink.outputs] == [(0, "cancelled"), (1, "cancelled")]
     _drain(s)
     assert other.tokens == sharp_lm.generate([PROMPTS[2]], "alpha", max_new_tokens=6)[0].tokens
     assert s.running == 0 and s.in_flight == 0 and s.stats.finished["cancelled"] == 1
+
+
+def test_a_failed_or_aborted_beam_request_finishes_every_choice(sharp_lm):
+    s = Scheduler(sharp_lm, max_batch=8, start=False)
+    bad, aborted = Sink(), Sink()
+    s.submit_many([_beam_request(sharp_lm, "hi", "no-such-adapter", bad),
+                   _beam_request(sharp_lm, "hi", "alpha", aborted, n=40, returns=2)])
+    s.run_once()
+    assert [(o.index, o.finish_reason) for o in bad.outputs] == [(0, "error"), (1, "error"), (2, "error")]
+    s.shutdown(timeout=0)
+    assert [(o.index, o.finish_reason) for o in aborted.outputs] == [(0, "abort"), (1, "abort")]
 
 
 def test_beam_settings_that_make_no_sense_are_refused(sharp_lm):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_helpers import gated_model, live_server, wait_for
+import httpx
+from serve_helpers import gated_model, live_server, slow_model, wait_for
 
 from prefixtune.engine.beam import BeamParams, beam_search
 from prefixtune.testing import write_random_adapter
@@ -82,6 +83,17 @@ def test_beam_request_beside_other_adapters_greedy_requests(server):
     assert cut.choices[0].text == offline.text == texts[0][:texts[0].find(stop)]
     assert cut.choices[0].finish_reason == "stop"
     assert server.scheduler.in_flight == 0 and len(server.scheduler.runner) == 0
+
+
+def test_client_disconnect_frees_the_beam_group(server):
+    stats = server.scheduler.stats
+    before = stats.finished["cancelled"]
+    with slow_model(server.lm, 0.02), httpx.Client(base_url=server.root, timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client hangs up while the beams decode
+            http.post("/v1/completions", json={"model": "alpha", "prompt": PROMPT, "max_tokens": 100, "n": 2,
+                                               "num_beams": 4})
+        wait_for(lambda: stats.finished["cancelled"] == before + 1, what="the beam group to be cancelled")
+    wait_for(lambda: server.scheduler.in_flight == 0 and len(server.scheduler.runner) == 0, what="rows freed")
 
 
 def test_task_inputs_with_beams(server):

@@ -142,6 +142,8 @@ class OutputProcessor:
         self.stats.finished[reason] += 1
         generated = state.generated if state is not None else 0
         self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error))
+        for index in range(1, request.params.num_return_sequences):  # a beam request ended early: every choice
+            self._emit(request, Output(request.request_id, "", [], reason, 0, error, index=index))
 
     @staticmethod
     def _emit(request, output) -> None:
