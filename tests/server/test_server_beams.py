@@ -130,8 +130,8 @@ def test_bad_beam_settings_are_400_naming_the_field(server, body, param):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         if body.get("num_beams") == 7:
             assert "max_num_beams" in r.json()["error"]["message"]
-        chat = http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
-                                                       "max_tokens": 2, **body})
+        messages = [{"role": "user", "content": "hi"}]
+        chat = http.post("/v1/chat/completions", json={"model": "alpha", "messages": messages, "max_tokens": 2, **body})
         assert chat.status_code == 400 and chat.json()["error"]["param"] == param, chat.text
 
 

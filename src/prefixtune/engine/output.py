@@ -119,16 +119,16 @@ class OutputProcessor:
         hypotheses = hypotheses + [Hypothesis([], float("-inf"), "length")] * (want - len(hypotheses))
         outputs = []
         for index, hyp in enumerate(hypotheses[:want]):
-            text, pieces, reason, used = TextTracker(self.tokenizer, request.params.stop), [], hyp.finish_reason, 0
+            tracker, pieces, reason, used = TextTracker(self.tokenizer, request.params.stop), [], hyp.finish_reason, 0
             for token in hyp.tokens:
                 used += 1
-                piece, stopped = text.push(token)
+                piece, stopped = tracker.push(token)
                 pieces.append(piece)
                 if stopped:
                     reason = "stop"
                     break
             else:
-                pieces.append(text.flush())
+                pieces.append(tracker.flush())
             outputs.append(Output(request.request_id, "".join(pieces), hyp.tokens[:used], reason, used, index=index))
         request.done = True
         self.stats.finished[outputs[0].finish_reason] += 1  # one request, however many choices
