@@ -121,6 +121,7 @@ def test_task_inputs_with_beams(server):
     ({"num_beams": 2, "ignore_eos": True}, "ignore_eos"),
     ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),  # a beam field without beams
     ({"length_penalty": 0.5}, "length_penalty"),
+    ({"num_beams": 2, "length_penalty": 1e308}, "length_penalty"),  # length ** 1e308 would overflow
     ({"num_beams": 2, "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
     ({"num_beams": "4"}, "num_beams"),
 ])

@@ -16,6 +16,7 @@ import torch
 
 from prefixtune.engine.decode import RunningBatch
 
+MAX_LENGTH_PENALTY = 10.0
 _NEG = -1.0e9  # the score transformers gives impossible candidates (kept identical so ties break alike)
 
 
@@ -40,8 +41,10 @@ class BeamParams:
         if not 1 <= self.num_return_sequences <= self.num_beams:
             raise ValueError(f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), got "
                              f"{self.num_return_sequences}")
-        if self.length_penalty != self.length_penalty:  # NaN
-            raise ValueError("length_penalty must be a number")
+        # generated_len ** length_penalty must stay a finite float (3 ** 700 already overflows).
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:  # also NaN
+            raise ValueError(f"length_penalty must be between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY} "
+                             f"(typical: 0.5 .. 2), got {self.length_penalty}")
 
 
 @dataclass
