@@ -156,7 +156,7 @@ class Job:
                 if at is not None and not o.error:
                     prev = out[at][1]
                     o = Output(o.request_id, prev.text + o.text, prev.token_ids + o.token_ids, o.finish_reason,
-                               o.completion_tokens, o.error)
+                               o.completion_tokens, o.error, o.index)
                     out[at] = (index, o)
                 else:
                     out.append((index, o))
