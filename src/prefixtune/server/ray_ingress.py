@@ -187,8 +187,8 @@ class PrefixIngress:
         @app.get("/v1/adapters/placement")
         async def placement():
             replicas = await scheduler.placement()
-            return {"replicas": [{key: r[key] for key in ("id", "adapters", "pinned", "running", "waiting",
-                                                            "evictions")} | {"mixed_steps": r["stats"]["mixed_steps"]}
+            keys = ("id", "adapters", "pinned", "running", "waiting", "evictions", "requests")
+            return {"replicas": [{k: r[k] for k in keys} | {"mixed_steps": r["stats"]["mixed_steps"]}
                                  for r in replicas]}
 
         return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -95,6 +96,7 @@ class ReplicaBase:
         self.id = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, HeldAdapter] = {}  # what the multiplexed LRU holds, in load order
         self.evictions = 0
+        self.taken: Counter[str] = Counter()  # requests taken, by adapter
         self.pinned = {name: self._read(name) for name in cfg.pin}
         self.board = ray.get_actor(cfg.board, namespace=BOARD_NAMESPACE)
         self._closed = threading.Event()
@@ -162,6 +164,8 @@ class ReplicaBase:
                 kind = {QueueFull: "queue_full", SchedulerClosed: "closed"}.get(type(err), "invalid")
                 yield ("refused", kind, str(err))
                 return
+            if adapter is not None:
+                self.taken[adapter] += 1
             yield ("accepted",)
             open_rows = set(range(len(requests)))
             try:
@@ -185,8 +189,9 @@ class ReplicaBase:
         s = self.scheduler
         stats = {k: v for k, v in asdict(s.stats).items() if k not in ("recent", "finished")}
         return {"id": self.id, "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
-                "waiting": s.waiting, "evictions": self.evictions, "tokens_per_second": s.stats.tokens_per_second(),
-                "finished": dict(s.stats.finished), "stats": stats, "time": time.time()}
+                "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
+                "tokens_per_second": s.stats.tokens_per_second(), "finished": dict(s.stats.finished),
+                "stats": stats, "time": time.time()}
 
     def _report(self) -> None:
         try:
