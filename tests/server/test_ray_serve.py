@@ -15,6 +15,7 @@ from serve_helpers import API_KEY, live_server, wait_for, write_adapter
 pytest.importorskip("ray.serve")
 
 NAMES = ["r1", "r2", "r3", "r4", "r5"]  # four fill both replicas (K=2 each), the fifth must evict
+PINNED = "p0"  # held by every replica outside the LRU
 PROMPT = "I feel so happy today because"
 LONG = 200  # tokens of the in-flight streams (tiny model: 256 positions)
 
@@ -22,7 +23,7 @@ LONG = 200  # tokens of the in-flight streams (tiny model: 256 positions)
 @pytest.fixture(scope="module")
 def ray_store(tmp_path_factory, serve_base) -> Path:
     root = tmp_path_factory.mktemp("ray-store")
-    for i, name in enumerate(NAMES):
+    for i, name in enumerate([*NAMES, PINNED]):
         write_adapter(root / name, serve_base, name, 4 + i % 3, seed=300 + i)
     return root
 
@@ -37,12 +38,12 @@ def reference(tiny_model_dir, ray_store):
     out = {}
     with live_server(lm) as srv:
         client = srv.client()
-        for model in [*NAMES, "tiny-base"]:
+        for model in [*NAMES, PINNED, "tiny-base"]:
             for n in (12, LONG):
                 r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0,
                                               extra_body={"ignore_eos": True})
                 out[model, n] = r.choices[0].text
-    assert len({out[m, 12] for m in [*NAMES, "tiny-base"]}) == 6, "adapters must change greedy output"
+    assert len({out[m, 12] for m in [*NAMES, PINNED, "tiny-base"]}) == 7, "adapters must change greedy output"
     return out
 
 
@@ -57,7 +58,7 @@ def cluster(tiny_model_dir, ray_store):
 
     opts = RayOptions(replicas=2, replica_cpus=0.1, local_cpus=2)
     cfg = ReplicaConfig(model=str(tiny_model_dir), store=str(ray_store), board=board_name(opts), device="cpu",
-                        dtype="float32", max_batch=8, max_adapters=2)
+                        dtype="float32", max_batch=8, max_adapters=2, pin=[PINNED])
     connect(opts)
     try:
         url = deploy(cfg, ServerSettings(model_name="tiny-base", port=0, api_key=API_KEY), opts)
@@ -91,16 +92,18 @@ def complete(client, model: str, n: int = 12, stream: bool = False) -> str:
 
 
 def test_outputs_equal_the_single_process_server_and_fill_both_replicas(cluster, client, reference):
-    assert {m.id for m in client.models.list().data} == {"tiny-base", *NAMES}
+    assert {m.id for m in client.models.list().data} == {"tiny-base", *NAMES, PINNED}
     for name in NAMES[:4]:  # one at a time: each new adapter goes to the replica holding fewest
         assert complete(client, name) == reference[name, 12], name
         wait_for(lambda: holders(cluster, name), 10, f"{name} placed")
         time.sleep(0.5)  # Serve's router learns the new placement (pushed every 0.1 s)
     assert complete(client, "tiny-base", stream=True) == reference["tiny-base", 12]
+    assert complete(client, PINNED) == reference[PINNED, 12]
     assert complete(client, "r2", stream=True) == reference["r2", 12]
     replicas = placement(cluster)
     assert len(replicas) == 2
     assert sorted(len(r["adapters"]) for r in replicas) == [2, 2], replicas
+    assert all(r["pinned"] == [PINNED] and PINNED not in r["adapters"] for r in replicas), replicas
     with pytest.raises(openai.NotFoundError):
         complete(client, "nope")
     with pytest.raises(openai.AuthenticationError):

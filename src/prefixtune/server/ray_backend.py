@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import ray
@@ -34,6 +35,7 @@ class RayOptions:
     replica_gpus: float | None = None  # GPUs per replica; None = 1 when CUDA is present, else 0
     max_ongoing_requests: int | None = None  # HTTP requests one replica takes before the router spills over
     app_name: str = "prefixtune"  # Serve application name (and the placement board's suffix)
+    route_prefix: str = "/"  # where the app sits on Serve's HTTP port (several apps can share it)
     local_cpus: int | None = None  # CPUs of a cluster started here (None = all of this machine's)
 
 
@@ -45,13 +47,15 @@ class PlacementBoard:
         self.entries: dict[str, dict] = {}
 
     def report(self, replica_id: str, info: dict) -> None:
-        self.entries[replica_id] = info
+        self.entries[replica_id] = info | {"heard": time.monotonic()}  # the board's clock: nodes' clocks differ
 
     def remove(self, replica_id: str) -> None:
         self.entries.pop(replica_id, None)
 
-    def snapshot(self) -> list[dict]:
-        return list(self.entries.values())
+    def snapshot(self, max_age: float) -> list[dict]:
+        """Replicas heard from within max_age seconds (a dead one stops reporting)."""
+        now = time.monotonic()
+        return [info for info in self.entries.values() if now - info["heard"] < max_age]
 
 
 def board_name(opts: RayOptions) -> str:
@@ -94,9 +98,9 @@ def deploy(cfg: ReplicaConfig, settings: ServerSettings, opts: RayOptions) -> st
                                  opts.replicas, opts.max_replicas)
     ingress = serve.deployment(PrefixIngress, name="PrefixIngress", max_ongoing_requests=max(cfg.max_queue, 64),
                                ray_actor_options={"num_cpus": 0})
-    serve.run(ingress.bind(replica, settings, cfg, cfg.board), name=opts.app_name, route_prefix="/")
+    serve.run(ingress.bind(replica, settings, cfg, cfg.board), name=opts.app_name, route_prefix=opts.route_prefix)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return f"http://{host}:{port}/v1"
+    return f"http://{host}:{port}{opts.route_prefix.rstrip('/')}/v1"
 
 
 def undeploy(opts: RayOptions) -> None:

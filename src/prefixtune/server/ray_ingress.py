@@ -48,11 +48,13 @@ class RemoteScheduler:
         self._calls: dict[str, asyncio.Task] = {}  # request id -> the task pumping its replica stream
         self._closed = False
         self._poller: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- status ---------------------------------------------------------------------------------------
     def start(self) -> None:  # lifespan: on the event loop
         if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
+            self._loop = asyncio.get_running_loop()
+            self._poller = self._loop.create_task(self._poll())
 
     @property
     def alive(self) -> bool:
@@ -67,9 +69,7 @@ class RemoteScheduler:
         return sum(r["running"] for r in self.replicas)
 
     async def placement(self) -> list[dict]:
-        now = time.time()
-        snapshot = await self.board.snapshot.remote()
-        self.replicas = sorted((r for r in snapshot if now - r["time"] < STALE_S), key=lambda r: r["id"])
+        self.replicas = sorted(await self.board.snapshot.remote(STALE_S), key=lambda r: r["id"])
         self._sum_stats()
         return self.replicas
 
@@ -152,11 +152,13 @@ class RemoteScheduler:
         deadline = time.monotonic() + timeout
         while drain and self._calls and time.monotonic() < deadline:
             time.sleep(0.05)
-        for task in list(self._calls.values()):
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        if self._poller is not None:
-            self._poller.get_loop().call_soon_threadsafe(self._poller.cancel)
+        if self._poller is not None:  # the tasks belong to the event loop: cancel them there
+            self._loop.call_soon_threadsafe(self._cancel_all)
         return True
+
+    def _cancel_all(self) -> None:
+        for task in {*self._calls.values(), self._poller}:
+            task.cancel()
 
 
 @serve.ingress()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -63,6 +62,8 @@ class HeldAdapter:
 
     def acquire(self):
         with self._lock:
+            if self.kv is None:  # never hand out an evicted adapter: the row would run as the base model
+                raise RuntimeError(f"adapter {self.name!r} was evicted while loading; retry")
             self.users += 1
             return self.kv
 
@@ -191,7 +192,7 @@ class ReplicaBase:
         return {"id": self.id, "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
                 "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
                 "tokens_per_second": s.stats.tokens_per_second(), "finished": dict(s.stats.finished),
-                "stats": stats, "time": time.time()}
+                "stats": stats}
 
     def _report(self) -> None:
         try:

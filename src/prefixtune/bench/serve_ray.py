@@ -1,0 +1,72 @@
+"""`prefixtune bench serve --ray`: the same HTTP load against 1 and 2 Ray Serve replicas on this machine.
+
+Both applications run side by side on one local Ray cluster (one Serve HTTP port, two route prefixes), and
+the runs alternate, best of each, so the ratio 2 replicas / 1 replica is measured under the same conditions.
+On one machine the replicas share its cores: the ratio shows what the second replica (and Serve's extra hop)
+costs or gains here, not what a second GPU would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefixtune.bench.serve_http import _bodies, _tiny_model_dir, best, load
+from prefixtune.bench.serve_speed import write_random_adapters
+
+
+def run_ray_bench(model: str = "smollm2-135m", tiny: bool = False, concurrencies: tuple[int, ...] = (8, 32),
+                  requests: int = 32, max_tokens: int = 16, repeats: int = 2, say=print) -> dict:
+    from prefixtune.models import load_base_model
+    from prefixtune.server.app import ServerSettings
+    from prefixtune.server.ray_backend import RayOptions, board_name, connect, deploy, free_port, undeploy
+    from prefixtune.server.ray_replica import ReplicaConfig
+
+    scratch = Path(tempfile.mkdtemp(prefix="prefixtune-bench-ray-"))
+    apps = {1: RayOptions(replicas=1, app_name="bench-1", route_prefix="/one"),
+            2: RayOptions(replicas=2, app_name="bench-2", route_prefix="/two")}
+    cores = len(os.sched_getaffinity(0))
+    for opts in apps.values():  # three replicas on this machine's cores: reserve a fraction each
+        opts.replica_cpus, opts.local_cpus = round(cores / 4, 2), cores
+    try:
+        model = _tiny_model_dir(scratch) if tiny else model
+        names = write_random_adapters(load_base_model(model), scratch / "store", 6, tokens=10)
+        connect(apps[1])
+        settings = ServerSettings(model_name="base", port=free_port("127.0.0.1"))
+        urls = {}
+        for n, opts in apps.items():
+            cfg = ReplicaConfig(model=model, store=str(scratch / "store"), board=board_name(opts),
+                                max_batch=max(concurrencies), max_queue=1024, max_adapters=6)
+            urls[n] = deploy(cfg, settings, opts).removesuffix("/v1")
+            say(f"{n} replica(s): {urls[n]}")
+        for url in urls.values():
+            load(url, "warm-up", _bodies(names, 12, 2), 12)
+        report: dict = {"model": model, "runs": [], "2 / 1 replicas": {}}
+        for c in concurrencies:
+            runs: dict[int, list] = {1: [], 2: []}
+            for _ in range(repeats):
+                for n in (1, 2):
+                    runs[n].append(load(urls[n], f"{n} replica(s)", _bodies(names, max(requests, 2 * c),
+                                                                            max_tokens), c))
+            for n in (1, 2):
+                r = best(runs[n])
+                report["runs"].append(r.row())
+                say(f"{n} replica(s) c={c:<3} {r.tokens_per_s:7.1f} tok/s  ttft p50/p95 {r.ttft_p50_ms:.0f}/"
+                    f"{r.ttft_p95_ms:.0f} ms  latency p50 {r.latency_p50_ms:.0f} ms  errors "
+                    f"{sum(x.errors for x in runs[n])}")
+            ratio = best(runs[2]).tokens_per_s / max(best(runs[1]).tokens_per_s, 1e-9)
+            report["2 / 1 replicas"][c] = round(ratio, 3)
+        say(f"2 replicas / 1 replica, tokens/s: {report['2 / 1 replicas']} ({cores} cores shared by all)")
+        for opts in apps.values():
+            undeploy(opts)
+        return report
+    finally:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
