@@ -1,5 +1,7 @@
 """`serve --backend ray`: a local Ray cluster, 2 CPU replicas of the tiny model, K=2 adapters per replica,
-the real `openai` client against the Serve HTTP ingress, compared with the single-process server."""
+the real `openai` client against the Serve HTTP ingress, compared with the single-process server.
+
+One cluster for the module; the tests run in order (the first fills both replicas, the last evicts)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 from serve_helpers import API_KEY, live_server, wait_for, write_adapter
 
 pytest.importorskip("ray.serve")
+# Starting Ray, Serve and 2 replicas took 120-160 s here (2 cores, load 7-8); the tests themselves ~20 s.
+pytestmark = pytest.mark.slow
 
 NAMES = ["r1", "r2", "r3", "r4", "r5"]  # four fill both replicas (K=2 each), the fifth must evict
 PINNED = "p0"  # held by every replica outside the LRU

@@ -1,7 +1,8 @@
 """`prefixtune bench serve --ray`: the same HTTP load against 1 and 2 Ray Serve replicas on this machine.
 
-Both applications run side by side on one local Ray cluster (one Serve HTTP port, two route prefixes), and
-the runs alternate, best of each, so the ratio 2 replicas / 1 replica is measured under the same conditions.
+Both applications run side by side on one local Ray cluster (one Serve HTTP port, two route prefixes), beside
+a plain `prefixtune serve` process; the runs alternate, best of each, so the ratios 2 replicas / 1 replica
+and 1 replica / plain server (what Serve's extra hops cost) are measured under the same conditions.
 On one machine the replicas share its cores: the ratio shows what the second replica (and Serve's extra hop)
 costs or gains here, not what a second GPU would.
 """
@@ -13,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prefixtune.bench.serve_http import _bodies, _tiny_model_dir, best, load
+from prefixtune.bench.serve_http import ServerProcess, _bodies, _tiny_model_dir, best, load
 from prefixtune.bench.serve_speed import write_random_adapters
 
 
@@ -41,27 +42,17 @@ def run_ray_bench(model: str = "smollm2-135m", tiny: bool = False, concurrencies
                                 max_batch=max(concurrencies), max_queue=1024, max_adapters=6)
             urls[n] = deploy(cfg, settings, opts).removesuffix("/v1")
             say(f"{n} replica(s): {urls[n]}")
-        for url in urls.values():
-            load(url, "warm-up", _bodies(names, 12, 2), 12)
-        report: dict = {"model": model, "runs": [], "2 / 1 replicas": {}}
-        for c in concurrencies:
-            runs: dict[int, list] = {1: [], 2: []}
-            for _ in range(repeats):
-                for n in (1, 2):
-                    runs[n].append(load(urls[n], f"{n} replica(s)", _bodies(names, max(requests, 2 * c),
-                                                                            max_tokens), c))
-            for n in (1, 2):
-                r = best(runs[n])
-                report["runs"].append(r.row())
-                say(f"{n} replica(s) c={c:<3} {r.tokens_per_s:7.1f} tok/s  ttft p50/p95 {r.ttft_p50_ms:.0f}/"
-                    f"{r.ttft_p95_ms:.0f} ms  latency p50 {r.latency_p50_ms:.0f} ms  errors "
-                    f"{sum(x.errors for x in runs[n])}")
-            ratio = best(runs[2]).tokens_per_s / max(best(runs[1]).tokens_per_s, 1e-9)
-            report["2 / 1 replicas"][c] = round(ratio, 3)
-        say(f"2 replicas / 1 replica, tokens/s: {report['2 / 1 replicas']} ({cores} cores shared by all)")
+        flags = ("--max-batch", str(max(concurrencies)), "--max-queue", "1024", "--served-model-name", "base")
+        with ServerProcess(model, scratch / "store", *flags) as plain:
+            urls["plain"] = plain.url
+            for url in urls.values():
+                load(url, "warm-up", _bodies(names, 12, 2), 12)
+            report = _alternate(urls, names, concurrencies, requests, max_tokens, repeats, say)
+        say(f"2 replicas / 1 replica, tokens/s: {report['2 / 1 replicas']}; 1 replica / plain server: "
+            f"{report['1 replica / plain']} ({cores} cores shared by all)")
         for opts in apps.values():
             undeploy(opts)
-        return report
+        return report | {"model": model}
     finally:
         import ray
         from ray import serve
@@ -70,3 +61,25 @@ def run_ray_bench(model: str = "smollm2-135m", tiny: bool = False, concurrencies
             serve.shutdown()
             ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alternate(urls: dict, names: list[str], concurrencies: tuple[int, ...], requests: int, max_tokens: int,
+               repeats: int, say) -> dict:
+    report: dict = {"runs": [], "2 / 1 replicas": {}, "1 replica / plain": {}}
+    label = {1: "1 replica", 2: "2 replicas", "plain": "plain serve"}
+    for c in concurrencies:
+        runs: dict = {key: [] for key in urls}
+        for _ in range(repeats):
+            for key, url in urls.items():
+                runs[key].append(load(url, label[key], _bodies(names, max(requests, 2 * c), max_tokens), c))
+        tps = {}
+        for key, results in runs.items():
+            r = best(results)
+            tps[key] = max(r.tokens_per_s, 1e-9)
+            report["runs"].append(r.row())
+            say(f"{label[key]:>12} c={c:<3} {r.tokens_per_s:7.1f} tok/s  ttft p50/p95 {r.ttft_p50_ms:.0f}/"
+                f"{r.ttft_p95_ms:.0f} ms  latency p50 {r.latency_p50_ms:.0f} ms  errors "
+                f"{sum(x.errors for x in results)}")
+        report["2 / 1 replicas"][c] = round(tps[2] / tps[1], 3)
+        report["1 replica / plain"][c] = round(tps[1] / tps["plain"], 3)
+    return report
