@@ -101,7 +101,11 @@ class RemoteScheduler:
         rows = [(r.prompt_ids, r.params) for r in requests]
         stream = self.handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
             first.adapter, first.negative, rows)
-        answer = await stream.__anext__()
+        try:
+            answer = await stream.__anext__()
+        except BaseException:  # the client left (or the replica died) before the answer: free the rows there
+            stream.cancel()
+            raise
         if answer[0] == "refused":
             kind, message = answer[1], answer[2]
             if kind == "queue_full":

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import ray
@@ -188,7 +188,7 @@ class ReplicaBase:
     # ---- placement board ----------------------------------------------------------------------------
     def placement(self) -> dict:
         s = self.scheduler
-        stats = {k: v for k, v in asdict(s.stats).items() if k not in ("recent", "finished")}
+        stats = {f.name: getattr(s.stats, f.name) for f in fields(s.stats) if f.name not in ("recent", "finished")}
         return {"id": self.id, "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
                 "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
                 "tokens_per_second": s.stats.tokens_per_second(), "finished": dict(s.stats.finished),
