@@ -89,11 +89,13 @@ class ReplicaBase:
     def __init__(self, cfg: ReplicaConfig):
         from prefixtune.engine.lm import PrefixLM
         from prefixtune.engine.scheduler import Scheduler
+        from prefixtune.server.app import model_limit
 
         self.cfg = cfg
         self.lm = PrefixLM.load(cfg.model, store=cfg.store, device=cfg.device, dtype=cfg.dtype, force=cfg.force)
         self.scheduler = Scheduler(self.lm, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.mode,
-                                   max_model_len=cfg.max_model_len, max_inflight_tokens=cfg.max_inflight_tokens)
+                                   max_model_len=cfg.max_model_len or model_limit(self.lm.model),
+                                   max_inflight_tokens=cfg.max_inflight_tokens)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, HeldAdapter] = {}  # what the multiplexed LRU holds, in load order
         self.evictions = 0
@@ -147,8 +149,9 @@ class ReplicaBase:
             if name in self.pinned:
                 return self.pinned[name]
             item = await self.get_adapter(name)
-            held.append(item)
-            return item.acquire()
+            kv = item.acquire()
+            held.append(item)  # released when this request ends
+            return kv
 
         try:
             try:
