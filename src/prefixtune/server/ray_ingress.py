@@ -18,6 +18,7 @@ from ray import serve
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.server.app import ServerSettings, create_app
 from prefixtune.server.protocol import APIError
+from prefixtune.server.ray_replica import choices_of
 
 SNAPSHOT_S = 0.5  # how often the ingress reads the placement board (health, metrics)
 STALE_S = 3.0  # a replica silent this long is not listed (it reports every ray_replica.REPORT_S)
@@ -121,15 +122,15 @@ class RemoteScheduler:
             self._calls[r.request_id] = task
 
     async def _pump(self, stream, requests: list[Request]) -> None:
-        tokens = [0] * len(requests)
-        open_rows = set(range(len(requests)))
+        open_choices = choices_of(requests)
+        tokens = dict.fromkeys(open_choices, 0)
         finish, error = "abort", None
         try:
             async for _kind, batch in stream:
                 for index, out in batch:
-                    tokens[index] = out.completion_tokens
+                    tokens[index, out.index] = out.completion_tokens
                     if out.finish_reason is not None:
-                        open_rows.discard(index)
+                        open_choices.discard((index, out.index))
                     requests[index].emit(out)
         except asyncio.CancelledError:
             stream.cancel()  # the replica's generator gets CancelledError and frees the batch slots
@@ -137,9 +138,9 @@ class RemoteScheduler:
         except Exception as err:  # noqa: BLE001 - a replica died mid-stream: fail its rows, keep serving
             finish, error = "error", f"replica failed: {type(err).__name__}: {err}"
         finally:
-            for index in sorted(open_rows):  # every row ends with a final Output, as the local engine's do
+            for index, choice in sorted(open_choices):  # every choice ends with a final Output, as locally
                 r = requests[index]
-                r.emit(Output(r.request_id, "", [], finish, tokens[index], error))
+                r.emit(Output(r.request_id, "", [], finish, tokens[index, choice], error, index=choice))
             for r in requests:
                 self._calls.pop(r.request_id, None)
 

@@ -171,18 +171,18 @@ class ReplicaBase:
             if adapter is not None:
                 self.taken[adapter] += 1
             yield ("accepted",)
-            open_rows = set(range(len(requests)))
+            open_choices = choices_of(requests)
             try:
-                while open_rows:
+                while open_choices:
                     batch = [await queue.get()]
                     while not queue.empty():  # everything that arrived meanwhile goes in one message
                         batch.append(queue.get_nowait())
                     for index, out in batch:
                         if out.finish_reason is not None:
-                            open_rows.discard(index)
+                            open_choices.discard((index, out.index))
                     yield ("outputs", batch)
             finally:  # the ingress cancelled (client gone) or the stream broke: free the batch slots
-                for index in open_rows:
+                for index in {row for row, _ in open_choices}:
                     self.scheduler.cancel(requests[index].request_id)
         finally:
             for item in held:
@@ -214,6 +214,11 @@ class ReplicaBase:
             self.scheduler.shutdown(timeout=5.0)
         except Exception:  # noqa: BLE001
             pass
+
+
+def choices_of(requests: list[Request]) -> set[tuple[int, int]]:
+    """(row, choice) of every choice the rows will finish (a beam request returns num_return_sequences)."""
+    return {(row, c) for row, r in enumerate(requests) for c in range(r.params.num_return_sequences)}
 
 
 def _emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, out) -> None:  # output thread
