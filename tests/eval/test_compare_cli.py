@@ -23,7 +23,7 @@ def test_compare_end_to_end_and_rerun_from_config(tiny_model_dir, eval_home, cli
     data = write_data(tmp_path / "data")
     out = tmp_path / "cmp"
     result = cli(["compare", "--data", data, "--model", tiny_model_dir, "--methods", "prefix,lora,prompt",
-                  "--steps", "2", "--batch-size", "6", "--out", out, *FAST])
+                  "--steps", "2", "--batch-size", "6", "--out", out, "--guidance-scale", "2", *FAST])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in results["methods"]}
@@ -36,6 +36,8 @@ def test_compare_end_to_end_and_rerun_from_config(tiny_model_dir, eval_home, cli
         assert sorted(row["conditioning"]["per_label"]) == LABELS
         assert row["latency_ms_per_token"] > 0 and row["base_latency_ms_per_token"] > 0
     prefix, lora, prompt = rows["prefix"], rows["lora"], rows["prompt"]
+    # Both trained methods' samples are guided the same way, against the base model; prompting has no adapter.
+    assert prefix["guidance"] == lora["guidance"] == {"scale": 2.0, "negative": None} and "guidance" not in prompt
     for trained in (prefix, lora):
         assert trained["trained"] and trained["steps"] == 2
         assert trained["train_seconds"] > 0 and trained["train_tokens_per_s"] > 0

@@ -147,6 +147,8 @@ def register(app: typer.Typer) -> None:
         lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (default 16)."),
         lora_targets: Optional[str] = Opt(None, help="LoRA target modules (default: attention projections)."),
         instruction: Optional[str] = Opt(None, help="Prompting baseline request with {label}."),
+        guidance_scale: Optional[float] = Opt(None, help="Guide the prefix and LoRA samples against the base "
+                                                         "model (1 = off, the default)."),
         split: Optional[str] = Opt(None, help="Split every method is evaluated on (default test)."),
         eval_examples: Optional[int] = Opt(None, help="Rows scored for eval loss (default 256)."),
         samples_per_label: Optional[int] = Opt(None, help="Generated samples per label (default 8)."),

@@ -7,7 +7,6 @@ safetensors read. The base model is never touched.
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import sys
@@ -61,7 +60,7 @@ class PrefixLM:
         self.cache = AdapterCache(cache_size, cache_bytes)
         self.force = force  # load adapters from another base model when the shapes match
         self.paths: dict[str, Path] = {}  # adapters registered from outside the store
-        self.warnings: list[str] = []  # --force warnings issued so far
+        self.warnings: list[str] = []  # warnings issued so far (--force loads, missing guidance negatives)
         self._layout: torch.Tensor | None = None  # layout_mask(), built on first use
 
     @classmethod
@@ -235,15 +234,17 @@ class PrefixLM:
         ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
         return {i for i in ids if i is not None}
 
-    def layout_mask(self) -> torch.Tensor:
-        """(V,) bool of the layout tokens guidance leaves to the adapter; computed once (~1 s), on first use."""
+    def layout_mask(self, tokenizer: Any = None) -> torch.Tensor:
+        """(V,) bool of the layout tokens guidance leaves to the adapter; computed once (~1 s), on first use.
+
+        A thread other than the one that encodes prompts passes its own copy of the tokenizer: a fast
+        tokenizer used from two threads at once fails ("Already borrowed").
+        """
         if self._layout is None:
             from prefixtune.engine.guidance import layout_mask
 
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            # A copy: a fast tokenizer used from two threads at once fails ("Already borrowed"), and the
-            # server's worker gets here while the event loop encodes prompts.
-            self._layout = layout_mask(copy.deepcopy(self.tokenizer), vocab).to(self.device)
+            self._layout = layout_mask(tokenizer or self.tokenizer, vocab).to(self.device)
         return self._layout
 
     def encode(self, prompts: Sequence[str], add_special_tokens: bool = True

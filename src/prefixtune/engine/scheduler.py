@@ -71,6 +71,7 @@ class Scheduler:
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the output thread
         # decodes with its own copy while the server encodes with lm.tokenizer.
         self.output = OutputProcessor(copy.deepcopy(lm.tokenizer), self.stats, self._on_stop)
+        self._layout_tokenizer = copy.deepcopy(lm.tokenizer)  # the worker's own, for lm.layout_mask()
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._live: dict[str, Request] = {}  # waiting + running, by request_id
@@ -286,7 +287,7 @@ class Scheduler:
             scale = torch.tensor([s.request.params.guidance_scale for s in guided], device=logits.device)
             # As offline generation: EOS and layout tokens keep the adapter's own probabilities.
             with self.lm_lock:
-                layout = self.lm.layout_mask()
+                layout = self.lm.layout_mask(self._layout_tokenizer)
             combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
                                      eos_ids=sorted(self.eos_ids), layout=layout)  # (G, V)
             logits = logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never used

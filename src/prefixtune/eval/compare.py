@@ -21,6 +21,7 @@ from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
 from prefixtune.eval.report import compare_markdown, plot_bars, plot_loss_curves, write_json
 from prefixtune.eval.readme import readme_section
+from prefixtune.engine.guidance import validate_scale
 from prefixtune.prefix.peft_io import atomic_write_text
 from prefixtune.train.config import TrainConfig
 from prefixtune.templates import fill_template, is_task_template
@@ -87,6 +88,11 @@ class CompareConfig(EvalSettings):
             raise CompareConfigError(f"--methods lists a method twice: {', '.join(self.methods)}")
         if self.steps < 1 or self.batch_size < 1:
             raise CompareConfigError("--steps and --batch-size must be >= 1")
+        if self.guidance_scale is not None:
+            try:
+                validate_scale(self.guidance_scale)
+            except ValueError as err:
+                raise CompareConfigError(f"--guidance-scale: {err}") from None
         if "{label}" not in self.instruction:
             raise CompareConfigError(f"--instruction {self.instruction!r} must contain {{label}}")
         try:  # fail here, not minutes later inside a training process

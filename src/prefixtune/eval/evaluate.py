@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from prefixtune.data import DataBundle, DataError, Example
+from prefixtune.engine.guidance import is_guided
 from prefixtune.eval.judge import Judge, check_judge_labels
+from prefixtune.eval.lora_guided import generate_lora_guided
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
 from prefixtune.eval.quality import quality_report, sample_stats
 from prefixtune.eval.report import fmt
@@ -116,18 +118,26 @@ def eval_loss(lm, method: Method, rows: list[Example], settings: EvalSettings) -
 
 
 def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[int], settings: EvalSettings,
-              desc: str, temperature: float | None = None, guidance_scale: float | None = None) -> list[str]:
+              desc: str, temperature: float | None = None, guidance_scale: float | None = None,
+              lora_base=None) -> list[str]:
+    """Samples in batches. `lora_base` (a LoRA method's disable_adapter) guides LoRA rows against the base."""
     texts: list[str] = []
     bar = _bar(len(prompts), desc, settings.progress)
     temp = settings.temperature if temperature is None else temperature
     scale = settings.guidance_scale if guidance_scale is None else guidance_scale
+    lora_guided = lora_base is not None and is_guided(scale)
     for start in range(0, len(prompts), settings.eval_batch_size):
         stop = start + settings.eval_batch_size
-        outs = lm.generate(prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
-                           temperature=temp, top_p=settings.top_p, seed=seeds[start:stop],
-                           guidance_scale=scale, guidance_negative=settings.guidance_negative)
-        texts.extend(o.text.strip() for o in outs)
-        bar.update(len(outs))
+        if lora_guided:
+            batch = generate_lora_guided(lm, prompts[start:stop], seeds[start:stop], settings.max_new_tokens,
+                                         temp, settings.top_p, scale, lora_base)
+        else:
+            batch = [o.text for o in lm.generate(
+                prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
+                temperature=temp, top_p=settings.top_p, seed=seeds[start:stop], guidance_scale=scale,
+                guidance_negative=settings.guidance_negative)]
+        texts.extend(t.strip() for t in batch)
+        bar.update(len(batch))
     bar.close()
     return texts
 
@@ -143,8 +153,8 @@ def sample_seeds(settings: EvalSettings) -> list[int]:
     return [settings.seed * 100_003 + i for i in range(settings.samples_per_label)]
 
 
-def generate_samples(lm, method: Method, settings: EvalSettings, guidance_scale: float | None = None
-                     ) -> list[dict[str, Any]]:
+def generate_samples(lm, method: Method, settings: EvalSettings, guidance_scale: float | None = None,
+                     lora_base=None) -> list[dict[str, Any]]:
     """samples_per_label samples per label in one mixed batch (each row its own prompt/adapter/seed)."""
     prompts, adapters, labels, seeds = [], [], [], []
     for label in method.labels:
@@ -154,7 +164,7 @@ def generate_samples(lm, method: Method, settings: EvalSettings, guidance_scale:
             labels.append(label)
             seeds.append(seed)
     texts = _generate(lm, prompts, adapters, seeds, settings, f"{method.name}: samples",
-                      guidance_scale=guidance_scale)
+                      guidance_scale=guidance_scale, lora_base=lora_base)
     return [{"label": label, "seed": seed, "adapter": adapter, "text": text}
             for label, seed, adapter, text in zip(labels, seeds, adapters, texts)]
 
@@ -215,14 +225,14 @@ def reference_eval(lm, method: Method, data_inputs: list[Example], references: l
     return scores
 
 
-def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | None, say=print
+def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | None, say=print, lora_base=None
                    ) -> list[dict[str, Any]]:
     """The same samples (same seeds) at each guidance scale: accuracy vs distinct-2 vs length."""
     labelled = [label for label in method.labels if label is not None]
     ceiling = getattr(judge, "macro_accuracy", None)
     rows = []
     for scale in settings.guidance_sweep or []:
-        samples = generate_samples(lm, method, settings, guidance_scale=scale)
+        samples = generate_samples(lm, method, settings, guidance_scale=scale, lora_base=lora_base)
         texts = [s["text"] for s in samples]
         row = {"guidance_scale": scale, "ceiling": ceiling, **sample_stats(texts, [s["label"] for s in samples])}
         row["accuracy"] = None
@@ -255,7 +265,11 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
     if first is not None:  # the guidance the samples get: the caller's, else what the adapter recommends
         scale, negative = lm.guidance(first, settings.guidance_scale, settings.guidance_negative)
         result["guidance"] = {"scale": scale, "negative": negative}
-    samples = generate_samples(lm, method, settings) if settings.samples_per_label > 0 else []
+    # A LoRA method (no prefix adapters, a base context) is guided by the same settings as a prefix.
+    lora_base = base_context if base_context is not None and not method.adapters else None
+    if lora_base is not None and is_guided(settings.guidance_scale):
+        result["guidance"] = {"scale": settings.guidance_scale, "negative": None}
+    samples = generate_samples(lm, method, settings, lora_base=lora_base) if settings.samples_per_label > 0 else []
     texts = [s["text"] for s in samples]
     labelled = [label for label in method.labels if label is not None]
     result["conditioning"] = None
@@ -281,7 +295,8 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
         say(f"{method.name}: samples {q['samples']['mean_words']:.1f} words, distinct-2 "
             f"{q['samples']['distinct_2']:.2f}, degenerate {q['samples']['degenerate']:.0%} "
             f"(real text: {q['real'].get('mean_words', 0):.1f} words, distinct-2 {q['real'].get('distinct_2', 0):.2f})")
-    result["guidance_sweep"] = guidance_sweep(lm, method, settings, judge, say) if settings.guidance_sweep else None
+    result["guidance_sweep"] = (guidance_sweep(lm, method, settings, judge, say, lora_base)
+                                if settings.guidance_sweep else None)
 
     latency = base = None
     if settings.latency_repeats > 0:
