@@ -358,3 +358,22 @@ def test_fingerprint_is_cached_by_file_stat(tiny_model_dir: Path, tmp_path: Path
     weights = next(folder.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert load_base_model(folder).fingerprint == first.fingerprint and calls == [1], "new stat: hashed again"
+
+
+def test_load_shell_has_tokenizer_and_config_but_no_weights(tiny_model_dir: Path, tiny_lm, tmp_path: Path) -> None:
+    from prefixtune.engine.lm import PrefixLM
+    from prefixtune.models import load_shell
+    from prefixtune.store import StoreError
+    from prefixtune.testing import write_random_adapter
+
+    shell = load_shell(str(tiny_model_dir), torch.float32, tiny_lm.fingerprint)
+    assert all(p.device.type == "meta" for p in shell.model.parameters())
+    assert shell.model.config.to_dict() == tiny_lm.model.config.to_dict()
+    assert shell.tokenizer("hello there").input_ids == tiny_lm.tokenizer("hello there").input_ids
+    assert shell.tokenizer.padding_side == "left"
+    write_random_adapter(tmp_path, "ok", tiny_lm, tokens=5)
+    write_random_adapter(tmp_path, "other", tiny_lm, tokens=5, fingerprint="another-base")
+    lm = PrefixLM(shell, tmp_path)  # what the Ray ingress checks adapters with
+    assert lm.adapter("ok").kv.shape[2] == 5 and lm.adapter("ok").kv.device.type == "meta"
+    with pytest.raises(StoreError, match="another-base"):
+        lm.adapter("other")

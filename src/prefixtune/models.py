@@ -299,7 +299,7 @@ def load_base_model(
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Resolve ``name`` (bundled alias, local folder, .gguf path, or hub id) into a frozen LoadedModel."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name = os.fspath(name)
     dev, dt = resolve_device_dtype(device, dtype)
@@ -309,13 +309,7 @@ def load_base_model(
         configure_threads(say=lambda m: print(m, file=sys.stderr))
     location, gguf_file = _resolve(name)
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(
-            f"model '{name}': no usable tokenizer at {location} ({type(exc).__name__}: {exc}); "
-            "save the tokenizer next to the model with tokenizer.save_pretrained(folder)"
-        ) from exc
+    tokenizer = _tokenizer(name, location, extra)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt, **extra)
     except ValueError as exc:  # e.g. a GGUF architecture transformers cannot map to a causal-LM class
@@ -326,11 +320,6 @@ def load_base_model(
 
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)
-    if tokenizer.pad_token is None and tokenizer.eos_token is None:
-        raise ModelLoadError(f"model '{name}': tokenizer has neither a pad nor an eos token to pad with")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only batching: real tokens must end at the same column
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
     source = str(Path(location) / gguf_file) if gguf_file else location
@@ -338,3 +327,44 @@ def load_base_model(
     remember_legacy(fingerprint, legacy)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=source, device=dev, dtype=dt,
                        fingerprint=fingerprint, legacy_fingerprint=legacy)
+
+
+def _tokenizer(name: str, location: str, extra: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, left-padding (decoder-only batching: real tokens end at the same column)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(
+            f"model '{name}': no usable tokenizer at {location} ({type(exc).__name__}: {exc}); "
+            "save the tokenizer next to the model with tokenizer.save_pretrained(folder)"
+        ) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        raise ModelLoadError(f"model '{name}': tokenizer has neither a pad nor an eos token to pad with")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_shell(name: str, dtype: torch.dtype, fingerprint: str, legacy_fingerprint: str = "") -> LoadedModel:
+    """Tokenizer and config of `name`, the model on the meta device (no weights read, no memory).
+
+    For a front end that tokenizes and checks adapters against the base model but never runs it (the Ray
+    Serve ingress); the fingerprint comes from a process that loaded the weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = os.fspath(name)
+    location, gguf_file = _resolve(name)
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = _tokenizer(name, location, extra)
+    config = AutoConfig.from_pretrained(location, **extra)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if legacy_fingerprint:
+        remember_legacy(fingerprint, legacy_fingerprint)
+    source = str(Path(location) / gguf_file) if gguf_file else location
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=source, device=torch.device("meta"),
+                       dtype=dtype, fingerprint=fingerprint, legacy_fingerprint=legacy_fingerprint)

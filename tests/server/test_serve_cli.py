@@ -60,3 +60,23 @@ def test_serve_command_prints_url_serves_and_stops_on_sigterm(tiny_model_dir, se
             proc.kill()
             proc.wait(10)
 
+
+
+def test_serve_ray_flags_are_checked_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    cases = [
+        (["--replicas", "2"], "--replicas needs --backend ray"),
+        (["--max-adapters-per-replica", "2"], "needs --backend ray"),
+        (["--backend", "ray", "--address", "head:6379"], "ray://HEAD:10001"),
+        (["--backend", "ray", "--replicas", "3", "--max-replicas", "2"], "2 < --replicas 3"),
+        (["--backend", "ray", "--adapter-root", str(tmp_path)], "put them in the store"),
+        (["--backend", "ray", "--pin", "../x"], "--pin"),
+        (["--backend", "k8s"], "choose local or ray"),
+    ]
+    for flags, message in cases:
+        result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "no-model"), *flags])
+        assert result.exit_code == 2, (flags, result.output)
+        assert message in " ".join(result.output.split()).replace("│", "").replace("  ", " "), (flags, result.output)

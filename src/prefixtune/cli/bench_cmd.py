@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         adapters: int = typer.Option(500, "--adapters", min=7, help="Adapters in the large store (vs 6)."),
         repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating runs per scenario (best counts)."),
         peft: bool = typer.Option(False, "--peft", help="Also PEFT's set_adapter + generate per adapter group."),
+        ray: bool = typer.Option(False, "--ray", help="1 vs 2 Ray Serve replicas on this machine, over HTTP."),
         out: str = typer.Option("runs/bench-serve", "--out", help="Where results.json goes."),
     ) -> None:
         """Serving benchmarks; with --http, a load generator against the real server at several concurrencies."""
@@ -78,17 +79,22 @@ def register(app: typer.Typer) -> None:
 
         from prefixtune.prefix.peft_io import atomic_write_text
 
-        if not http:
+        if not (http or ray):
             from prefixtune.bench.run import run_bench
 
             run_bench(model, "", out, sections=("serve",))
             return
-        from prefixtune.bench.serve_http import run_http
-
         levels = tuple(int(c) for c in parse_csv(concurrency) or ["1", "8", "32"])
         if any(c < 1 for c in levels):
             raise typer.BadParameter("concurrencies must be >= 1", param_hint="--concurrency")
-        report = run_http(model, tiny, levels, requests, max_tokens, adapters, repeats, peft, say=typer.echo)
+        if ray:
+            from prefixtune.bench.serve_ray import run_ray_bench
+
+            report = run_ray_bench(model, tiny, levels, requests, max_tokens, repeats, say=typer.echo)
+        else:
+            from prefixtune.bench.serve_http import run_http
+
+            report = run_http(model, tiny, levels, requests, max_tokens, adapters, repeats, peft, say=typer.echo)
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out) / "results.json", json.dumps(report, indent=2, default=str))
         typer.echo(f"results in {out}/results.json")

@@ -46,6 +46,19 @@ def register(app: typer.Typer) -> None:
                                                help="Seconds in-flight requests get to finish on SIGTERM."),
         force: bool = typer.Option(False, "--force", help="Serve adapters trained on another base of the same shape."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+        backend: str = typer.Option("local", "--backend", help="local (this process) or ray (Ray Serve replicas)."),
+        replicas: int = typer.Option(1, "--replicas", min=1, help="ray: engine replicas (one per GPU)."),
+        max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1,
+                                                   help="ray: autoscale from --replicas up to this many."),
+        max_adapters: int = typer.Option(8, "--max-adapters-per-replica", min=1,
+                                         help="ray: adapters a replica keeps loaded (LRU; requests go where theirs is)."),
+        address: Optional[str] = typer.Option(None, "--address",
+                                              help="ray: ray://HEAD:10001 or auto (this node's cluster); default: start one here."),
+        replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0, help="ray: CPUs reserved per replica."),
+        replica_gpus: Optional[float] = typer.Option(None, "--replica-gpus", min=0,
+                                                     help="ray: GPUs per replica (default: 1 with CUDA, else 0)."),
+        preload: Optional[list[str]] = typer.Option(None, "--preload", help="ray: adapter every replica loads at start (repeatable)."),
+        pin: Optional[list[str]] = typer.Option(None, "--pin", help="ray: adapter held by every replica, never evicted (repeatable)."),
     ) -> None:
         """Serve the base model and every adapter over an OpenAI-compatible API (model = adapter name)."""
         from prefixtune.engine.lm import PrefixLM
@@ -55,20 +68,40 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--batching")
+        ray_flags = {"--replicas": replicas != 1, "--max-replicas": max_replicas is not None,
+                     "--max-adapters-per-replica": max_adapters != 8, "--address": address is not None,
+                     "--replica-cpus": replica_cpus != 1.0, "--replica-gpus": replica_gpus is not None,
+                     "--preload": bool(preload), "--pin": bool(pin)}
+        if backend not in ("local", "ray"):
+            raise typer.BadParameter("choose local or ray", param_hint="--backend")
+        if backend == "local" and any(ray_flags.values()):
+            flag = next(f for f, given in ray_flags.items() if given)
+            raise typer.BadParameter(f"{flag} needs --backend ray", param_hint=flag)
+        # A folder or .gguf path makes an awkward model id; its last component is what people type.
+        default_id = Path(model).name if ("/" in model or model.lower().endswith(".gguf")) else model
+        settings = ServerSettings(
+            model_name=served_model_name or default_id, host=host, port=port, api_key=api_key or None, admin=admin,
+            adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes, max_model_len=max_model_len,
+            max_tokens=max_tokens, shutdown_timeout=shutdown_timeout, max_prompt_tokens=max_prompt_tokens,
+            max_n=max_n, max_stop_chars=max_stop_chars, max_num_beams=max_num_beams,
+        )
+        if backend == "ray":
+            from prefixtune.cli.serve_ray import run_ray
+
+            engine = dict(model=model, store=str(store) if store else None, device=device, dtype=dtype, force=force,
+                          max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                          max_inflight_tokens=max_inflight_tokens, mode=mode, max_adapters=max_adapters,
+                          preload=list(preload or []), pin=list(pin or []))
+            placement = dict(replicas=replicas, max_replicas=max_replicas, address=address,
+                             replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+            run_ray(settings, engine, placement)
+            return
         lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
         limit = model_limit(lm.model)
         if max_model_len is not None and limit is not None and max_model_len > limit:
             raise typer.BadParameter(f"{max_model_len} > the model's position limit {limit}",
                                      param_hint="--max-model-len")
-        # A folder or .gguf path makes an awkward model id; its last component is what people type.
-        default_id = Path(model).name if ("/" in model or model.lower().endswith(".gguf")) else model
-        settings = ServerSettings(
-            model_name=served_model_name or default_id, host=host, port=port, api_key=api_key or None, admin=admin,
-            adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes,
-            max_model_len=max_model_len or limit, max_tokens=max_tokens, shutdown_timeout=shutdown_timeout,
-            max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_stop_chars=max_stop_chars,
-            max_num_beams=max_num_beams,
-        )
+        settings.max_model_len = max_model_len or limit
         scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode,
                               max_model_len=settings.max_model_len, start=False,
                               max_inflight_tokens=max_inflight_tokens)

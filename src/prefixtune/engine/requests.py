@@ -70,6 +70,7 @@ class SchedulerStats:
     last_batch_size: int = 0  # rows in the latest decode step
     max_batch_size: int = 0  # most rows ever decoded together
     max_adapters_in_batch: int = 0  # most distinct adapters (None counted) ever sharing one step
+    mixed_steps: int = 0  # decode steps whose rows used more than one adapter (None counted)
     prefills: int = 0  # prefill forwards (each admits one or more requests)
     prompt_tokens: int = 0  # prompt tokens prefilled (a guided request's companion counted once)
     generated_tokens: int = 0  # tokens sampled (EOS excluded)

@@ -334,6 +334,7 @@ class Scheduler:
         s.max_batch_size = max(s.max_batch_size, rows)
         adapters = {r.request.adapter for r in self._running.values()}
         s.max_adapters_in_batch = max(s.max_adapters_in_batch, len(adapters))
+        s.mixed_steps += len(adapters) > 1
         s.recent.append((time.monotonic(), produced))
 
     def _fail_running(self, message: str) -> None:

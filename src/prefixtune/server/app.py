@@ -213,7 +213,7 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"this request needs {need} tokens of batch room (prompt + max_tokens per row); "
                            f"this server's limit max_inflight_tokens is {scheduler.max_inflight_tokens}",
                            param="max_tokens", code="limit_exceeded")
-        job.submit()
+        await job.submit()
         return job
 
     # Tokenizing a 1 MB prompt takes a while: it runs on one dedicated thread (a fast tokenizer must not be

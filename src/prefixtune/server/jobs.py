@@ -100,10 +100,15 @@ class Job:
         self.owners += [request] * params.num_return_sequences
         return first
 
-    def submit(self) -> None:
+    async def submit(self) -> None:
         """All rows or none; QueueFull -> 429, shutting down -> 503, bad length -> 400."""
         try:
-            self.scheduler.submit_many(self.requests)
+            # A remote engine (server/ray_ingress.py) learns whether a replica took the rows by awaiting it.
+            remote = getattr(self.scheduler, "submit_remote", None)
+            if remote is not None:
+                await remote(self.requests)
+            else:
+                self.scheduler.submit_many(self.requests)
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}; retry later", "rate_limit_error", None, "queue_full") from err
         except SchedulerClosed as err:

@@ -1,0 +1,161 @@
+"""`serve --backend ray`: a local Ray cluster, 2 CPU replicas of the tiny model, K=2 adapters per replica,
+the real `openai` client against the Serve HTTP ingress, compared with the single-process server.
+
+One cluster for the module; the tests run in order (the first fills both replicas, the last evicts)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from serve_helpers import API_KEY, live_server, wait_for, write_adapter
+
+pytest.importorskip("ray.serve")
+# Starting Ray, Serve and 2 replicas took 120-160 s here (2 cores, load 7-8); the tests themselves ~20 s.
+pytestmark = pytest.mark.slow
+
+NAMES = ["r1", "r2", "r3", "r4", "r5"]  # four fill both replicas (K=2 each), the fifth must evict
+PINNED = "p0"  # held by every replica outside the LRU
+PRELOADED = "r1"  # every replica loads it at start, into its LRU
+PROMPT = "I feel so happy today because"
+LONG = 200  # tokens of the in-flight streams (tiny model: 256 positions)
+
+
+@pytest.fixture(scope="module")
+def ray_store(tmp_path_factory, serve_base) -> Path:
+    root = tmp_path_factory.mktemp("ray-store")
+    for i, name in enumerate([*NAMES, PINNED]):
+        write_adapter(root / name, serve_base, name, 4 + i % 3, seed=300 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, ray_store):
+    """Greedy texts of the single-process server for every adapter and the base model (short and long)."""
+    from prefixtune.engine.lm import PrefixLM
+    from prefixtune.models import load_base_model
+
+    lm = PrefixLM(load_base_model(str(tiny_model_dir), device="cpu", dtype="float32"), ray_store)
+    out = {}
+    with live_server(lm) as srv:
+        client = srv.client()
+        for model in [*NAMES, PINNED, "tiny-base"]:
+            for n in (12, LONG):
+                r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0,
+                                              extra_body={"ignore_eos": True})
+                out[model, n] = r.choices[0].text
+    assert len({out[m, 12] for m in [*NAMES, PINNED, "tiny-base"]}) == 7, "adapters must change greedy output"
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, ray_store):
+    import ray
+    from ray import serve
+
+    from prefixtune.server.app import ServerSettings
+    from prefixtune.server.ray_backend import RayOptions, board_name, connect, deploy, undeploy
+    from prefixtune.server.ray_replica import ReplicaConfig
+
+    opts = RayOptions(replicas=2, replica_cpus=0.1, local_cpus=2)
+    cfg = ReplicaConfig(model=str(tiny_model_dir), store=str(ray_store), board=board_name(opts), device="cpu",
+                        dtype="float32", max_batch=8, max_adapters=2, pin=[PINNED], preload=[PRELOADED])
+    connect(opts)
+    try:
+        url = deploy(cfg, ServerSettings(model_name="tiny-base", port=0, api_key=API_KEY), opts)
+        yield url
+        undeploy(opts)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def placement(url: str) -> list[dict]:
+    r = httpx.get(url + "/adapters/placement", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()["replicas"]
+
+
+def holders(url: str, name: str) -> list[str]:
+    return [r["id"] for r in placement(url) if name in r["adapters"]]
+
+
+def complete(client, model: str, n: int = 12, stream: bool = False) -> str:
+    kw = dict(model=model, prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+    if stream:
+        return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    return client.completions.create(**kw).choices[0].text
+
+
+def test_outputs_equal_the_single_process_server_and_fill_both_replicas(cluster, client, reference):
+    assert {m.id for m in client.models.list().data} == {"tiny-base", *NAMES, PINNED}
+    assert [r["adapters"] for r in placement(cluster)] == [[PRELOADED]] * 2  # before any request
+    for name in NAMES[:4]:  # one at a time: a new adapter goes to a replica holding fewest (K=2: 4 fill both)
+        assert complete(client, name) == reference[name, 12], name
+        wait_for(lambda: holders(cluster, name), 10, f"{name} placed")
+        time.sleep(0.5)  # Serve's router learns the new placement (pushed every 0.1 s)
+    assert complete(client, "tiny-base", stream=True) == reference["tiny-base", 12]
+    assert complete(client, PINNED) == reference[PINNED, 12]
+    assert complete(client, "r2", stream=True) == reference["r2", 12]
+    replicas = placement(cluster)
+    assert len(replicas) == 2
+    assert sorted(len(r["adapters"]) for r in replicas) == [2, 2], replicas
+    assert all(r["pinned"] == [PINNED] and PINNED not in r["adapters"] for r in replicas), replicas
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "nope")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster, api_key="wrong", max_retries=0).models.list()
+
+
+def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(cluster, client, reference):
+    before = {r["id"]: r["requests"] for r in placement(cluster)}
+    for name in NAMES[:4]:
+        held_by = holders(cluster, name)
+        assert held_by, f"{name} is held nowhere: {placement(cluster)}"
+        for _ in range(3):
+            assert complete(client, name) == reference[name, 12]
+        after = {r["id"]: r["requests"] for r in placement(cluster)}
+        gained = {rid: after[rid].get(name, 0) - before[rid].get(name, 0) for rid in after}
+        assert sum(gained.values()) == 3 and all(gained[rid] == 0 for rid in after if rid not in held_by), \
+            (name, held_by, after)
+        assert holders(cluster, name) == held_by, "serving it must not load it anywhere else"
+        before = after
+
+
+def test_a_third_adapter_evicts_one_without_breaking_in_flight_rows(cluster, client, reference):
+    held = {r["id"]: list(r["adapters"]) for r in placement(cluster)}
+    mixed = {r["id"]: r["mixed_steps"] for r in placement(cluster)}
+    evictions = sum(r["evictions"] for r in placement(cluster))
+    assert all(len(a) == 2 for a in held.values()), held
+    texts, done_at = {}, {}
+
+    def stream(name: str) -> None:
+        texts[name] = complete(client, name, LONG, stream=True)
+        done_at[name] = time.monotonic()
+
+    threads = [threading.Thread(target=stream, args=(n,)) for a in held.values() for n in a]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(r["running"] == 2 for r in placement(cluster)), 30, "two rows running on each replica")
+    assert complete(client, "r5") == reference["r5", 12]  # K=2 everywhere: it evicts on the replica it lands on
+    evicted_at = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert all(done_at[n] > evicted_at for n in done_at), "the long rows must still run at the eviction"
+    for name, text in texts.items():
+        assert text == reference[name, LONG], f"{name}'s in-flight row changed by the eviction"
+    after = placement(cluster)
+    assert sum(r["evictions"] for r in after) == evictions + 1
+    (lands,) = [r for r in after if "r5" in r["adapters"]]
+    assert len(lands["adapters"]) == 2 and set(lands["adapters"]) < set(held[lands["id"]]) | {"r5"}
+    # Each replica ran its two adapters' rows together: one decode step mixed both.
+    assert all(r["mixed_steps"] > mixed[r["id"]] for r in after), after
