@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from prefixtune.train.distributed import (
 )
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
+from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
@@ -36,30 +36,6 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # e.g. a loss that did not fall
 
 
-class Interrupted:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint gets written."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    @contextmanager
-    def installed(self):
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay with the caller
-            pass
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
@@ -69,8 +45,10 @@ def _is_oom(err: BaseException) -> bool:
 class Trainer:
     """The one training loop: every method (prefix, LoRA, ...) runs through it with the same features."""
 
-    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print, resume: bool | None = None):
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print, resume: bool | None = None,
+                 resume_hint: str | None = None):
         self.cfg, self.plan, self.say = cfg, plan, say
+        self.resume_hint = resume_hint or resume_command(cfg)  # what continues the run when it is interrupted
         self.resume = cfg.resume if resume is None else resume
         self.run_dir = Path(cfg.out)
         self.model = plan.model
@@ -270,7 +248,7 @@ class Trainer:
         if stopped:
             store = f"; {self.cfg.store} is untouched" if self.cfg.store else ""
             self.say(f"interrupted at step {progress.step}: checkpoint saved{store}. Continue with: "
-                     f"{resume_command(self.cfg)}")
+                     f"{self.resume_hint}")
         return self._finish(stopped)
 
     def _checkpoint(self) -> None:
@@ -373,7 +351,8 @@ def train(cfg: TrainConfig, loaded=None, data=None, say=print) -> TrainResult:
     return train_one(cfg, accelerator, loaded, data, say, ddp=mode == DDP)
 
 
-def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool) -> TrainResult:
+def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool, resume_hint: str | None = None
+              ) -> TrainResult:
     """One pass that trains all of cfg's adapters together: in this process alone, or as a rank of DDP."""
     main = not ddp or accelerator.is_main_process  # rank 0 of DDP owns OUT
     resume = check_out(cfg) if main else cfg.resume
@@ -389,6 +368,6 @@ def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool) -> Tr
             from prefixtune.train.checkpoint import has_checkpoint
 
             resume = cfg.resume and has_checkpoint(Path(cfg.out))
-        return Trainer(cfg, plan, say, resume=resume).run()
+        return Trainer(cfg, plan, say, resume=resume, resume_hint=resume_hint).run()
     finally:
         plan.method.close()

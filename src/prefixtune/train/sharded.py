@@ -22,7 +22,8 @@ from prefixtune.prefix.peft_io import atomic_folder, atomic_write_text
 from prefixtune.store import StoreError, validate_name
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.distributed import deal, load_device
-from prefixtune.train.loop import Interrupted, TrainResult, train_one
+from prefixtune.train.interrupt import Interrupted
+from prefixtune.train.loop import TrainResult, train_one
 from prefixtune.train.plan import load_run_data
 from prefixtune.train.preflight import RUN_FILE, SHARDS_DIR, check_out, claim_out, resume_command
 from prefixtune.train.report import format_summary
@@ -90,7 +91,8 @@ def train_sharded(cfg: TrainConfig, accelerator, loaded=None, data=None, say=pri
                 continue
             folder = out / SHARDS_DIR / name
             job = job_config(cfg, jobs[name][0], folder, show_progress=rank == 0)
-            result = train_one(job, accelerator, loaded, data, lambda msg, n=name: say(f"[{n}] {msg}"), ddp=False)
+            result = train_one(job, accelerator, loaded, data, lambda msg, n=name: say(f"[{n}] {msg}"), ddp=False,
+                               resume_hint=f"{resume_command(cfg)} (the whole family)")
             if result.interrupted:
                 break
             record = {"rank": rank, "kept": result.adapters[name].parent.name, "summary": result.summary,
