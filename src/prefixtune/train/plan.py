@@ -136,6 +136,14 @@ def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, wh
     return rows, counts.inputs_shortened + counts.targets_cut
 
 
+def check_adapter_names(names) -> None:
+    for name in names:
+        try:
+            validate_name(name)
+        except StoreError as err:
+            raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
+
+
 def load_run_data(cfg: TrainConfig) -> DataBundle:
     from prefixtune.data import load_data
 
@@ -180,11 +188,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         adapter_labels = {cfg.name: None}
         adapter_of = lambda ex: cfg.name  # noqa: E731
 
-    for name in adapter_labels:  # before training, not after it: a bad label must not cost a whole run
-        try:
-            validate_name(name)
-        except StoreError as err:
-            raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
+    check_adapter_names(adapter_labels)  # before training, not after it: a bad label must not cost a whole run
     model = PrefixModel(loaded.model)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)

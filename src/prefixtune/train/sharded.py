@@ -19,12 +19,11 @@ from typing import Any
 
 from prefixtune.data import DataBundle, DataError
 from prefixtune.prefix.peft_io import atomic_folder, atomic_write_text
-from prefixtune.store import StoreError, validate_name
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.distributed import deal, load_device
 from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.loop import TrainResult, train_one
-from prefixtune.train.plan import load_run_data
+from prefixtune.train.plan import check_adapter_names, load_run_data
 from prefixtune.train.preflight import RUN_FILE, SHARDS_DIR, check_out, claim_out, resume_command
 from prefixtune.train.report import format_summary
 from prefixtune.train.saving import publish
@@ -45,12 +44,9 @@ def family_jobs(cfg: TrainConfig, data: DataBundle) -> dict[str, tuple[str, floa
             raise DataError(f"--labels {label}: no training rows with that label in {cfg.data} "
                             f"(labels: {', '.join(sorted(rows))})")
         name = f"{cfg.name}-{label}"
-        try:
-            validate_name(name)
-        except StoreError as err:
-            raise DataError(f"{err} (adapter names come from --name and the labels)") from None
         # With --max-steps every adapter runs the same steps; else its steps grow with its rows.
         jobs[name] = (label, 1.0 if cfg.max_steps else float(min(rows[label], cfg.max_examples or rows[label])))
+    check_adapter_names(jobs)
     return jobs
 
 
