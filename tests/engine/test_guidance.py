@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.guidance import guided_logits, layout_mask
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import AdapterStore
@@ -132,3 +132,25 @@ def test_guided_distribution_keeps_the_adapters_stop_probability_and_plausible_t
     plain = guided_logits(cond, uncond, 4.0, plausibility=0.0)
     ref = torch.log_softmax(uncond, -1) + 4.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1))
     assert torch.allclose(plain, ref, atol=1e-5)
+
+
+def test_layout_tokens_keep_the_adapters_probabilities(tiny_tokenizer):
+    torch.manual_seed(1)
+    cond, uncond = torch.randn(2, 60) * 3, torch.randn(2, 60) * 3
+    layout = torch.zeros(60, dtype=torch.bool)
+    layout[[2, 5, 11]] = True
+    out = guided_logits(cond, uncond, 3.0, plausibility=0.0, eos_ids=[7], layout=layout).softmax(-1)
+    pc = cond.softmax(-1)
+    fixed = [2, 5, 7, 11]
+    assert torch.allclose(out[:, fixed], pc[:, fixed], atol=1e-6)  # guidance does not touch layout or EOS
+    assert torch.allclose(out.sum(-1), torch.ones(2), atol=1e-5)
+    # The content tokens share the rest as plain guidance would rank them.
+    content = [i for i in range(60) if i not in fixed]
+    ref = (torch.log_softmax(uncond, -1) + 3.0 * (torch.log_softmax(cond, -1) - torch.log_softmax(uncond, -1)))
+    ref = ref[:, content].softmax(-1) * (1 - pc[:, fixed].sum(-1, keepdim=True))
+    assert torch.allclose(out[:, content], ref, atol=1e-5)
+    # The real mask: punctuation, whitespace and runs of them are layout; words and word pieces are not.
+    mask = layout_mask(tiny_tokenizer)
+    ids = lambda text: tiny_tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert all(mask[i] for text in (",", " .", "\n\n", "!!!", ",,,,,,,,,,,,,,,,") for i in ids(text))
+    assert not any(mask[i] for i in ids(" angry feelings") + ids("42"))

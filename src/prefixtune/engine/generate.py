@@ -32,10 +32,12 @@ def generate_ids(
     eos_ids: set[int],
     stop_check: Callable[[int, list[int]], bool] | None = None,
     negatives: Sequence[torch.Tensor | None] | None = None,
+    layout: torch.Tensor | None = None,
 ) -> list[RowOutput]:
     """Decode a left-padded batch (B, T); finished rows leave the batch so they cost nothing more.
 
-    negatives[i] is the unconditioned prefix of row i when params[i] is guided (None = the base model).
+    negatives[i] is the unconditioned prefix of row i when params[i] is guided (None = the base model);
+    `layout` marks the tokens guidance leaves to the adapter (guidance.layout_mask).
     """
     device = input_ids.device
     samplers = [RowSampler(p, device) for p in params]
@@ -50,7 +52,7 @@ def generate_ids(
     live = list(range(len(params)))  # original row index of each primary batch row
     pairs = list(guided)  # original row index of each companion batch row
     while live:
-        logits = _combine(logits, live, pairs, params, eos_ids)
+        logits = _combine(logits, live, pairs, params, eos_ids, layout)
         tokens = sample_rows(logits, [samplers[r] for r in live])
         keep, next_tokens = [], []
         for slot, (row, token) in enumerate(zip(live, tokens)):
@@ -81,7 +83,7 @@ def generate_ids(
 
 
 def _combine(logits: torch.Tensor, live: list[int], pairs: list[int], params: Sequence[SamplingParams],
-             eos_ids: set[int]) -> torch.Tensor:
+             eos_ids: set[int], layout: torch.Tensor | None = None) -> torch.Tensor:
     """Primary rows' logits (B, V), guided ones replaced by the group's combined log-probabilities."""
     primary = logits[: len(live)]  # (B, V)
     if not pairs:
@@ -89,5 +91,6 @@ def _combine(logits: torch.Tensor, live: list[int], pairs: list[int], params: Se
     slot = {r: s for s, r in enumerate(live)}
     rows = torch.tensor([slot[r] for r in pairs], dtype=torch.long, device=logits.device)
     scale = torch.tensor([params[r].guidance_scale for r in pairs], device=logits.device)
-    combined = guided_logits(primary.index_select(0, rows), logits[len(live):], scale, eos_ids=eos_ids)  # (G, V)
+    combined = guided_logits(primary.index_select(0, rows), logits[len(live):], scale, eos_ids=eos_ids,
+                             layout=layout)  # (G, V)
     return primary.float().index_copy(0, rows, combined)

@@ -8,14 +8,16 @@ such as a family's unconditional prefix). Each step the group draws ONE token fr
 
 (classifier-free guidance; scale 1 is the adapter alone, 0 the unconditioned row alone), both rows take it,
 and the group finishes together. `scale == 1` is treated as "off": no second row is run at all. Two guards
-make large scales usable (see guided_logits): the adapter keeps its own stop probability, and only tokens
-above a plausibility floor of the adapter's own distribution can be chosen.
+make large scales usable (see guided_logits): layout tokens (EOS, punctuation, whitespace) keep the adapter's
+own probabilities, and only tokens above a plausibility floor of the adapter's own distribution can be chosen.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -36,12 +38,26 @@ def is_guided(scale: float | None) -> bool:
     return scale is not None and float(scale) != OFF
 
 
+def layout_mask(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
+    """(V,) bool: the tokens whose text is only punctuation, symbols, whitespace or control characters.
+
+    These carry layout, not content, so guidance leaves their probabilities to the adapter (guided_logits).
+    Byte pieces of a multi-byte character decode to U+FFFD (a symbol) and count as layout too.
+    """
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    flags = [all(unicodedata.category(ch)[0] in "PSZC" for ch in text.strip()) for text in texts]
+    size = max(vocab_size or 0, len(flags))
+    return torch.tensor(flags + [False] * (size - len(flags)), dtype=torch.bool)
+
+
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor,
-                  plausibility: float | None = None, eos_ids: Sequence[int] = ()) -> torch.Tensor:
+                  plausibility: float | None = None, eos_ids: Sequence[int] = (),
+                  layout: torch.Tensor | None = None) -> torch.Tensor:
     """Combined next-token log-probabilities (G, V) of G groups from their rows' logits (G, V) each.
 
-    `scale` is a float or a (G,) tensor (groups of one batch may use different scales). The result is a
-    log-probability vector up to a constant, usable as logits by any sampler (temperature, top-p, top-k).
+    `scale` is a float or a (G,) tensor (groups of one batch may use different scales). `layout` is a (V,)
+    bool mask (see layout_mask) of tokens that, like EOS, keep the adapter's own probability. The result is
+    a log-probability vector up to a constant, usable as logits by any sampler (temperature, top-p, top-k).
     """
     lc = torch.log_softmax(cond.float(), dim=-1)  # (G, V)
     lu = torch.log_softmax(uncond.float(), dim=-1)  # (G, V)
@@ -49,26 +65,30 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
         scale = scale.to(lc.dtype).view(-1, 1)  # (G, 1)
     out = lu + scale * (lc - lu)
     out = torch.where(torch.isfinite(lu), out, lc)  # a token the unconditioned row masks: the adapter decides
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device)
-    going = lc.index_fill(-1, eos, float("-inf")) if eos_ids else lc  # the continuing tokens
+    fixed = torch.zeros(lc.shape[-1], dtype=torch.bool, device=lc.device) if layout is None else \
+        layout[: lc.shape[-1]].to(lc.device)  # (V,)
+    if eos_ids:
+        fixed = fixed.index_fill(0, torch.tensor(sorted(eos_ids), dtype=torch.long, device=lc.device), True)
+    content = lc.masked_fill(fixed, float("-inf"))  # (G, V): the tokens guidance may reweigh
     alpha = PLAUSIBILITY if plausibility is None else plausibility
     # Relative to the adapter's likeliest token, EOS included: where it would rather stop, the leftovers of
-    # its distribution (rare junk such as a 16-comma token, which the base model finds even rarer) must not
-    # be promoted. The likeliest continuing token always survives, so a row that does not stop can go on.
+    # its distribution (rare junk, which the base model finds even rarer) must not be promoted. The
+    # likeliest content token always survives, so a row that does not stop can go on.
     floor = lc.max(dim=-1, keepdim=True).values + math.log(alpha) if alpha > 0 else float("-inf")  # (G, 1)
-    best = going.argmax(dim=-1, keepdim=True)  # (G, 1)
+    best = content.argmax(dim=-1, keepdim=True)  # (G, 1)
     # A token the adapter masks (-inf) stays impossible whatever the scale.
-    keep = torch.isfinite(going) & ((going >= floor) | torch.zeros_like(going, dtype=torch.bool).scatter(
+    keep = torch.isfinite(content) & ((content >= floor) | torch.zeros_like(content, dtype=torch.bool).scatter(
         -1, best, True))
     out = torch.where(keep, out, torch.full_like(out, float("-inf")))
-    if not eos_ids:
+    if not bool(fixed.any()):
         return out
-    # When to stop stays the adapter's decision: guidance only redistributes the mass of the other tokens.
-    # Guided EOS would be amplified too (the data's texts end sooner than the base model's), and samples
-    # collapse to "i feel angry".
-    p_stop = lc.index_select(-1, eos).exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # (G, 1)
-    out = torch.log_softmax(out, dim=-1) + torch.log1p(-p_stop)
-    return out.index_copy(-1, eos, lc.index_select(-1, eos))
+    # When to stop, and the layout around words, stay the adapter's decisions: guidance only redistributes
+    # the mass of the content tokens. Guided EOS would be amplified too (the data's texts end sooner than
+    # the base model's) and samples collapsed to "i feel angry"; guided punctuation promoted a 16-comma
+    # token wherever the adapter was near its end, since it lifts that token with EOS and the base never does.
+    p_fixed = lc.masked_fill(~fixed, float("-inf")).exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # (G, 1)
+    out = torch.log_softmax(out, dim=-1) + torch.log1p(-p_fixed)
+    return torch.where(fixed, lc, out)
 
 
-__all__ = ["OFF", "guided_logits", "is_guided", "validate_scale"]
+__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "validate_scale"]

@@ -7,6 +7,7 @@ safetensors read. The base model is never touched.
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import sys
@@ -61,6 +62,7 @@ class PrefixLM:
         self.force = force  # load adapters from another base model when the shapes match
         self.paths: dict[str, Path] = {}  # adapters registered from outside the store
         self.warnings: list[str] = []  # --force warnings issued so far
+        self._layout: torch.Tensor | None = None  # layout_mask(), built on first use
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", store: str | Path | None = None, device: str | None = None,
@@ -213,6 +215,17 @@ class PrefixLM:
         ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
         return {i for i in ids if i is not None}
 
+    def layout_mask(self) -> torch.Tensor:
+        """(V,) bool of the layout tokens guidance leaves to the adapter; computed once (~1 s), on first use."""
+        if self._layout is None:
+            from prefixtune.engine.guidance import layout_mask
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            # A copy: a fast tokenizer used from two threads at once fails ("Already borrowed"), and the
+            # server's worker gets here while the event loop encodes prompts.
+            self._layout = layout_mask(copy.deepcopy(self.tokenizer), vocab).to(self.device)
+        return self._layout
+
     def encode(self, prompts: Sequence[str], add_special_tokens: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Left-padded ids and mask (B, T) and each prompt's length."""
@@ -305,8 +318,9 @@ class PrefixLM:
             from prefixtune.engine.beam import beam_generations
 
             return beam_generations(self, input_ids, mask, prefixes, beam, lengths, adapters, list(stop or []))
+        layout = self.layout_mask() if any(p.guided for p in params) else None
         outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
-                            self._stop_check(params), negatives)
+                            self._stop_check(params), negatives, layout)
         results = []
         for out, p, n, name in zip(outs, params, lengths, adapters):
             text, _ = cut_at_stop(self.tokenizer.decode(out.tokens, skip_special_tokens=True), p.stop)

@@ -278,9 +278,11 @@ class Scheduler:
             rows = torch.tensor([slot[(s.request.request_id, 0)] for s in guided], device=logits.device)
             uncond = torch.tensor([slot[(s.request.request_id, 1)] for s in guided], device=logits.device)
             scale = torch.tensor([s.request.params.guidance_scale for s in guided], device=logits.device)
-            # As offline generation: EOS keeps the adapter's own probability (guidance never hastens a stop).
+            # As offline generation: EOS and layout tokens keep the adapter's own probabilities.
+            with self.lm_lock:
+                layout = self.lm.layout_mask()
             combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
-                                     eos_ids=sorted(self.eos_ids))  # (G, V)
+                                     eos_ids=sorted(self.eos_ids), layout=layout)  # (G, V)
             logits = logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never used
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
         samplers = [self._running[key[0]].sampler if key[1] == 0 else _COMPANION for key in runner.order]

@@ -16,6 +16,7 @@ from prefixtune.store import StoreError, validate_name
 from prefixtune.templates import fill_template, input_fields, is_task_template
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
+from prefixtune.train.label_words import PLACEHOLDER, distinctive_words, fill_label_words, mixed_words
 
 
 FAMILY_SUFFIX = "all"  # NAME-all: the unconditional adapter of a per-label family
@@ -122,6 +123,19 @@ def tokenize_rows(cfg: TrainConfig, loaded, template: str, train_ex: list[Exampl
     return train_rows, val_rows, truncated
 
 
+def _init_words(cfg: TrainConfig, train_ex: list[Example], adapter_labels: dict[str, str | None]
+                ) -> dict[str, list[str]]:
+    """Each adapter's `{label_words}` (its label's distinctive training words; a mix for the family)."""
+    if cfg.init != "text" or PLACEHOLDER not in (cfg.init_text or ""):
+        return {}
+    labelled = [ex for ex in train_ex if ex.label is not None]
+    if not labelled:
+        raise ConfigError(f"--init-text uses {PLACEHOLDER} but the training rows have no labels")
+    words = distinctive_words([ex.text for ex in labelled], [ex.label for ex in labelled])
+    return {name: words.get(label, []) if label is not None else mixed_words(words)
+            for name, label in adapter_labels.items()}
+
+
 def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, what: str = "training"):
     """Task rows and how many were changed (shortened inputs or cut targets), reported through `say`."""
     from prefixtune.engine.lm import max_positions
@@ -190,13 +204,14 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
 
     check_adapter_names(adapter_labels)  # before training, not after it: a bad label must not cost a whole run
     model = PrefixModel(loaded.model)
+    words = _init_words(cfg, train_ex, adapter_labels)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)
     for name in adapter_labels if cfg.method == "prefix" else ():  # other methods build their own weights
         encoder = model.add_adapter(name, prefix_cfg)
         if cfg.init == "text":
             # "{label}" in the init text gives each per-label adapter its own starting point.
-            text = fill_template(cfg.init_text, adapter_labels[name])
+            text = fill_label_words(fill_template(cfg.init_text, adapter_labels[name]), words.get(name, []))
             encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
                                          cfg.num_virtual_tokens))
         if cfg.init_from:
