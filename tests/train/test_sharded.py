@@ -36,6 +36,8 @@ def test_which_runs_shard(tmp_path):
     assert "with DDP over 2 processes" in said[0] and "--family-rate 0" in said[0]
     with pytest.raises(ConfigError, match="--contrastive-weight 0"):
         split_mode(TrainConfig(per_label=True, contrastive_weight=1.0, distributed="shard"), 2)
+    with pytest.raises(ConfigError, match="other labels' texts"):
+        split_mode(TrainConfig(per_label=True, init="text", init_text="{label_words}", distributed="shard"), 2)
     with pytest.raises(ConfigError, match="one adapter"):
         split_mode(TrainConfig(distributed="shard"), 2)
     with pytest.raises(ConfigError, match="--distributed 'rings'"):

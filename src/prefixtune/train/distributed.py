@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from prefixtune.train.config import ConfigError, TrainConfig
+from prefixtune.train.label_words import PLACEHOLDER
 
 SINGLE, DDP, SHARD = "single", "ddp", "shard"
 SHARD_WAIT_DAYS = 7  # how long sharded ranks wait for each other at the end
@@ -55,6 +56,8 @@ def why_not_sharded(cfg: TrainConfig) -> str | None:
     if cfg.contrastive_weight:
         return ("the contrastive loss scores every row under every prefix of the family "
                 "(pass --contrastive-weight 0 to shard)")
+    if cfg.init == "text" and PLACEHOLDER in (cfg.init_text or ""):
+        return f"--init-text {PLACEHOLDER} ranks each label's words against the other labels' texts"
     return None
 
 
