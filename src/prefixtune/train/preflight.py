@@ -27,7 +27,8 @@ METHODS = ("prefix", "lora")
 DISTRIBUTED = ("auto", "shard", "ddp")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may differ between a run and its --resume without changing what it computes.
-_RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_every", "device"})
+# (`distributed`: both ways give the one-process result; check_out refuses the switch between layouts.)
+_RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_every", "device", "distributed"})
 
 
 def _need(ok: bool, message: str) -> None:

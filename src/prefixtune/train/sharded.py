@@ -94,7 +94,7 @@ def train_sharded(cfg: TrainConfig, accelerator, loaded=None, data=None, say=pri
             record = {"rank": rank, "kept": result.adapters[name].parent.name, "summary": result.summary,
                       "warnings": result.warnings}
             atomic_write_text(folder / RESULT_FILE, json.dumps(record, indent=1))
-    accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()  # Ctrl-C while waiting for the other ranks only sets the flag
     missing = [name for name in jobs if not is_complete(out, name)]
     if rank != 0 or missing:
         if rank == 0:
