@@ -167,8 +167,8 @@ def load_run_data(cfg: TrainConfig) -> DataBundle:
 
 def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print, accelerator=None,
              ddp: bool | None = None) -> TrainPlan:
-    """`accelerator` (made before the model loads, train/distributed.py) and `ddp` (whether the ranks train
-    these adapters together) default to a new Accelerator and "when launched on several processes"."""
+    """`accelerator` defaults to a new one (train/distributed.make_accelerator); `ddp` (the ranks train these
+    adapters together, each on its share of every step's rows) defaults to "launched on several processes"."""
     from prefixtune.models import load_base_model
     from prefixtune.train.distributed import load_device, make_accelerator
 
