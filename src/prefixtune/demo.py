@@ -53,7 +53,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
 
     generations = lm.generate([method.prompts[label] for label in labels],
                               adapters=[method.adapter(label) for label in labels],
-                              max_new_tokens=24 if quick else 40, temperature=0.8, top_p=0.95,
+                              max_new_tokens=24 if quick else 40, temperature=1.0, top_p=1.0,
                               seed=list(range(len(labels))))
     negative = lm.guidance(method.adapter(labels[0]))[1] or "the base model"
     table = Table(title=f"one sample per emotion, one mixed batch of {len(labels)} adapters "
@@ -72,8 +72,8 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     rows = guidance_sweep(lm, method, settings, judge, say=lambda *a: None)
     real = sample_stats([ex.text for ex in real_sample(bundle, "test", labels, per_label, 0)],
                         [None] * (per_label * len(labels)))
-    figures = Table(title=f"{per_label} samples per emotion at temperature 0.8, judged by {judge.name} "
-                          f"(its macro recall on real text, the ceiling: {judge.macro_accuracy:.2f})")
+    figures = Table(title=f"{per_label} samples per emotion at temperature {settings.temperature:g}, judged by "
+                          f"{judge.name} (its macro recall on real text, the ceiling: {judge.macro_accuracy:.2f})")
     for header in ("", "accuracy", "worst emotion", "mean words", "distinct-2", "degenerate"):
         figures.add_column(header, justify="right" if header else "left")
     for row in rows:

@@ -28,6 +28,7 @@ def test_end_to_end_training_bench(tmp_path, tiny_model_dir, emotion_dir):
     assert result.exit_code == 0, result.output
     e2e = json.loads((out / "results.json").read_text())["e2e"]
     assert e2e["ours_seconds"] > 0 and e2e["peer_seconds"] > 0 and e2e["ratio"] > 0
+    assert e2e["ours_cpu_seconds"] > 0 and e2e["peer_cpu_seconds"] > 0 and e2e["cpu_ratio"] > 0
     assert e2e["ours_eval_loss"] > 0 and e2e["peer_eval_loss"] > 0
     assert {"load", "train", "eval", "save"} <= set(e2e["peer_phases"])
     assert (out / "train_e2e_seconds.png").is_file()

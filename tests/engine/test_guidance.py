@@ -21,6 +21,7 @@ def lm(tmp_path_factory, tiny_lm):
     write_random_adapter(root, "b", tiny_lm, tokens=7, seed=2)
     write_random_adapter(root, "fam", tiny_lm, tokens=3, seed=3)
     write_random_adapter(root, "rec", tiny_lm, tokens=4, seed=4, guidance={"scale": 2.5, "negative": "fam"})
+    write_random_adapter(root, "orphan", tiny_lm, tokens=4, seed=5, guidance={"scale": 3.0, "negative": "gone"})
     return PrefixLM(tiny_lm, AdapterStore(root))
 
 
@@ -79,12 +80,22 @@ def test_guided_row_in_a_mixed_batch_equals_it_alone(lm):
 
 def test_manifest_recommendation_is_the_default(lm):
     assert lm.guidance("rec") == (2.5, "fam")
-    assert lm.guidance("rec", 1.0) == (1.0, None)  # the caller's scale wins, and drops the recommended negative
+    assert lm.guidance("rec", 1.0) == (1.0, None)  # the caller's scale wins
+    assert lm.guidance("rec", 4.0) == (4.0, "fam")  # field by field: the recommended negative stays
+    assert lm.guidance("rec", 4.0, "none") == (4.0, None)  # "none" is the base model
     assert lm.guidance("a") == (1.0, None)
     default = lm.generate([PROMPTS[0]], ["rec"], max_new_tokens=6, ignore_eos=True)
     explicit = lm.generate([PROMPTS[0]], ["rec"], max_new_tokens=6, ignore_eos=True, guidance_scale=2.5,
                            guidance_negative="fam")
     assert default[0].tokens == explicit[0].tokens
+    # Copied without its family's adapter, an adapter generates unguided (one warning), not an error.
+    assert lm.guidance("orphan") == (1.0, None)
+    assert lm.guidance("orphan") == (1.0, None)
+    assert sum("'gone'" in w and "without guidance" in w for w in lm.warnings) == 1
+    assert lm.guidance("orphan", 2.0) == (2.0, None)  # a scale the caller gives runs against the base model
+    assert lm.generate([PROMPTS[0]], ["orphan"], max_new_tokens=3, ignore_eos=True)[0].tokens
+    with pytest.raises(ValueError, match="gone"):  # named by the caller, a missing negative is still an error
+        lm.generate([PROMPTS[0]], ["orphan"], max_new_tokens=2, guidance_scale=2.0, guidance_negative="gone")
 
 
 @pytest.mark.parametrize("kw, message", [

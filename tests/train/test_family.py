@@ -76,7 +76,7 @@ def test_family_adapter_and_recommended_guidance(tmp_path, tiny_model_dir, tiny_
     assert family.label is None and family.guidance == {}
     assert sorted(family.labels) == ["anger", "fear", "joy"]
     joy = read_manifest(tmp_path / "store" / "emotion-joy")
-    assert joy.guidance == {"scale": 2.0, "negative": None}  # against the base model
+    assert joy.guidance == {"scale": 2.0, "negative": "emotion-all"}  # against the family's own adapter
     assert None not in joy.labels
     log = (result.out / "train_log.jsonl").read_text()
     assert "contrastive_loss" in log

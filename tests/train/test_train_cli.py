@@ -59,7 +59,7 @@ def test_bad_data_is_one_line_error(tmp_path, tiny_model_dir):
 
 
 def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_model_dir, emotion_dir):
-    from prefixtune.train.config import FAMILY_RECIPE
+    from prefixtune.train.config import BASE_GUIDANCE_SCALE, FAMILY_RECIPE
 
     store = tmp_path / "store"
     result = runner.invoke(app, [
@@ -72,7 +72,7 @@ def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_m
     assert joy.hyperparams["lr"] == 0.005, "a given flag wins over the recipe"
     for key in ("init", "init_text", "prefix_projection", "family_rate", "balance"):
         assert joy.hyperparams[key] == FAMILY_RECIPE[key], key
-    assert joy.guidance == {"scale": FAMILY_RECIPE["guidance_scale"], "negative": None}  # None: the base model
+    assert joy.guidance == {"scale": FAMILY_RECIPE["guidance_scale"], "negative": "emotion-all"}
     assert read_manifest(store / "emotion-all").label is None
 
     # A template with {label} has no single prompt for a family adapter: the recipe leaves it out.
@@ -84,4 +84,4 @@ def test_per_label_uses_the_family_recipe_for_what_is_not_given(tmp_path, tiny_m
     ])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "s2" / "tpl-all").exists()
-    assert read_manifest(tmp_path / "s2" / "tpl-joy").guidance == {"scale": 2.0, "negative": None}
+    assert read_manifest(tmp_path / "s2" / "tpl-joy").guidance == {"scale": BASE_GUIDANCE_SCALE, "negative": None}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -34,14 +35,22 @@ def _peer_cmd(model: str, data: str, rows: int, eval_rows: int, out: Path) -> li
             str(out / "peer")]
 
 
-def _timed(cmd: list[str], say) -> float:
+def _timed(cmd: list[str], say) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system of the child and its children) of one command.
+
+    CPU seconds are the work done: on a shared machine they move far less than wall time when other
+    jobs come and go between the two commands.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    say(f"{cmd[2] if cmd[2] != '-m' else cmd[3]}: {seconds:.1f} s")
-    return seconds
+    say(f"{cmd[2] if cmd[2] != '-m' else cmd[3]}: {seconds:.1f} s wall, {cpu:.1f} CPU s")
+    return seconds, cpu
 
 
 def _plan(model: str, data: str, rows: int, eval_rows: int, loaded=None):
@@ -70,15 +79,16 @@ def run(model: str, data: str, out: Path, rows: int = 256, eval_rows: int = 256,
     from prefixtune.prefix.peft_io import load_adapter
 
     out = Path(out)
-    ours_s = _timed(_ours_cmd(model, data, rows, eval_rows, out), say)
-    peer_s = _timed(_peer_cmd(model, data, rows, eval_rows, out), say)
+    ours_s, ours_cpu = _timed(_ours_cmd(model, data, rows, eval_rows, out), say)
+    peer_s, peer_cpu = _timed(_peer_cmd(model, data, rows, eval_rows, out), say)
     loaded, _, val_rows, pad = _plan(model, data, rows, eval_rows)
     scorer = PrefixModel(loaded.model)
     ours_loss = adapter_eval_loss(scorer, load_adapter(out / "ours-store" / "e2e").flat, val_rows, pad)
     peer_loss = adapter_eval_loss(scorer, load_adapter(out / "peer" / "adapter").flat, val_rows, pad)
     peer_info = json.loads((out / "peer" / "timings.json").read_text())
     return {"rows": rows, "eval_rows": eval_rows, "ours_seconds": ours_s, "peer_seconds": peer_s,
-            "ratio": peer_s / max(ours_s, 1e-9), "ours_eval_loss": ours_loss, "peer_eval_loss": peer_loss,
+            "ratio": peer_s / max(ours_s, 1e-9), "ours_cpu_seconds": ours_cpu, "peer_cpu_seconds": peer_cpu,
+            "cpu_ratio": peer_cpu / max(ours_cpu, 1e-9), "ours_eval_loss": ours_loss, "peer_eval_loss": peer_loss,
             "peer_phases": peer_info}
 
 

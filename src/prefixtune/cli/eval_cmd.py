@@ -57,8 +57,8 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = Opt(None, help="Seed for row sampling and every sample's stream."),
         eval_examples: Optional[int] = Opt(None, help="Rows scored for eval loss (default 256)."),
         max_new_tokens: Optional[int] = Opt(None, help="Tokens per sample (default 40)."),
-        temperature: Optional[float] = Opt(None, help="Sampling temperature (default 0.8)."),
-        top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 0.95)."),
+        temperature: Optional[float] = Opt(None, help="Sampling temperature (default 1.0)."),
+        top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 1.0)."),
         eval_batch_size: Optional[int] = Opt(None, "--batch-size", help="Rows per forward pass (default 16)."),
         reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L "
                                                         "(task adapters: default their target field)."),

@@ -97,6 +97,10 @@ class PrefixLM:
     def available(self) -> list[str]:
         return sorted(set(self.store.names()) | set(self.paths))
 
+    def _exists(self, name: str) -> bool:
+        """One stat, no store listing (the server asks per request)."""
+        return name in self.paths or self.store.exists(name)
+
     def _folder(self, name: str) -> Path:
         return self.paths[name] if name in self.paths else self.store.folder(name)
 
@@ -118,8 +122,7 @@ class PrefixLM:
         # The manifest check comes first: it names both models, where a raw shape error could not.
         warning = check_compatible(manifest, self.shape, self.loaded.fingerprint, self.loaded.name, self.force)
         if warning:
-            self.warnings.append(warning)
-            print(warning, file=sys.stderr)
+            self._warn_once(warning)
         loaded = load_adapter(folder, self.shape)
         # Move the contiguous flat tensor, then view it: no extra copy here, since stack_prefixes pads
         # (copies) each prefix per batch anyway; a .contiguous() would only double the load cost.
@@ -133,19 +136,31 @@ class PrefixLM:
                  ) -> tuple[float, str | None]:
         """(scale, negative adapter or None = base model) for rows of `adapter`.
 
-        What the caller gives wins; else the adapter manifest's recommendation (written by training or
-        eval when they measured one); else no guidance.
+        What the caller gives wins, field by field; else the adapter manifest's recommendation (written by
+        training or eval when they measured one); else no guidance. `negative="none"` is the base model.
         """
         if adapter is None:
             if scale is not None and is_guided(scale):
                 raise ValueError("guidance needs an adapter row: the base model has nothing to sharpen")
             return 1.0, None
         recommended = (self.manifest(adapter) or Manifest.empty()).guidance or {}
-        if scale is None:
-            scale = float(recommended.get("scale", 1.0))
-            if negative is None:
-                negative = recommended.get("negative")
+        given_scale = scale is not None
+        scale = float(recommended.get("scale", 1.0)) if scale is None else scale
         validate_scale(scale)
+        if not is_guided(scale):
+            return float(scale), None
+        if negative is None:
+            negative = recommended.get("negative")
+            if negative is not None and not self._exists(negative):
+                # The manifest names its family's adapter; copied alone into another store, the adapter
+                # still generates rather than failing every request.
+                fallback = "against the base model" if given_scale else "without guidance"
+                self._warn_once(f"adapter {adapter!r} recommends guidance against {negative!r}, which is not in "
+                                f"the store: generating {fallback}. Fix: add {negative!r} to the store or pass "
+                                f"a guidance negative")
+                if not given_scale:
+                    return 1.0, None
+                negative = None
         if negative is not None and negative.lower() == "none":
             negative = None
         if negative is not None:
@@ -153,6 +168,11 @@ class PrefixLM:
                 raise ValueError(f"guidance_negative {negative!r} is the adapter itself; name another adapter")
             self.adapter(negative)  # unknown or incompatible: fail now, naming it
         return float(scale), negative
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(message, file=sys.stderr)
 
     def manifest(self, name: str) -> Manifest | None:
         return self.adapter(name).manifest

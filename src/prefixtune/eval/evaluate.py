@@ -37,8 +37,8 @@ class EvalSettings:
     samples_per_label: int = 8  # generated samples per label for conditioning accuracy
     seed: int = 0  # seeds row sampling and every sample's own random stream
     max_new_tokens: int = 40  # tokens per generated sample
-    temperature: float = 0.8  # sampling temperature for the samples (0 = greedy)
-    top_p: float = 0.95  # nucleus sampling mass
+    temperature: float = 1.0  # sampling temperature for the samples (0 = greedy); 1 = the model's own distribution
+    top_p: float = 1.0  # nucleus sampling mass (guided rows have their own plausibility floor)
     eval_batch_size: int = 16  # rows per forward pass when scoring and generating
     max_length: int = 256  # tokens per scored example (longer ones are truncated)
     latency_tokens: int = 32  # tokens per row when timing generation

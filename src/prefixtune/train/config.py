@@ -20,20 +20,22 @@ DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
 # What `train --per-label` uses for every setting the user leaves out (and what `make demo` trains): chosen by
-# the CPU-budget sweep in README "Control quality". A direct prefix started from the keys/values of a text
-# that names the label, lr 1e-2, balanced rows, a family adapter NAME-all learned by label dropout (a milder
-# guidance negative, for more diverse text), and guidance x2 against the base model recommended in the
-# manifests. The contrastive loss is off: at weight 1 it raised unguided accuracy (0.49 -> 0.60) but cost
-# 0.55 nats of eval loss and broke words; at 0.1 it bought nothing, and either way a step costs 2x.
+# the CPU-budget sweep in README "Control quality". A direct prefix started from the keys/values of "i feel"
+# and the label's most distinctive training words (train/label_words.py), lr 1e-2, balanced rows, a family
+# adapter NAME-all learned by label dropout, and guidance x3 against that family adapter recommended in the
+# manifests (it sharpens the label, not the data's style; x2 when there is no family adapter and the base
+# model is the negative). The contrastive loss is off: at weight 1 it raised unguided accuracy (0.49 -> 0.60)
+# but cost 0.55 nats of eval loss and broke words; at 0.1 it bought nothing, and either way a step costs 2x.
 FAMILY_RECIPE: dict[str, Any] = dict(
     balance=True,
     prefix_projection=False,
     lr=1e-2,
     init="text",
-    init_text="i feel {label} because",
+    init_text="i feel {label_words}",
     family_rate=0.15,
-    guidance_scale=2.0,
+    guidance_scale=3.0,
 )
+BASE_GUIDANCE_SCALE = 2.0  # the recipe's scale when the negative is the base model (no family adapter)
 
 
 @dataclass
@@ -132,6 +134,7 @@ def with_family_recipe(values: dict[str, Any]) -> dict[str, Any]:
     recipe = dict(FAMILY_RECIPE)
     if "{label}" in (values.get("template") or ""):
         recipe.pop("family_rate")  # the family adapter needs one prompt for every label
+        recipe["guidance_scale"] = BASE_GUIDANCE_SCALE
     return {**recipe, **values}
 
 

@@ -50,15 +50,17 @@ def why_not_sharded(cfg: TrainConfig) -> str | None:
     """Why this run's adapters cannot train apart, each alone (None: they can)."""
     if not cfg.per_label:
         return "it trains one adapter"
+    reasons = []
     if cfg.family_rate:
-        return (f"--family-rate trains {cfg.name}-all on rows of every label, taken from the label adapters' "
-                "rows (pass --family-rate 0 to shard)")
+        reasons.append(f"--family-rate trains {cfg.name}-all on rows of every label, taken from the label "
+                       "adapters' rows (--family-rate 0 lifts this)")
     if cfg.contrastive_weight:
-        return ("the contrastive loss scores every row under every prefix of the family "
-                "(pass --contrastive-weight 0 to shard)")
+        reasons.append("the contrastive loss scores every row under every prefix of the family "
+                       "(--contrastive-weight 0 lifts this)")
     if cfg.init == "text" and PLACEHOLDER in (cfg.init_text or ""):
-        return f"--init-text {PLACEHOLDER} ranks each label's words against the other labels' texts"
-    return None
+        reasons.append(f"--init-text {PLACEHOLDER} ranks each label's words against the other labels' texts "
+                       "(an init text without it, such as \"i feel {label} because\", lifts this)")
+    return "; ".join(reasons) or None
 
 
 def split_mode(cfg: TrainConfig, processes: int, say=print) -> str:

@@ -46,14 +46,15 @@ def save_adapters(trainer, root: Path, metrics: dict[str, Any]) -> dict[str, Pat
 
 
 def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
-    """What a per-label adapter recommends for generation: guidance against the base model.
+    """What a per-label adapter recommends for generation: guidance against the family adapter, if any.
 
-    Safe against the base model because guidance keeps the adapter's own stop probability and a
-    plausibility floor (engine/guidance.py); `--guidance-negative NAME-all` is the milder choice.
+    The family adapter (NAME-all) writes in the data's style without a label, so guidance against it
+    sharpens only the label; against the base model it also sharpens the style ("i feel angry i feel
+    angry ..." where the base model would put a comma), which costs diversity. README "Control quality".
     """
     if label is None or cfg.guidance_scale is None:
         return {}
-    return {"scale": cfg.guidance_scale, "negative": None}
+    return {"scale": cfg.guidance_scale, "negative": plan.family}
 
 
 def publish(store_root: str | Path, folders: dict[str, Path], say) -> dict[str, Path]:
