@@ -61,8 +61,12 @@ def _config_kwargs(arch: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, A
     return kwargs
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
-    """A 2-layer random ``arch`` causal LM (fp32, eval mode) whose vocab matches make_tiny_tokenizer()."""
+def make_tiny_model(arch: str = "llama", seed: int = 0, sharp: bool = False) -> PreTrainedModel:
+    """A 2-layer random ``arch`` causal LM (fp32, eval mode) whose vocab matches make_tiny_tokenizer().
+
+    A random tiny model attends almost uniformly (weights 0.02), so its output barely depends on which earlier
+    tokens it saw; `sharp` scales q/k (x10) and v/o (x4) so that it does (llama-style attention only).
+    """
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
     from transformers import AutoConfig
@@ -70,13 +74,18 @@ def make_tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
     config = AutoConfig.for_model(arch, **_config_kwargs(arch, _cached_tokenizer()))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if sharp:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj, scale in (("q_proj", 10), ("k_proj", 10), ("v_proj", 4), ("o_proj", 4)):
+                    getattr(layer.self_attn, proj).weight.mul_(scale)
     return model.eval()
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, sharp: bool = False) -> Path:
     """Save a tiny model + tokenizer with save_pretrained, so ``path`` works as ``--model path``."""
     path = Path(path)
-    make_tiny_model(arch, seed).save_pretrained(path)
+    make_tiny_model(arch, seed, sharp).save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
 

@@ -18,6 +18,7 @@ def test_bench_reports_ratios(tmp_path, tiny_model_dir, emotion_dir):
     assert report["train"]["speedup"] > 0
     assert {r["method"] for r in report["train"]["results"]} == {"prefixtune", "peft+trainer (pad 128)"}
     assert report["serve"]["prefixtune continuous"] > 0 and report["serve"]["peft grouped"] > 0
+    assert report["serve"]["n>1 shared prefill speedup"] > 0
     assert (out / "train_tokens_per_s.png").is_file() and (out / "serve_tokens_per_s.png").is_file()
 
 

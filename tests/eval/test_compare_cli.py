@@ -85,3 +85,16 @@ def test_compare_rejects_bad_settings_before_training(tiny_model_dir, eval_home,
     assert result.exit_code == 2 and "unknown settings stepz" in result.output
     result = cli(["compare", "--data", tmp_path, "--instruction", "no placeholder", "--out", out])
     assert result.exit_code == 2 and "{label}" in result.output
+
+
+def test_per_label_prefix_trains_with_the_train_recipe():
+    from prefixtune.eval.compare import CompareConfig, with_prefix_recipe
+    from prefixtune.train.config import FAMILY_RECIPE
+
+    cfg = CompareConfig(**with_prefix_recipe({"per_label": True, "init": "random"}))
+    prefix = cfg.train_config("prefix")
+    assert prefix.init == "random", "a given setting wins over the recipe"
+    assert (prefix.init_text, prefix.prefix_projection, prefix.balance, prefix.lr) == (
+        FAMILY_RECIPE["init_text"], FAMILY_RECIPE["prefix_projection"], FAMILY_RECIPE["balance"], FAMILY_RECIPE["lr"])
+    assert cfg.train_config("lora").lr == cfg.lr  # LoRA keeps its own learning rate
+    assert with_prefix_recipe({"per_label": False}) == {"per_label": False}

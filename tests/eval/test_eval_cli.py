@@ -15,7 +15,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_eval_family_reports_per_label_accuracy_and_confusion_matrix(trained_store, eval_home, cli, tmp_path):
     s = trained_store
     out = tmp_path / "report"
-    result = cli(["eval", "--adapter", "emotion", "--store", s["store"], "--data", s["data"], "--out", out, *FAST])
+    # Below temperature 1: the random tiny model's distribution is nearly flat over 49k tokens, so at 1 the same
+    # seed can draw the same token under slightly different adapters; sharper, their differences show.
+    result = cli(["eval", "--adapter", "emotion", "--store", s["store"], "--data", s["data"], "--out", out, *FAST,
+                  "--temperature", "0.8", "--top-p", "0.95"])
     assert result.exit_code == 0, result.output
     assert "conditioning accuracy" in result.output
     report = json.loads((out / "eval.json").read_text())

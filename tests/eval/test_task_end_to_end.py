@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from prefixtune.cli import app
@@ -34,11 +33,7 @@ def _jsonl(path, rows) -> None:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
-    model = make_tiny_model("llama", seed=0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj, scale in (("q_proj", 10), ("k_proj", 10), ("v_proj", 4), ("o_proj", 4)):
-                getattr(layer.self_attn, proj).weight.mul_(scale)
+    model = make_tiny_model("llama", seed=0, sharp=True)
     model.save_pretrained(root / "model")
     make_tiny_tokenizer().save_pretrained(root / "model")
     combos = [(c, s) for c in COLORS for s in SIZES]

@@ -53,7 +53,7 @@ def bench_serving(loaded, out: Path, console: Console) -> dict[str, Any]:
     from prefixtune.bench import serve_speed
 
     r = serve_speed.run(loaded, say=console.print)
-    speeds = {k: v for k, v in r.items() if not k.endswith("ms")}
+    speeds = {k: v for k, v in r.items() if not k.endswith(("ms", "speedup"))}
     table = Table(title="serving 6 adapters, 24 requests (16-32 new tokens), one base model")
     table.add_column("method")
     table.add_column("generated tokens/s")
@@ -64,6 +64,8 @@ def bench_serving(loaded, out: Path, console: Console) -> dict[str, Any]:
     console.print(f"continuous mixed batching: {r['prefixtune continuous'] / r['prefixtune grouped']:.2f}x "
                   f"grouping by adapter; adapter swap {r['adapter swap ms']:.2f} ms = "
                   f"{r['base reload ms'] / max(r['adapter swap ms'], 1e-6):.0f}x faster than reloading the base")
+    console.print(f"n>1 choices sharing their prompt's prefill: {r['n>1 shared prefill speedup']:.2f}x "
+                  "prefilling it once per choice (same run)")
     bar_chart(out / "serve_tokens_per_s.png", "serving speed (generated tokens/s)", list(speeds),
               list(speeds.values()), "tokens/s")
     return r

@@ -86,7 +86,31 @@ def bench_scheduler(lm, prompts: Sequence[str], adapters: Sequence[str | None], 
     return scheduler.stats.generated_tokens / max(elapsed, 1e-9)
 
 
+def bench_shared_prefill(lm, adapter: str | None, n: int = 8, prompt_tokens: int = 256,
+                         repeats: int = 3) -> dict[str, float]:
+    """n choices of one long prompt with max_tokens 1 (the prefill is the work): prefilled once and copied to
+    the n rows (ModelRunner.share_prefill) vs each row prefilling it, alternating, best of each."""
+    ids = lm.tokenizer("Text: " + "i feel happy today because the sun is out " * (prompt_tokens // 8 + 1)).input_ids
+    ids = ids[:prompt_tokens]
+    prefix = None if adapter is None else lm.adapter(adapter).kv
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(repeats):
+        for share in (False, True):
+            scheduler = Scheduler(lm, max_batch=n, max_queue=n, start=False)
+            scheduler.runner.share_prefill = share
+            scheduler.submit_many([Request(ids, adapter, SamplingParams(max_new_tokens=1, temperature=1.0, seed=i,
+                                                                        ignore_eos=True), prefix=prefix)
+                                   for i in range(n)])
+            start = time.perf_counter()
+            while scheduler.run_once():
+                pass
+            best[share] = min(best[share], time.perf_counter() - start)
+    return {"n": n, "prompt_tokens": len(ids), "shared_s": best[True], "separate_s": best[False],
+            "speedup": best[False] / max(best[True], 1e-9)}
+
+
 def run(loaded, adapters: int = 6, requests: int = 24, new_tokens: int = 32, say=print) -> dict[str, float]:
+    """Tokens/s per method, and ratios / milliseconds under keys that say so (not tokens/s)."""
     from prefixtune.engine.lm import PrefixLM, measure_swap_ms
     from prefixtune.models import load_base_model
     from prefixtune.store import AdapterStore
@@ -105,6 +129,11 @@ def run(loaded, adapters: int = 6, requests: int = 24, new_tokens: int = 32, say
         say(f"prefixtune {mode}: {results[f'prefixtune {mode}']:.1f} generated tokens/s")
     results["peft grouped"] = peft_grouped_tokens_per_s(loaded, root, names, prompts, rows, new_tokens)
     say(f"peft grouped (set_adapter + generate per adapter): {results['peft grouped']:.1f} tokens/s")
+    shared = bench_shared_prefill(lm, names[0])
+    results["n>1 shared prefill speedup"] = shared["speedup"]
+    say(f"n={shared['n']} choices of a {shared['prompt_tokens']}-token prompt (max_tokens 1): prefilled once "
+        f"{shared['shared_s'] * 1000:.0f} ms vs once per choice {shared['separate_s'] * 1000:.0f} ms = "
+        f"{shared['speedup']:.2f}x")
     results["adapter swap ms"] = measure_swap_ms(lm, names[0], repeats=9)
     start = time.perf_counter()
     load_base_model(loaded.name, device=str(loaded.device))

@@ -164,10 +164,11 @@ def register(app: typer.Typer) -> None:
         flags = dict(locals())  # first statement: locals() is exactly the flags here
         for key in ("config", "no_progress"):
             flags.pop(key)
-        from prefixtune.eval.compare import CompareConfig, load_compare_config, run_compare
+        from prefixtune.eval.compare import CompareConfig, load_compare_config, run_compare, with_prefix_recipe
 
         values = load_compare_config(config) if config else {}
         values.update(_given(flags, csv=("methods", "labels", "label_names", "lora_targets")))
+        values = with_prefix_recipe(values)
         if no_progress:
             values["progress"] = False
         results = run_compare(CompareConfig(**values))

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1,
                                                         help="Tokens per prompt (default: --max-model-len)."),
         max_n: int = typer.Option(16, "--max-n", min=1, help="Choices per prompt (n)."),
+        max_num_beams: int = typer.Option(8, "--max-num-beams", min=1,
+                                          help="Beams per prompt (extension field num_beams; each is a batch row)."),
         max_stop_chars: int = typer.Option(256, "--max-stop-chars", min=1, help="Characters per stop string."),
         max_inflight_tokens: int = typer.Option(1 << 19, "--max-inflight-tokens", min=1,
                                                 help="Prompt + max_tokens summed over in-flight rows (beyond: 429)."),
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
             adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes,
             max_model_len=max_model_len or limit, max_tokens=max_tokens, shutdown_timeout=shutdown_timeout,
             max_prompt_tokens=max_prompt_tokens, max_n=max_n, max_stop_chars=max_stop_chars,
+            max_num_beams=max_num_beams,
         )
         scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode,
                               max_model_len=settings.max_model_len, start=False,

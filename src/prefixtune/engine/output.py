@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prefixtune.engine.beam import Hypothesis
 from prefixtune.engine.requests import Output, Request
 from prefixtune.engine.text import TextTracker
 
@@ -29,6 +30,7 @@ class RowEvent:
     token: int | None = None  # the token sampled this step (None: only a finish)
     finish: str | None = None  # engine finish: stop (EOS) | length | cancelled | abort | error
     error: str | None = None
+    beams: list[Hypothesis] | None = None  # a beam request's best hypotheses (its only event, when it ends)
 
 
 @dataclass
@@ -87,6 +89,9 @@ class OutputProcessor:
         request = event.request
         if request.done:
             return  # finished here already (a stop string); the engine's later events are moot
+        if event.beams is not None:
+            self._beams(request, event.beams)
+            return
         state = self._states.get(request.request_id)
         if state is None:
             state = self._states[request.request_id] = _State(TextTracker(self.tokenizer, request.params.stop))
@@ -107,6 +112,29 @@ class OutputProcessor:
                 text += state.text.flush()
             self._finish(request, state, event.finish, text, [event.token], event.error)
 
+    def _beams(self, request: Request, hypotheses: list[Hypothesis]) -> None:
+        """Every choice of a beam request at once, each cut at a stop string as its stream would have been."""
+        want = request.params.num_return_sequences
+        # Every candidate banned (n-gram rule) leaves nothing to return: empty choices, as offline search gives.
+        hypotheses = hypotheses + [Hypothesis([], float("-inf"), "length")] * (want - len(hypotheses))
+        outputs = []
+        for index, hyp in enumerate(hypotheses[:want]):
+            tracker, pieces, reason, used = TextTracker(self.tokenizer, request.params.stop), [], hyp.finish_reason, 0
+            for token in hyp.tokens:
+                used += 1
+                piece, stopped = tracker.push(token)
+                pieces.append(piece)
+                if stopped:
+                    reason = "stop"
+                    break
+            else:
+                pieces.append(tracker.flush())
+            outputs.append(Output(request.request_id, "".join(pieces), hyp.tokens[:used], reason, used, index=index))
+        request.done = True
+        self.stats.finished[outputs[0].finish_reason] += 1  # one request, however many choices
+        for output in outputs:
+            self._emit(request, output)
+
     def _finish(self, request, state: _State | None, reason: str, text: str = "", token_ids=None,
                 error: str | None = None) -> None:
         request.done = True
@@ -114,6 +142,8 @@ class OutputProcessor:
         self.stats.finished[reason] += 1
         generated = state.generated if state is not None else 0
         self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error))
+        for index in range(1, request.params.num_return_sequences):  # a beam request ended early: every choice
+            self._emit(request, Output(request.request_id, "", [], reason, 0, error, index=index))
 
     @staticmethod
     def _emit(request, output) -> None:

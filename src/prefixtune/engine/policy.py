@@ -1,8 +1,9 @@
 """The batching policy: decides which requests join and which leave; runs nothing.
 
 Each iteration the engine asks `schedule(waiting, running)` and gets a plain Schedule back. A request is a
-*group* of rows: one row, or two for a guided request (its adapter row and the unconditioned companion,
-engine/guidance.py), admitted together, released together, counted as one request.
+*group* of rows: one row, two for a guided request (its adapter row and the unconditioned companion,
+engine/guidance.py), or num_beams for a beam request (engine/beam_group.py), admitted together, released
+together, counted as one request.
 
 `continuous`: between two decode steps, finished or cancelled requests leave and waiting ones fill the free
 rows in arrival order (a group that does not fit waits: no overtaking, so no starvation).
@@ -19,8 +20,8 @@ MODES = ("continuous", "grouped")
 
 
 def rows_of(request) -> int:
-    """Batch rows a request occupies: 2 for a guided one (adapter + unconditioned row)."""
-    return 2 if request.params.guided else 1
+    """Batch rows a request occupies: 2 for a guided one (adapter + unconditioned row), num_beams for beams."""
+    return 2 if request.params.guided else request.params.num_beams
 
 
 @dataclass

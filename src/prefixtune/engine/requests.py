@@ -37,6 +37,7 @@ class Output:
     finish_reason: str | None  # None while running; stop | length | cancelled | abort | error
     completion_tokens: int  # tokens generated so far
     error: str | None = None  # message when finish_reason == "error"
+    index: int = 0  # which of the request's choices (a beam request returns num_return_sequences)
 
 
 def _ignore(_: Output) -> None:

@@ -55,9 +55,10 @@ class _SlotCache(Cache):
 class ModelRunner:
     """Rows are identified by hashable keys; `order[s]` is the key in slot s."""
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model, max_rows: int, share_prefill: bool = True):
         self.model = model
         self.max_rows = max_rows
+        self.share_prefill = share_prefill  # prefill identical new rows once (off: the benchmark's baseline)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.order: list[Hashable] = []  # key of each running slot, slot order
@@ -117,28 +118,64 @@ class ModelRunner:
     @torch.no_grad()
     def add(self, keys: Sequence[Hashable], prompts: Sequence[Sequence[int]],
             prefixes: Sequence[torch.Tensor | None], pad_id: int) -> None:
-        """Prefill new rows together (left-padded), then move each row's own columns into a free slot."""
+        """Prefill new rows together (left-padded), then move each row's own columns into a free slot.
+
+        Rows with the same prompt and the same prefix tensor (a request's n choices, a beam group's beams) are
+        prefilled once and its columns copied to each of them (`share_prefill`).
+        """
+        first: dict[tuple, int] = {}  # (prompt, prefix identity) -> index of its prefilled row
+        unique: list[int] = []  # row of each prefilled prompt
+        source: list[int] = []  # prefilled row each new row copies
+        for i, (p, kv) in enumerate(zip(prompts, prefixes)):
+            sig = (tuple(p), id(kv))  # identity: the caller holds every prefix for the whole call
+            if sig not in first or not self.share_prefill:
+                first[sig] = len(unique)
+                unique.append(i)
+            source.append(first[sig])
+        prompts = [prompts[i] for i in unique]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (N, T) left-padded
         mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (N, T)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
-        batch, logits = RunningBatch.prefill(self.model, ids.to(self.device), mask.to(self.device), prefixes)
+        batch, logits = RunningBatch.prefill(self.model, ids.to(self.device), mask.to(self.device),
+                                             [prefixes[i] for i in unique])
         kv = _cache_tensors(batch.cache)  # per layer (N, kv_heads, Pmax + T, head_dim)
         real = [row.nonzero().view(-1) for row in batch.mask]  # columns of row i that hold its prefix/tokens
         start = len(self.order)
         self._reserve(start + len(keys), max(len(c) for c in real) + 1, kv)
         if self.logits is None:
             self.logits = logits.new_zeros((self.keys[0].shape[0], logits.shape[1]))  # (S, V)
-        for i, columns in enumerate(real):
-            slot, n = start + i, len(columns)
+        for u, columns in enumerate(real):
+            slots = torch.tensor([start + i for i, src in enumerate(source) if src == u], device=self.device)
+            n = len(columns)
             for layer, (k, v) in enumerate(kv):
-                self.keys[layer][slot, :, :n] = k[i].index_select(1, columns)  # (kv_heads, n, head_dim)
-                self.values[layer][slot, :, :n] = v[i].index_select(1, columns)  # (kv_heads, n, head_dim)
-            self.logits[slot] = logits[i]
-            self.lengths.append(n)
+                self.keys[layer][slots, :, :n] = k[u].index_select(1, columns)  # (kv_heads, n, head_dim) to each
+                self.values[layer][slots, :, :n] = v[u].index_select(1, columns)  # (kv_heads, n, head_dim) to each
+            self.logits[slots] = logits[u]
+        self.lengths.extend(len(real[u]) for u in source)
         self.order.extend(keys)
+
+    @torch.no_grad()
+    def reorder(self, moves: Sequence[tuple[Hashable, Hashable]]) -> None:
+        """For every (dst, src) pair at once, row dst continues from row src's state (a beam forking another).
+
+        All sources are read before any destination is written, so pairs may overlap (beams swapping).
+        """
+        if not moves:
+            return
+        slot = {key: i for i, key in enumerate(self.order)}
+        dst = torch.tensor([slot[d] for d, _ in moves], device=self.device)
+        src = torch.tensor([slot[s] for _, s in moves], device=self.device)
+        n = max(self.lengths[slot[s]] for _, s in moves)  # columns past a row's length are never attended
+        for store in (self.keys, self.values):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]  # (M, kv_heads, n, head_dim), gathered before it is written
+        self.logits[dst] = self.logits[src]  # (M, V)
+        lengths = [self.lengths[slot[s]] for _, s in moves]
+        for (d, _), length in zip(moves, lengths):
+            self.lengths[slot[d]] = length
 
     def remove(self, key: Hashable) -> None:
         """Drop one row; the last slot's row moves into its place (O(one row))."""

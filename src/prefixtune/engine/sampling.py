@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefixtune.engine.beam import BeamParams, check_beam_request
 from prefixtune.engine.guidance import is_guided, validate_scale
 
 
@@ -21,6 +22,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (cut from the text)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     guidance_scale: float = 1.0  # >1 sharpens the adapter against an unconditioned row (engine/guidance.py); 1 = off
+    num_beams: int = 1  # > 1: beam search (engine/beam.py); the request is a group of num_beams batch rows
+    length_penalty: float = 1.0  # beam search: finished score = log-prob sum / generated_len ** length_penalty
+    no_repeat_ngram_size: int = 0  # beam search: no n-gram of this size twice in prompt + output (0 = off)
+    early_stopping: bool = False  # beam search: end as soon as num_beams hypotheses are finished
+    num_return_sequences: int = 1  # beam search: best beams returned, as Outputs with index 0 .. n-1
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -32,6 +38,18 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         validate_scale(self.guidance_scale)
+        if self.beam or self.no_repeat_ngram_size or self.num_return_sequences != 1:
+            self.beam_params()
+
+    def beam_params(self) -> BeamParams:
+        """This request's beam settings, or a ValueError naming a setting that makes no sense with beams."""
+        return check_beam_request(self.num_beams, self.max_new_tokens, self.length_penalty, self.no_repeat_ngram_size,
+                                  self.early_stopping, self.temperature, self.ignore_eos, self.guidance_scale,
+                                  num_return_sequences=self.num_return_sequences)
+
+    @property
+    def beam(self) -> bool:
+        return self.num_beams > 1
 
     @property
     def guided(self) -> bool:

@@ -5,8 +5,9 @@ The layout follows vLLM v1. Each iteration of the worker thread:
   2. the model runner (engine/runner.py) drops the leaving rows and prefills the joining ones into its
      per-slot KV buffers (each costs O(its own rows));
   3. the running rows' logits are combined for guided groups (engine/guidance.py) and sampled in one
-     vectorised call (engine/sampling.py), EOS and max_new_tokens are applied, and the token ids go to the
-     output processor (engine/output.py), which detokenizes and matches stop strings on its own thread;
+     vectorised call (engine/sampling.py), beam groups advance their searches (engine/beam_group.py), EOS
+     and max_new_tokens are applied, and the token ids go to the output processor (engine/output.py), which
+     detokenizes and matches stop strings on its own thread;
   4. the runner decodes one step for all running rows.
 `Scheduler` is the facade the server and tests use: submit/cancel/shutdown from any thread, outputs arrive
 via Request.emit on the output thread. Before start() (tests, benchmarks) run_once() does one iteration and
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixtune.engine.beam import BeamSearch
+from prefixtune.engine.beam_group import new_search, step_groups
 from prefixtune.engine.guidance import guided_logits
 from prefixtune.engine.output import OutputProcessor, RowEvent
 from prefixtune.engine.policy import MODES, BatchPolicy, rows_of
@@ -31,13 +34,14 @@ from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 
-__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats"]
+__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats", "cost"]
 
 
 @dataclass
 class _Running:
     request: Request
     sampler: RowSampler
+    search: BeamSearch | None = None  # a beam request's search state (engine/beam_group.py)
     generated: int = 0  # tokens sampled (EOS not counted)
 
 
@@ -70,7 +74,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._live: dict[str, Request] = {}  # waiting + running, by request_id
-        self._inflight_tokens = 0  # sum of _cost over _live
+        self._inflight_tokens = 0  # sum of cost() over _live
         self._running: dict[str, _Running] = {}  # worker thread only; insertion = admission order
         self._closed = False  # no new submissions
         self._stop = False  # worker exits after aborting what is left
@@ -117,21 +121,22 @@ class Scheduler:
             if not r.prompt_ids:
                 raise ValueError("prompt is empty: at least one token is needed")
             if rows_of(r) > self.max_batch:
-                raise ValueError(f"a guided request needs 2 batch rows but max_batch is {self.max_batch}")
+                what = "a guided request" if r.params.guided else f"num_beams={r.params.num_beams}"
+                raise ValueError(f"{what} needs {rows_of(r)} batch rows but max_batch is {self.max_batch}")
             self._check_length(r)
-        cost = sum(_cost(r) for r in requests)
+        need = sum(cost(r) for r in requests)
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
             if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"queue full ({len(self._waiting)} waiting, max_queue={self.max_queue})")
-            if self._inflight_tokens + cost > self.max_inflight_tokens:
-                raise QueueFull(f"{self._inflight_tokens} tokens in flight + {cost} requested exceed "
+            if self._inflight_tokens + need > self.max_inflight_tokens:
+                raise QueueFull(f"{self._inflight_tokens} tokens in flight + {need} requested exceed "
                                 f"max_inflight_tokens={self.max_inflight_tokens}")
             for r in requests:
                 self._waiting.append(r)
                 self._live[r.request_id] = r
-            self._inflight_tokens += cost
+            self._inflight_tokens += need
             self._cv.notify_all()
         return [r.request_id for r in requests]
 
@@ -219,7 +224,7 @@ class Scheduler:
 
     def _forget(self, request: Request) -> None:  # holding _cv
         if self._live.pop(request.request_id, None) is not None:
-            self._inflight_tokens -= _cost(request)
+            self._inflight_tokens -= cost(request)
 
     def _admit(self, requests: list[Request]) -> list[RowEvent]:
         device = self.runner.device
@@ -227,14 +232,15 @@ class Scheduler:
         for r in requests:
             try:  # everything that can fail for one request alone happens here, before it joins the batch
                 prefix, negative = self._prefixes(r)
-                state = _Running(r, RowSampler(r.params, device))
+                state = _Running(r, RowSampler(r.params, device), new_search(r, self.eos_ids, device))
             except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
                 with self._cv:
                     self._forget(r)
                 events.append(RowEvent(r, finish="error", error=f"{type(exc).__name__}: {exc}"))
                 continue
             joined.append(state)
-            for key, kv in zip(_keys(r), (prefix, negative)):
+            # A guided pair's second row is the negative; every beam of a group carries the adapter's prefix.
+            for key, kv in zip(_keys(r), (prefix, negative) if r.params.guided else [prefix] * rows_of(r)):
                 keys.append(key)
                 prompts.append(r.prompt_ids)
                 prefixes.append(kv)
@@ -288,11 +294,18 @@ class Scheduler:
         samplers = [self._running[key[0]].sampler if key[1] == 0 else _COMPANION for key in runner.order]
         tokens = sample_rows(logits, samplers)
         token_of = {key[0]: tokens[i] for i, key in enumerate(runner.order) if key[1] == 0}
+        groups = [s for s in self._running.values() if s.search is not None]
+        beam_tokens, moves, ended = step_groups(groups, logits, slot) if groups else ({}, [], [])
         events, leaving = [], []
+        for state in ended:
+            events.append(RowEvent(state.request, beams=state.search.results[0]))
+            leaving.append(state.request)
+        live_groups = sum(1 for s in groups if not s.request.cancelled) - len(ended)
+        self.stats.generated_tokens += live_groups  # a beam group's step is one token of its request
         for state in self._running.values():
             request, params = state.request, state.request.params
-            if request.cancelled or request.stopped:
-                continue  # leaves at the next iteration; the token is not emitted
+            if request.cancelled or request.stopped or state.search is not None:
+                continue  # leaves at the next iteration (the token is not emitted), or a beam group (above)
             token = token_of[request.request_id]
             if token in self.eos_ids and not params.ignore_eos:
                 events.append(RowEvent(request, finish="stop"))
@@ -304,11 +317,12 @@ class Scheduler:
             events.append(RowEvent(request, token, "length" if done else None))
             if done:
                 leaving.append(request)
-        self._record_step(len(runner), sum(1 for e in events if e.token is not None))
+        self._record_step(len(runner), sum(1 for e in events if e.token is not None) + live_groups)
         for request in leaving:
             self._release(request)
         if len(runner):
-            runner.decode([token_of[key[0]] for key in runner.order])
+            runner.reorder(moves)
+            runner.decode([beam_tokens.get(key, token_of[key[0]]) for key in runner.order])
         return events
 
     def _record_step(self, rows: int, produced: int) -> None:
@@ -364,9 +378,11 @@ _COMPANION = RowSampler(SamplingParams(), torch.device("cpu"))  # greedy: no gen
 
 
 def _keys(request: Request) -> list[tuple[str, int]]:
-    """Runner row keys of a request: (id, 0) its own row, (id, 1) a guided request's unconditioned row."""
+    """Runner row keys of a request: (id, 0) its own row, (id, 1) a guided request's unconditioned row,
+    (id, j) beam j of a beam group."""
     return [(request.request_id, i) for i in range(rows_of(request))]
 
 
-def _cost(request: Request) -> int:
+def cost(request: Request) -> int:
+    """Batch room a request holds while in flight: prompt + max_new_tokens on each of its rows."""
     return rows_of(request) * (len(request.prompt_ids) + request.params.max_new_tokens)

@@ -109,6 +109,22 @@ class CompareConfig(EvalSettings):
         return TrainConfig(**values)
 
 
+def with_prefix_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` plus `train --per-label`'s recipe for the prefix settings not given, when per_label is on.
+
+    So a per-label prefix in a comparison trains as `prefixtune train --per-label` trains it (the family
+    adapter and guidance are left out: the other methods have no counterpart, and the table compares
+    what training buys).
+    """
+    from prefixtune.train.config import FAMILY_RECIPE
+
+    if not values.get("per_label"):
+        return dict(values)
+    recipe = {key: FAMILY_RECIPE[key] for key in ("balance", "prefix_projection", "init", "init_text")}
+    recipe["prefix_lr"] = FAMILY_RECIPE["lr"]
+    return {**recipe, **values}
+
+
 def load_compare_config(path: str | Path) -> dict[str, Any]:
     """CompareConfig fields from a JSON/YAML/TOML file (e.g. a previous run's config.json)."""
     from prefixtune.train.config import tomllib

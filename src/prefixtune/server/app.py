@@ -22,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from prefixtune.engine.sampling import SamplingParams
-from prefixtune.engine.scheduler import Scheduler
+from prefixtune.engine.scheduler import Scheduler, cost
 from prefixtune.server import protocol as P
 from prefixtune.server.adapters import AdapterRegistry
+from prefixtune.server.beams import beam_fields
 from prefixtune.server.jobs import FINISH, EventStream, Job, check_errors
 from prefixtune.server.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServerMetrics
 from prefixtune.server.protocol import APIError
@@ -47,6 +48,7 @@ class ServerSettings:
     # Per-request limits (each refused with a 400 naming it): every one bounds work a single request can cause.
     max_prompt_tokens: int | None = None  # tokens per prompt; None = max_model_len
     max_n: int = 16  # choices per prompt (each is a batch row)
+    max_num_beams: int = 8  # beams per prompt (each is a batch row; server/beams.py)
     max_stop_strings: int = 4  # OpenAI's limit
     max_stop_chars: int = 256  # characters per stop string (matching cost per token grows with it)
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
@@ -177,11 +179,13 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         if max_tokens is not None and max_tokens > settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {settings.max_tokens}",
                            param="max_tokens")
-        # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop.
-        prep = await run_in_threadpool(registry.prepare, adapter, body.guidance_scale, body.guidance_negative)
+        beams = beam_fields(body, settings.max_num_beams, scheduler.max_batch)
+        # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop. A
+        # manifest's recommended guidance is for sampling: beams (checked above to ask for none) run without.
+        prep = await run_in_threadpool(registry.prepare, adapter, 1.0 if beams else body.guidance_scale,
+                                       body.guidance_negative)
         virtual = prep.virtual
         job = Job(scheduler, metrics.ttft.labels(adapter=body.model))
-        rows = []
         for p, ids in enumerate(prompts):
             room = max_len - virtual - len(ids)
             if room < 1:
@@ -191,6 +195,10 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, f"max_tokens {max_tokens} + {len(ids)} prompt + {virtual} virtual tokens "
                                f"exceed max_model_len {max_len}", param="max_tokens", code="context_length_exceeded")
             new = max_tokens if max_tokens is not None else min(default_tokens or room, room, settings.max_tokens)
+            if beams is not None:  # one request: a group of num_beams rows whose n best beams are the choices
+                job.add(ids, adapter, prep.prefix, SamplingParams(max_new_tokens=new, stop=list(body.stop or []),
+                                                                  **beams))
+                continue
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + p * body.n + j
                 params = SamplingParams(
@@ -198,10 +206,9 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
                     top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
                     stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
                 )
-                rows.append(len(ids) + new)
                 job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)
         # A request that could never fit (alone) is the client's error; one that fits later is a 429 (submit).
-        need = sum(rows) * (2 if prep.guidance_scale != 1.0 else 1)
+        need = sum(map(cost, job.requests))
         if need > scheduler.max_inflight_tokens:
             raise APIError(400, f"this request needs {need} tokens of batch room (prompt + max_tokens per row); "
                            f"this server's limit max_inflight_tokens is {scheduler.max_inflight_tokens}",
@@ -293,7 +300,7 @@ def _sse(data) -> str:
 
 
 async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, created: int, prompts):
-    tokens = [0] * len(job.requests)
+    tokens = [0] * job.size
     async for batch in job.merged():  # one write per wake-up, one chunk per choice however many steps it spans
         events, failed = [], False
         for index, out in batch:
@@ -318,11 +325,11 @@ async def _stream_completion(job: Job, body: P.CompletionRequest, rid: str, crea
 
 async def _stream_chat(job: Job, body: P.ChatRequest, rid: str, created: int, prompt_tokens: int):
     kind = "chat.completion.chunk"
-    tokens = [0] * len(job.requests)
+    tokens = [0] * job.size
     # OpenAI opens every choice with the role.
     yield "".join(_sse(P.envelope(kind, rid, created, body.model,
                                   [P.chat_delta(index, {"role": "assistant", "content": ""}, None)]))
-                  for index in range(len(job.requests)))
+                  for index in range(job.size))
     async for batch in job.merged():
         events, failed = [], False
         for index, out in batch:

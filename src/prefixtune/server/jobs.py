@@ -85,17 +85,20 @@ class Job:
         self._pending: deque[tuple[int, Output]] = deque()  # appended by the output thread, drained by the loop
         self._ready = asyncio.Event()
         self.requests: list[Request] = []
-        self.open: set[int] = set()  # rows not finished yet
+        self.owners: list[Request] = []  # the request behind each choice (a beam request returns several)
+        self.open: set[int] = set()  # choices not finished yet
         self.ttft = ttft  # histogram child to observe time to first token on, or None
         self.start = time.monotonic()
         self.first_token_at: float | None = None
 
     def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams,
             negative: str | None = None, negative_prefix=None) -> int:
-        index = len(self.requests)
-        self.requests.append(Request(prompt_ids, adapter, params, partial(self._emit, index), prefix,
-                                     negative=negative, negative_prefix=negative_prefix))
-        return index
+        first = len(self.owners)
+        request = Request(prompt_ids, adapter, params, partial(self._emit, first), prefix, negative=negative,
+                          negative_prefix=negative_prefix)
+        self.requests.append(request)
+        self.owners += [request] * params.num_return_sequences
+        return first
 
     def submit(self) -> None:
         """All rows or none; QueueFull -> 429, shutting down -> 503, bad length -> 400."""
@@ -108,16 +111,21 @@ class Job:
         except ValueError as err:
             param = "guidance_scale" if "guided" in str(err) else "max_tokens"
             raise APIError(400, str(err), param=param) from err
-        self.open = set(range(len(self.requests)))
+        self.open = set(range(len(self.owners)))
 
-    def _emit(self, index: int, output: Output) -> None:  # output thread
-        self._pending.append((index, output))
+    @property
+    def size(self) -> int:
+        """Choices of this job."""
+        return len(self.owners)
+
+    def _emit(self, first: int, output: Output) -> None:  # output thread
+        self._pending.append((first + output.index, output))
         self.wakeups.mark(self)
 
     def cancel(self) -> None:
         """Free the batch slots of rows still running (idempotent)."""
-        for index in list(self.open):
-            self.scheduler.cancel(self.requests[index].request_id)
+        for request_id in {self.owners[index].request_id for index in list(self.open)}:
+            self.scheduler.cancel(request_id)
 
     async def batches(self) -> AsyncIterator[list[tuple[int, Output]]]:
         """Every output so far, as lists of (row index, Output) in order, until every row finished."""
@@ -148,7 +156,7 @@ class Job:
                 if at is not None and not o.error:
                     prev = out[at][1]
                     o = Output(o.request_id, prev.text + o.text, prev.token_ids + o.token_ids, o.finish_reason,
-                               o.completion_tokens, o.error)
+                               o.completion_tokens, o.error, o.index)
                     out[at] = (index, o)
                 else:
                     out.append((index, o))
@@ -163,7 +171,7 @@ class Job:
 
     async def collect(self, http: HTTPRequest) -> list[Choice]:
         """Wait for every row; a client that disconnects meanwhile cancels them."""
-        choices = [Choice() for _ in self.requests]
+        choices = [Choice() for _ in self.owners]
         watcher = asyncio.create_task(self._cancel_on_disconnect(http))
         try:
             async for index, out in self.events():

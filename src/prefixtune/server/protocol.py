@@ -77,6 +77,11 @@ class SamplingBody(_Body):
     # adapter's manifest recommends (else off); 1 = off. The negative is an adapter name or "none" (base model).
     guidance_scale: float | None = Field(None, ge=0)
     guidance_negative: Text | None = None
+    # Extensions: beam search (server/beams.py); the n best of num_beams beams are the choices. 1 = off.
+    num_beams: int = Field(1, ge=1)
+    length_penalty: float | None = Field(None, ge=-10, le=10)  # beams: score = log-prob sum / length ** this (1)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)  # beams: no n-gram of this size twice (0 = off)
+    early_stopping: bool | None = None  # beams: end once num_beams hypotheses are finished (false)
     user: Text | None = None  # accepted and ignored
     presence_penalty: float | None = None  # only 0
     frequency_penalty: float | None = None  # only 0
