@@ -190,11 +190,12 @@ def test_short_loss_check_window_still_warns(tmp_path, tiny_model_dir, tiny_lm, 
     assert any("has not fallen after 6 steps" in w for w in train(cfg, loaded=tiny_lm).warnings)
 
 
-def test_fewer_batches_than_processes_is_refused(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch):
+def test_fewer_rows_per_step_than_processes_is_refused(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch):
     from accelerate import Accelerator
 
     from prefixtune.train.config import ConfigError
 
+    # DDP splits each step's --batch-size rows over the processes: every process needs at least one.
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(ConfigError, match="fewer than the 2 processes"):
-        train(_cfg(tmp_path, tiny_model_dir, emotion_dir, max_examples=6), loaded=tiny_lm)
+        train(_cfg(tmp_path, tiny_model_dir, emotion_dir, max_examples=6, batch_size=1), loaded=tiny_lm)

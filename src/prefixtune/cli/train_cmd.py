@@ -79,6 +79,9 @@ def register(app: typer.Typer) -> None:
                                                               "(0 = all; each costs one more forward)."),
         guidance_scale: Optional[float] = Opt(None, help="Per-label: guidance scale recommended in the manifests "
                                                          "(generate/serve use it by default)."),
+        distributed: Optional[str] = Opt(None, help="Under accelerate launch: shard (each rank trains its own "
+                                                    "adapters of a --per-label family, each alone), ddp (all ranks "
+                                                    "train all, each step's rows split), auto (shard when exact)."),
         no_progress: bool = Opt(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train prefix adapters: label in the prompt (one adapter) or --per-label (one per label, one pass)."""

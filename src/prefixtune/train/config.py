@@ -94,6 +94,7 @@ class TrainConfig:
     lora_alpha: int = 16  # LoRA scaling numerator, update scaled by alpha / r (method=lora)
     lora_dropout: float = 0.0  # dropout on the LoRA input (method=lora)
     lora_targets: list[str] | None = None  # modules LoRA adapts; None = every attention projection (method=lora)
+    distributed: str = "auto"  # accelerate launch: shard (rank r trains its own adapters) | ddp | auto (shard if exact)
 
     def resolved_template(self) -> str:
         if self.template is not None:

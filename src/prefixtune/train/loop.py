@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from prefixtune.store import AdapterStore
 from prefixtune.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.contrastive import contrastive_forward
+from prefixtune.train.contrastive import contrastive_forward, negatives_for
+from prefixtune.train.distributed import (
+    DDP, SHARD, ghost_share, make_accelerator, rank_share, split_mode, sum_over_ranks,
+)
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
+from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
+from prefixtune.train.saving import publish
 
 
 @dataclass
@@ -34,30 +36,6 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # e.g. a loss that did not fall
 
 
-class Interrupted:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint gets written."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    @contextmanager
-    def installed(self):
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay with the caller
-            pass
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
@@ -67,15 +45,18 @@ def _is_oom(err: BaseException) -> bool:
 class Trainer:
     """The one training loop: every method (prefix, LoRA, ...) runs through it with the same features."""
 
-    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print, resume: bool | None = None):
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, say=print, resume: bool | None = None,
+                 resume_hint: str | None = None):
         self.cfg, self.plan, self.say = cfg, plan, say
+        self.resume_hint = resume_hint or resume_command(cfg)  # what continues the run when it is interrupted
         self.resume = cfg.resume if resume is None else resume
         self.run_dir = Path(cfg.out)
         self.model = plan.model
         self.method = plan.method
-        self.device = next(self.model.base.parameters()).device
         self.accelerator = plan.accelerator
-        self.ddp_model = self.accelerator.prepare(self.model) if self.accelerator.num_processes > 1 else self.model
+        self.rank, self.processes = plan.ranks
+        self.ddp_model = self.accelerator.prepare(self.model) if plan.ddp else self.model
+        self.device = next(self.model.base.parameters()).device  # read after prepare() placed the model
         params = self.method.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         from transformers import get_scheduler
@@ -89,7 +70,7 @@ class Trainer:
         )
         self.progress = Progress(micro_batch_size=cfg.micro_batch_size or cfg.batch_size)
         self.warnings: list[str] = []
-        self.is_main = self.accelerator.is_main_process
+        self.is_main = self.rank == 0
         # Label adapters only: the family's unconditional adapter explains every label alike by design.
         self.contrast_family = [a for a, label in plan.adapter_labels.items() if label is not None
                                 ] if cfg.contrastive_weight > 0 else []
@@ -98,23 +79,46 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _accumulate(self, batch) -> tuple[float, int]:
-        """Forward/backward in micro-batches, each weighted by its share of the labelled tokens."""
-        total = int((batch.labels[:, 1:] != -100).sum())
+        """Forward/backward in micro-batches, each weighted by its share of the step's labelled tokens.
+
+        Under DDP every rank holds the step's whole batch and computes its share of the rows; DDP averages the
+        ranks' gradients, so each rank scales its loss by the processes: the result is the global per-token
+        mean, as one process computes it. Only the last micro-batch synchronises gradients."""
+        # Negatives are drawn from a stream seeded by the step: a resumed run, an OOM retry and every DDP
+        # split draw the same ones.
+        self.contrast_rng.seed(self.cfg.seed * 1_000_003 + self.progress.step)
+        self.contrast_seen, self.contrast_rows = 0.0, 0
+        total, rows = int((batch.labels[:, 1:] != -100).sum()), len(batch.adapters)
+        start, stop = rank_share(rows, self.processes, self.rank)
+        for adapter in batch.adapters[:start] if self.contrast_family else ():  # earlier ranks' draws
+            if adapter in self.contrast_family:
+                negatives_for(adapter, self.contrast_family, self.cfg.contrastive_negatives, self.contrast_rng)
+        ghost = stop == start
+        mine = ghost_share(batch) if ghost else batch.rows(start, stop)
         micro = self.progress.micro_batch_size
+        firsts = range(0, len(mine.adapters), micro)
         loss_sum = 0.0
-        for start in range(0, len(batch.adapters), micro):
-            part = batch.rows(start, start + micro)
-            if self.contrast_family:
-                loss_sum += self._contrastive_part(part, total, len(batch.adapters))
-                continue
-            with self._autocast():
-                out = self.ddp_model(
-                    part.input_ids.to(self.device), part.attention_mask.to(self.device),
-                    adapters=self.method.row_adapters(part.adapters), labels=part.labels.to(self.device),
-                )
-            self.accelerator.backward(out.loss * (out.num_tokens / max(total, 1)))
-            loss_sum += float(out.loss.detach()) * out.num_tokens
+        for first in firsts:
+            part = mine.rows(first, first + micro)
+            last = first == firsts[-1]
+            with nullcontext() if last or not self.plan.ddp else self.accelerator.no_sync(self.ddp_model):
+                if self.contrast_family and not ghost:
+                    loss_sum += self._contrastive_part(part, total, rows)
+                else:
+                    loss_sum += self._lm_part(part, total)
+        if self.processes > 1:
+            loss_sum, self.contrast_seen, self.contrast_rows = sum_over_ranks(
+                self.accelerator, [loss_sum, self.contrast_seen, self.contrast_rows])
         return loss_sum / max(total, 1), total
+
+    def _lm_part(self, part, total_tokens: int) -> float:
+        with self._autocast():
+            out = self.ddp_model(
+                part.input_ids.to(self.device), part.attention_mask.to(self.device),
+                adapters=self.method.row_adapters(part.adapters), labels=part.labels.to(self.device),
+            )
+        self.accelerator.backward(out.loss * (out.num_tokens / max(total_tokens, 1) * self.processes))
+        return float(out.loss.detach()) * out.num_tokens
 
     def _contrastive_part(self, part, total_tokens: int, total_rows: int) -> float:
         """LM loss (token-weighted, as without the option) + weight x the family's discriminative loss."""
@@ -122,7 +126,7 @@ class Trainer:
             parts = contrastive_forward(self.ddp_model, part, self.contrast_family, self.cfg.contrastive_negatives,
                                         self.contrast_rng, self.device)
         loss = parts.lm_sum / max(total_tokens, 1) + self.cfg.contrastive_weight * parts.contrast_sum / total_rows
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * self.processes)
         self.contrast_seen += float(parts.contrast_sum.detach())
         self.contrast_rows += parts.contrasted
         return float(parts.lm_sum.detach())
@@ -135,9 +139,6 @@ class Trainer:
 
     def step(self, batch) -> tuple[float, int]:
         """One optimizer step; on OOM, halve the micro-batch (more accumulation) and retry."""
-        # Negatives are drawn from a stream seeded by the step, so a resumed run draws the same ones.
-        self.contrast_rng.seed(self.cfg.seed * 1_000_003 + self.progress.step)
-        self.contrast_seen, self.contrast_rows = 0.0, 0
         while True:
             try:
                 loss, _ = self._accumulate(batch)
@@ -208,9 +209,9 @@ class Trainer:
         interrupted = Interrupted()
         with interrupted.installed():
             while progress.step < self.total_steps and interrupted.signal is None:
-                batches = plan.shard(epoch_batches(plan.train_rows, cfg.batch_size, cfg.seed, progress.epoch))
+                batches = epoch_batches(plan.train_rows, cfg.batch_size, cfg.seed, progress.epoch)
                 if not batches:  # plan_run refuses this; never spin through empty epochs
-                    raise RuntimeError("no batches for this process")
+                    raise RuntimeError("no training batches")
                 if progress.batch_in_epoch >= len(batches):
                     progress.epoch += 1
                     progress.batch_in_epoch = 0
@@ -247,7 +248,7 @@ class Trainer:
         if stopped:
             store = f"; {self.cfg.store} is untouched" if self.cfg.store else ""
             self.say(f"interrupted at step {progress.step}: checkpoint saved{store}. Continue with: "
-                     f"{resume_command(self.cfg)}")
+                     f"{self.resume_hint}")
         return self._finish(stopped)
 
     def _checkpoint(self) -> None:
@@ -277,7 +278,7 @@ class Trainer:
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; prove it before rank 0 saves what it alone holds."""
-        if self.accelerator.num_processes < 2:
+        if self.processes < 2:
             return
         checksum = torch.stack([p.detach().double().sum() for p in self.method.parameters()]).sum()
         gathered = self.accelerator.gather(checksum.view(1).to(self.accelerator.device)).cpu()
@@ -321,11 +322,7 @@ class Trainer:
             "truncated examples": plan.truncated,
         }
         if self.cfg.store:
-            store = AdapterStore(self.cfg.store)
-            for name in result_dirs:
-                if store.exists(name):
-                    self.say(f"store {store.root}: replacing adapter {name} with this run's")
-            result_dirs = store.put_all(result_dirs)
+            result_dirs = publish(self.cfg.store, result_dirs, self.say)
         self.say(format_summary(summary))
         return TrainResult(self.run_dir, result_dirs, summary, stopped, self.warnings)
 
@@ -340,23 +337,37 @@ def train(cfg: TrainConfig, loaded=None, data=None, say=print) -> TrainResult:
     """Train as `cfg` says; `loaded` (a LoadedModel) and `data` (a DataBundle) may be passed in to reuse them.
 
     All or nothing: settings, paths and OUT are checked before the model loads, OUT is claimed only after the
-    data and adapters are planned, and the store sees the adapters only when the run completes.
+    data and adapters are planned, and the store sees the adapters only when the run completes. Under
+    `accelerate launch` a family's adapters are sharded over the ranks or trained with DDP (train/distributed.py).
     """
     cfg.validate()
     check_paths(cfg)
-    main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 owns OUT
+    accelerator = make_accelerator(cfg, loaded)  # first: it picks this rank's device, which the model loads onto
+    mode = split_mode(cfg, accelerator.num_processes, say if accelerator.is_main_process else (lambda *_: None))
+    if mode == SHARD:
+        from prefixtune.train.sharded import train_sharded
+
+        return train_sharded(cfg, accelerator, loaded, data, say)
+    return train_one(cfg, accelerator, loaded, data, say, ddp=mode == DDP)
+
+
+def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool, resume_hint: str | None = None
+              ) -> TrainResult:
+    """One pass that trains all of cfg's adapters together: in this process alone, or as a rank of DDP."""
+    main = not ddp or accelerator.is_main_process  # rank 0 of DDP owns OUT
     resume = check_out(cfg) if main else cfg.resume
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    plan = plan_run(cfg, loaded, data, say)
+    plan = plan_run(cfg, loaded, data, say, accelerator, ddp)
     try:
         if main:
             claim_out(cfg, resume, say)
-        plan.accelerator.wait_for_everyone()
+        if ddp:
+            accelerator.wait_for_everyone()
         if not main:  # resume whatever checkpoint rank 0 kept (it clears OUT when there was none)
             from prefixtune.train.checkpoint import has_checkpoint
 
             resume = cfg.resume and has_checkpoint(Path(cfg.out))
-        return Trainer(cfg, plan, say, resume=resume).run()
+        return Trainer(cfg, plan, say, resume=resume, resume_hint=resume_hint).run()
     finally:
         plan.method.close()

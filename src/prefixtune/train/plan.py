@@ -37,12 +37,14 @@ class TrainPlan:
     accelerator: Any  # accelerate.Accelerator (one process unless launched with `accelerate launch`)
     family: str | None = None  # NAME-all, the unconditional adapter of a per-label family (--family-rate)
     method: Any = None  # train.methods.TrainMethod: what trains (prefix encoders, LoRA, ...)
+    ddp: bool = False  # every rank of the launch trains these adapters on its share of each step's rows
 
-    def shard(self, batches: list[list[int]]) -> list[list[int]]:
-        """This process's batches; every rank gets the same count so DDP never waits on a missing one."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        usable = len(batches) - len(batches) % world
-        return batches[:usable][rank::world]
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(rank, processes) of the DDP group this run trains in; (0, 1) when this process trains alone."""
+        if not self.ddp:
+            return 0, 1
+        return self.accelerator.process_index, self.accelerator.num_processes
 
 
 def select_rows(cfg: TrainConfig, data: DataBundle, split: str, say) -> list[Example]:
@@ -148,16 +150,32 @@ def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, wh
     return rows, counts.inputs_shortened + counts.targets_cut
 
 
-def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print) -> TrainPlan:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+def check_adapter_names(names) -> None:
+    for name in names:
+        try:
+            validate_name(name)
+        except StoreError as err:
+            raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
 
+
+def load_run_data(cfg: TrainConfig) -> DataBundle:
     from prefixtune.data import load_data
-    from prefixtune.models import load_base_model
 
-    loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
-    data = data or load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
-                             input_fields=input_fields(cfg.template), skip_bad_rows=cfg.skip_bad_rows)
+    return load_data(cfg.data, cfg.text_field, cfg.label_field, cfg.label_names,
+                     input_fields=input_fields(cfg.template), skip_bad_rows=cfg.skip_bad_rows)
+
+
+def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=print, accelerator=None,
+             ddp: bool | None = None) -> TrainPlan:
+    """`accelerator` defaults to a new one (train/distributed.make_accelerator); `ddp` (the ranks train these
+    adapters together, each on its share of every step's rows) defaults to "launched on several processes"."""
+    from prefixtune.models import load_base_model
+    from prefixtune.train.distributed import load_device, make_accelerator
+
+    accelerator = accelerator or make_accelerator(cfg, loaded)
+    ddp = accelerator.num_processes > 1 if ddp is None else ddp
+    loaded = loaded or load_base_model(cfg.model, load_device(cfg, accelerator), cfg.dtype)
+    data = data or load_run_data(cfg)
     if data.skipped:
         say(f"--skip-bad-rows: skipped {len(data.skipped)} bad row(s); first: {data.skipped[0]}")
     if cfg.per_label and data.labels is None:
@@ -184,11 +202,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         adapter_labels = {cfg.name: None}
         adapter_of = lambda ex: cfg.name  # noqa: E731
 
-    for name in adapter_labels:  # before training, not after it: a bad label must not cost a whole run
-        try:
-            validate_name(name)
-        except StoreError as err:
-            raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
+    check_adapter_names(adapter_labels)  # before training, not after it: a bad label must not cost a whole run
     model = PrefixModel(loaded.model)
     words = _init_words(cfg, train_ex, adapter_labels)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
@@ -210,21 +224,17 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
                                                     (lambda ex: names[ex.label]) if family else adapter_of)
     val_rows.sort(key=lambda r: len(r.input_ids))  # eval order is free; sorted batches barely pad
 
-    accelerator = Accelerator(
-        cpu=loaded.device.type == "cpu",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.per_label)],
-    )
-    batches = math.ceil(len(train_rows) / cfg.batch_size)
-    if batches < accelerator.num_processes:
-        raise ConfigError(f"{len(train_rows)} training rows make {batches} batch(es) of {cfg.batch_size}, fewer "
-                          f"than the {accelerator.num_processes} processes: use more rows or a smaller --batch-size")
-    per_epoch = batches // accelerator.num_processes
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    processes = accelerator.num_processes if ddp else 1
+    if cfg.batch_size < processes:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (rows per step, split over the processes) is fewer than "
+                          f"the {processes} processes: use --batch-size {processes} or more")
+    # A DDP step splits the same rows a one-process step takes, so the step count does not depend on it.
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if accelerator.is_main_process:
+    if not ddp or accelerator.is_main_process:
         say(f"{len(adapter_labels)} adapter(s) on {loaded.name} ({model.shape.describe()}), "
             f"{len(train_rows)} train / {len(val_rows)} eval rows, {total} steps")
     from prefixtune.train.methods import build_method
 
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator, family, build_method(cfg, model))
+                     total, accelerator, family, build_method(cfg, model), ddp)

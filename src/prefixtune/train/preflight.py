@@ -20,12 +20,15 @@ if TYPE_CHECKING:
     from prefixtune.train.config import TrainConfig
 
 RUN_FILE = "run.json"  # the run's settings, written before the first step; marks a folder as a run
+SHARDS_DIR = "shards"  # a sharded run's adapters, one run folder each (train/sharded.py)
 STORAGE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                    "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 METHODS = ("prefix", "lora")
+DISTRIBUTED = ("auto", "shard", "ddp")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may differ between a run and its --resume without changing what it computes.
-_RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_every", "device"})
+# (`distributed`: both ways give the one-process result; check_out refuses the switch between layouts.)
+_RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_every", "device", "distributed"})
 
 
 def _need(ok: bool, message: str) -> None:
@@ -47,6 +50,8 @@ def check_settings(cfg: TrainConfig) -> None:
                                   "(fp32/bf16/fp16 are accepted too)")
     cfg.storage_dtype = STORAGE_ALIASES[key]
     _need(cfg.method in METHODS, f"--method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    _need(cfg.distributed in DISTRIBUTED,
+          f"--distributed {cfg.distributed!r}: use one of {', '.join(DISTRIBUTED)} (docs/DISTRIBUTED.md)")
     _need(cfg.schedule in SCHEDULES, f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
     for name in ("lr", "weight_decay", "warmup_ratio", "grad_clip", "epochs", "lora_dropout"):
         _finite(getattr(cfg, name), f"--{name.replace('_', '-')}")
@@ -118,11 +123,12 @@ def _is_empty(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def check_out(cfg: TrainConfig) -> bool:
+def check_out(cfg: TrainConfig, sharded: bool = False) -> bool:
     """Whether OUT may be used as asked, without changing it; returns True when a checkpoint will be resumed.
 
-    Fresh run: OUT must be empty (or `--overwrite`). `--resume`: OUT must be a run folder; without a
-    checkpoint yet (the run was killed before its first one) the run starts again from step 0.
+    Fresh run: OUT must be empty (or `--overwrite`). `--resume`: OUT must be a run folder of the same kind
+    (one pass, or `sharded` over processes); without a checkpoint yet (the run was killed before its first
+    one) the run starts again from step 0.
     """
     from prefixtune.train.checkpoint import has_checkpoint, recover_checkpoint
 
@@ -134,6 +140,12 @@ def check_out(cfg: TrainConfig) -> bool:
         # An empty OUT is a run killed before it started: --resume then simply starts it.
         _need(_is_empty(out) or (out / RUN_FILE).is_file() or has_checkpoint(out),
               f"--resume: {out} holds files but no run to continue; start without --resume or pick another --out")
+        if sharded:
+            _need(not has_checkpoint(out), f"--resume: {out} holds a run that trained its adapters together "
+                                           "(OUT/checkpoint): continue it with --distributed ddp, or on one process")
+        else:
+            _need(not (out / SHARDS_DIR).is_dir(), f"--resume: {out} holds a run whose adapters trained apart "
+                                                   f"(OUT/{SHARDS_DIR}): continue it with --distributed shard")
     elif not _is_empty(out):
         _need(cfg.overwrite, f"--out {out} already holds files (a previous run?); pass --resume to continue "
                              "it, --overwrite to replace it, or choose another --out")

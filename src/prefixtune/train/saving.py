@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefixtune.store import Manifest, write_adapter_folder
+from prefixtune.store import AdapterStore, Manifest, write_adapter_folder
 from prefixtune.templates import input_fields
 
 
@@ -55,3 +55,12 @@ def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
     if label is None or cfg.guidance_scale is None:
         return {}
     return {"scale": cfg.guidance_scale, "negative": plan.family}
+
+
+def publish(store_root: str | Path, folders: dict[str, Path], say) -> dict[str, Path]:
+    """A completed run's adapters into the store, all together (AdapterStore.put_all); name -> stored folder."""
+    store = AdapterStore(store_root)
+    for name in folders:
+        if store.exists(name):
+            say(f"store {store.root}: replacing adapter {name} with this run's")
+    return store.put_all(folders)
