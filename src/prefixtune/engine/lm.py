@@ -8,7 +8,6 @@ safetensors read. The base model is never touched.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -398,21 +397,4 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def measure_swap_ms(lm: PrefixLM, name: str, repeats: int = 5) -> float:
-    """Median milliseconds to load adapter `name` from disk onto the model's device (cache dropped each time).
-
-    For the benchmark and for tests that print it; never assert on it (machines differ). The OS file
-    cache is warm after the first repeat, as it is for a server swapping among its adapters.
-    """
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        lm.cache.drop(name)
-        start = time.perf_counter()
-        lm.adapter(name)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)  # the copy to the device is part of the swap
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM", "cut_at_stop", "measure_swap_ms"]
+__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM", "cut_at_stop"]
