@@ -123,8 +123,12 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(cluster, clie
         assert held_by, f"{name} is held nowhere: {placement(cluster)}"
         for _ in range(3):
             assert complete(client, name) == reference[name, 12]
-        after = {r["id"]: r["requests"] for r in placement(cluster)}
-        gained = {rid: after[rid].get(name, 0) - before[rid].get(name, 0) for rid in after}
+        # Replicas report to the placement board every REPORT_S, so the last request's count may lag a little.
+        counts = lambda: {r["id"]: r["requests"] for r in placement(cluster)}  # noqa: E731
+        gain = lambda after: {rid: after[rid].get(name, 0) - before[rid].get(name, 0) for rid in after}  # noqa: E731
+        wait_for(lambda: sum(gain(counts()).values()) >= 3, 10, f"3 requests for {name} on the board")
+        after = counts()
+        gained = gain(after)
         assert sum(gained.values()) == 3 and all(gained[rid] == 0 for rid in after if rid not in held_by), \
             (name, held_by, after)
         assert holders(cluster, name) == held_by, "serving it must not load it anywhere else"
