@@ -9,7 +9,7 @@ import pytest
 
 from prefixtune.data import DataBundle, DataError, Example, load_data
 
-EMOTION = Path(__file__).resolve().parents[2] / "shared/data/emotion"
+EMOTION = Path(__file__).resolve().parents[3] / "shared/data/emotion"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
