@@ -232,6 +232,33 @@ def test_top_p_keeps_exactly_the_nucleus():
         assert len(drawn) > 1
 
 
+def test_min_p_draws_only_tokens_above_its_share_of_the_top_one():
+    import torch
+
+    from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(2)) * 2.0
+    probs = torch.softmax(logits / 0.8, -1)
+    allowed = set((probs >= 0.2 * probs.max()).nonzero().view(-1).tolist())
+    sampler = RowSampler(SamplingParams(temperature=0.8, min_p=0.2, seed=0), torch.device("cpu"))
+    drawn = {sampler(logits) for _ in range(300)}
+    assert drawn <= allowed and len(drawn) > 1
+    # min_p 1 keeps only the likeliest token: sampling becomes greedy.
+    sure = RowSampler(SamplingParams(temperature=1.0, min_p=1.0, seed=0), torch.device("cpu"))
+    assert {sure(logits) for _ in range(20)} == {int(logits.argmax())}
+    # A seeded min-p row draws the same tokens beside rows without it (and with other settings).
+    batch = torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, min_p=0.05, top_p=0.9, seed=5)
+    alone_sampler = RowSampler(params, torch.device("cpu"))
+    alone = [alone_sampler(batch[0]) for _ in range(20)]
+    mixed = [RowSampler(params, torch.device("cpu"))] + [RowSampler(SamplingParams(temperature=t, seed=s), torch.device(
+        "cpu")) for t, s in ((1.0, 1), (0.0, None), (0.7, 2))]
+    assert [sample_rows(batch, mixed)[0] for _ in range(20)] == alone
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_p"):
+            SamplingParams(temperature=1.0, min_p=bad).validate()
+
+
 def test_adapter_with_the_legacy_fingerprint_still_loads_and_warns_once(tiny_lm, tmp_path):
     import json
     import warnings

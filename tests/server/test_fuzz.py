@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from serve_helpers import live_server
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "n", "seed", "stop", "stream", "stream_options", "ignore_eos", "user", "logprobs", "echo", "best_of",
+          "min_p", "n", "seed", "stop", "stream", "stream_options", "ignore_eos", "user", "logprobs", "echo", "best_of",
           "guidance_scale", "guidance_negative", "presence_penalty", "logit_bias", "response_format", "name", "path",
           "num_beams", "length_penalty", "no_repeat_ngram_size", "early_stopping"]
 NAMES = ["alpha", "beta", "tiny-base", "none", "", "../alpha", "/etc/passwd", "..", ".", "a/b", "alpha\x00",

@@ -37,12 +37,21 @@ def _post(server, body, raw: bytes | None = None):
     ({"prompt": "word " * 60}, "prompt"),  # more tokens than max_prompt_tokens
     ({"max_tokens": 100, "prompt": ["a b c"] * 3, "n": 3}, "max_tokens"),  # alone beyond max_inflight_tokens
     ({"guidance_scale": -1}, "guidance_scale"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": "0.1"}, "min_p"),
     ({"guidance_negative": "nobody"}, "guidance_negative"),
     ({"guidance_negative": "alpha", "guidance_scale": 2.0}, "guidance_negative"),  # the adapter itself
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, param):
     r = _post(server, body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_min_p_one_samples_the_greedy_tokens(server):
+    greedy = _post(server, {"temperature": 0, "max_tokens": 6})
+    sure = _post(server, {"temperature": 1.0, "min_p": 1.0, "max_tokens": 6, "seed": 3})
+    assert greedy.status_code == sure.status_code == 200, sure.text
+    assert sure.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 def test_limits_name_the_setting(server):

@@ -117,6 +117,7 @@ def test_task_inputs_with_beams(server):
     ({"num_beams": 2, "temperature": 0.7}, "temperature"),
     ({"num_beams": 2, "top_p": 0.5}, "top_p"),
     ({"num_beams": 2, "top_k": 5}, "top_k"),
+    ({"num_beams": 2, "min_p": 0.1}, "min_p"),
     ({"num_beams": 2, "guidance_scale": 2.0}, "guidance_scale"),
     ({"num_beams": 2, "ignore_eos": True}, "ignore_eos"),
     ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),  # a beam field without beams

@@ -42,6 +42,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
         top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = all)."),
+        min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens under this fraction of the likeliest "
+                                                         "token's probability (0 = off; 0.05-0.1 is typical)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Fix the sampling stream (same for every row)."),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (cut from the output); repeatable."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
@@ -86,12 +88,12 @@ def register(app: typer.Typer) -> None:
                 _fail(f"--adapter-path {folder} is not a folder")
         try:
             SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop),
-                           guidance_scale=1.0 if guidance_scale is None else guidance_scale).validate()
+                           guidance_scale=1.0 if guidance_scale is None else guidance_scale, min_p=min_p).validate()
             if num_beams != 1 or no_repeat_ngram_size:
                 from prefixtune.engine.beam import check_beam_request
 
                 check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping,
-                                   temperature, False)
+                                   temperature, False, min_p=min_p)
         except ValueError as err:
             _fail(str(err))
         if num_samples < 1:
@@ -116,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 prompts = [p for values in inputs for p in _render_all(lm, prompt, rows, label, values)]
                 rows = rows * len(inputs)
             results = lm.generate(prompts, rows, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, seed=seed, stop=list(stop), chat=chat,
+                                  top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=list(stop), chat=chat,
                                   guidance_scale=guidance_scale, guidance_negative=guidance_negative,
                                   num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
                                   no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)

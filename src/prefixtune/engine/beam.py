@@ -194,7 +194,7 @@ def _hypotheses(seqs: list[list[int]], scores: list[float], done: list[bool], eo
 
 def check_beam_request(num_beams: int, max_new_tokens: int, length_penalty: float, no_repeat_ngram_size: int,
                        early_stopping: bool, temperature: float, ignore_eos: bool, guidance_scale: float | None = None,
-                       num_samples: int = 1, num_return_sequences: int = 1) -> BeamParams:
+                       num_samples: int = 1, num_return_sequences: int = 1, min_p: float = 0.0) -> BeamParams:
     """BeamParams for PrefixLM.generate, or a ValueError naming the conflicting setting and the fix."""
     if num_beams < 2:
         raise ValueError(f"no_repeat_ngram_size applies to beam search; pass num_beams >= 2 (got {num_beams})"
@@ -202,6 +202,8 @@ def check_beam_request(num_beams: int, max_new_tokens: int, length_penalty: floa
     if temperature > 0:
         raise ValueError("beam search is deterministic: pass temperature 0 with num_beams > 1 (or sample with "
                          "num_beams 1)")
+    if min_p:
+        raise ValueError("min_p is a sampling setting and beam search is deterministic: drop min_p or use num_beams 1")
     if ignore_eos:
         raise ValueError("ignore_eos is not supported with beam search; drop it or use num_beams 1")
     if guidance_scale is not None and guidance_scale != 1.0:

@@ -277,10 +277,12 @@ class PrefixLM:
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         early_stopping: bool = False,
+        min_p: float = 0.0,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
-        temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates.
+        temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates;
+        min_p > 0 drops tokens under min_p x the likeliest token's probability.
         chat=True wraps each prompt in the model's chat template.
         guidance_scale > 1 sharpens each adapter row against an unconditioned row run beside it: the base
         model, or the adapter named by guidance_negative ("none" = the base model). None uses what the
@@ -295,7 +297,8 @@ class PrefixLM:
             from prefixtune.engine.beam import check_beam_request
 
             beam = check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
-                                      early_stopping, temperature, ignore_eos, guidance_scale, num_samples)
+                                      early_stopping, temperature, ignore_eos, guidance_scale, num_samples,
+                                      min_p=min_p)
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
@@ -321,7 +324,7 @@ class PrefixLM:
         guides[None] = (1.0, None)  # the base model has nothing to be guided against
         params = [
             SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos,
-                           guides[a][0])
+                           guides[a][0], min_p=min_p)
             for s, a in zip(seeds, adapters)
         ]
         for p in params:

@@ -27,6 +27,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0  # beam search: no n-gram of this size twice in prompt + output (0 = off)
     early_stopping: bool = False  # beam search: end as soon as num_beams hypotheses are finished
     num_return_sequences: int = 1  # beam search: best beams returned, as Outputs with index 0 .. n-1
+    min_p: float = 0.0  # drop tokens under min_p x the top token's probability (after temperature); 0 = off
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:  # also rejects NaN
+            raise ValueError("min_p must be in [0, 1]")
         validate_scale(self.guidance_scale)
         if self.beam or self.no_repeat_ngram_size or self.num_return_sequences != 1:
             self.beam_params()
@@ -84,7 +87,7 @@ class RowSampler:
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Next token per row of logits (B, V), each row with its own temperature, top-k, top-p and generator.
+    """Next token per row of logits (B, V), each row with its own temperature, top-k, min-p, top-p and generator.
 
     Temperature, top-k, softmax and the nucleus candidates are computed for all sampled rows at once; each
     row then draws from its own generator (torch.multinomial on a tensor: no host sync), and the whole batch
@@ -110,6 +113,12 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         cut = torch.full_like(x, float("-inf")).scatter(-1, order, values)
         x = torch.where(k < vocab, cut, x)  # rows without top-k keep everything
     probs = torch.softmax(x, dim=-1)  # (S, V)
+    if any(p.min_p > 0 for p in params):
+        # Min-p (Nguyen et al. 2024): the floor scales with the model's confidence, so a flat distribution keeps
+        # its many candidates and a peaked one loses its long tail. The top token always stays.
+        floor = torch.tensor([p.min_p for p in params], device=device).view(-1, 1)
+        probs = probs.masked_fill(probs < floor * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)  # top_p below measures mass within what is left
     nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
     candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if nucleus:

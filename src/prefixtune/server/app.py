@@ -203,7 +203,8 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
                 seed = None if body.seed is None else body.seed + p * body.n + j
                 params = SamplingParams(
                     max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), seed=seed,
+                    top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
+                    min_p=body.min_p or 0.0, seed=seed,
                     stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
                 )
                 job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)

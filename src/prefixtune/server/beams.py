@@ -32,6 +32,7 @@ def beam_fields(body, max_num_beams: int, max_batch: int) -> dict[str, Any] | No
                             "beams; lower n or raise num_beams", param="n")
     fix = "beam search is deterministic; drop it, or sample with num_beams 1"
     for name, neutral in (("temperature", (None, 0)), ("top_p", (None, 1)), ("top_k", (None, 0, -1)),
+                          ("min_p", (None, 0)),
                           ("ignore_eos", (False,)), ("guidance_scale", (None, 1)), ("guidance_negative", (None,))):
         if getattr(body, name) not in neutral:
             raise APIError(400, f"{name}={getattr(body, name)!r} with num_beams={body.num_beams}: {fix}", param=name)

@@ -67,6 +67,7 @@ class SamplingBody(_Body):
     temperature: float | None = Field(None, ge=0, le=2)  # 0 = greedy; None = 1 (OpenAI's default)
     top_p: float | None = Field(None, gt=0, le=1)  # nucleus mass
     top_k: int | None = Field(None, ge=-1)  # extension (as vLLM): -1 / 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # extension (as vLLM): drop tokens under min_p x the top one's
     n: int = Field(1, ge=1, le=128)  # choices per prompt
     seed: int | None = None  # reproducible sampling; choice i uses seed + i
     stop: Text | list[Text] | None = None  # stop strings, cut from the text (count/length limits: app.py)
