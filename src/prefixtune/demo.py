@@ -5,9 +5,14 @@ length and diversity beside real text, unguided and guided."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
+
+MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in README "Control quality"
+
 
 def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | None = None) -> None:
     from prefixtune.data import load_data
@@ -70,6 +75,9 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
                             guidance_sweep=sorted({1.0, scale}), eval_batch_size=24)
     judge = load_judge(bundle, None, lambda *a: None)
     rows = guidance_sweep(lm, method, settings, judge, say=lambda *a: None)
+    # Unguided with the tail cut: T=1 also samples the junk a 135M model keeps in its tail.
+    rows += [dict(row, min_p=MIN_P) for row in guidance_sweep(
+        lm, method, replace(settings, guidance_sweep=[1.0], min_p=MIN_P), judge, say=lambda *a: None)]
     real = sample_stats([ex.text for ex in real_sample(bundle, "test", labels, per_label, 0)],
                         [None] * (per_label * len(labels)))
     figures = Table(title=f"{per_label} samples per emotion at temperature {settings.temperature:g}, judged by "
@@ -79,6 +87,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     for row in rows:
         worst = min(row["per_label"], key=row["per_label"].get)
         what = "adapters alone" if row["guidance_scale"] == 1.0 else f"guided x{row['guidance_scale']:g}"
+        what += f", min-p {row['min_p']:g}" if row.get("min_p") else ""
         figures.add_row(what, f"{row['accuracy']:.2f}", f"{worst} {row['per_label'][worst]:.2f}",
                         f"{row['mean_words']:.1f}", f"{row['distinct_2']:.2f}", f"{row['degenerate']:.0%}")
     figures.add_row("real test text", "", "", f"{real['mean_words']:.1f}", f"{real['distinct_2']:.2f}",

@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Optional[int] = Opt(None, help="Tokens per sample (default 40)."),
         temperature: Optional[float] = Opt(None, help="Sampling temperature (default 1.0)."),
         top_p: Optional[float] = Opt(None, help="Nucleus sampling mass (default 1.0)."),
+        min_p: Optional[float] = Opt(None, help="Drop tokens under this share of the likeliest one's probability "
+                                                "(default 0: the model's own tail)."),
         eval_batch_size: Optional[int] = Opt(None, "--batch-size", help="Rows per forward pass (default 16)."),
         reference_field: Optional[str] = Opt(None, help="Field with reference outputs: adds BLEU, chrF, ROUGE-L "
                                                         "(task adapters: default their target field)."),

@@ -73,6 +73,10 @@ def register(app: typer.Typer) -> None:
         lora_targets: Optional[str] = Opt(None, help="LoRA target modules, comma-separated (default: attention)."),
         family_rate: Optional[float] = Opt(None, help="Per-label: share of rows training NAME-all, the family's "
                                                       "unconditional adapter (the guidance negative)."),
+        label_word_weight: Optional[float] = Opt(None, help="Per-label: loss weight on each label's most distinctive "
+                                                            "words (1 = plain LM loss; the recipe uses 10)."),
+        label_word_count: Optional[int] = Opt(None, help="Per-label: how many distinctive words per label "
+                                                         "--label-word-weight applies to (default 64)."),
         contrastive_weight: Optional[float] = Opt(None, help="Per-label: weight of the loss that makes each "
                                                              "prefix explain its own label's texts best."),
         contrastive_negatives: Optional[int] = Opt(None, help="Per-label: other prefixes scored per row for it "

@@ -41,6 +41,7 @@ class EvalSettings:
     max_new_tokens: int = 40  # tokens per generated sample
     temperature: float = 1.0  # sampling temperature for the samples (0 = greedy); 1 = the model's own distribution
     top_p: float = 1.0  # nucleus sampling mass (guided rows have their own plausibility floor)
+    min_p: float = 0.0  # drop tokens under min_p x the likeliest one's probability (0 = the model's own tail)
     eval_batch_size: int = 16  # rows per forward pass when scoring and generating
     max_length: int = 256  # tokens per scored example (longer ones are truncated)
     latency_tokens: int = 32  # tokens per row when timing generation
@@ -130,11 +131,12 @@ def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[in
         stop = start + settings.eval_batch_size
         if lora_guided:
             batch = generate_lora_guided(lm, prompts[start:stop], seeds[start:stop], settings.max_new_tokens,
-                                         temp, settings.top_p, scale, lora_base)
+                                         temp, settings.top_p, scale, lora_base, settings.min_p)
         else:
             batch = [o.text for o in lm.generate(
                 prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
-                temperature=temp, top_p=settings.top_p, seed=seeds[start:stop], guidance_scale=scale,
+                temperature=temp, top_p=settings.top_p, min_p=settings.min_p, seed=seeds[start:stop],
+                guidance_scale=scale,
                 guidance_negative=settings.guidance_negative)]
         texts.extend(t.strip() for t in batch)
         bar.update(len(batch))

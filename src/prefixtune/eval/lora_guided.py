@@ -21,11 +21,11 @@ from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 @torch.no_grad()
 def generate_lora_guided(lm, prompts: Sequence[str], seeds: Sequence[int], max_new_tokens: int,
                          temperature: float, top_p: float, scale: float,
-                         base_context: Callable[[], AbstractContextManager]) -> list[str]:
+                         base_context: Callable[[], AbstractContextManager], min_p: float = 0.0) -> list[str]:
     """Texts of `prompts` from the LoRA-adapted `lm.model`, guided against the same model with LoRA off."""
     validate_scale(scale)
     ids, mask, _ = lm.encode(prompts)
-    samplers = [RowSampler(SamplingParams(max_new_tokens, temperature, top_p, 0, seed), lm.device)
+    samplers = [RowSampler(SamplingParams(max_new_tokens, temperature, top_p, 0, seed, min_p=min_p), lm.device)
                 for seed in seeds]
     eos, layout = lm.eos_ids(), lm.layout_mask()
     cond, lc = RunningBatch.prefill(lm.model, ids, mask, [None] * len(prompts))  # (B, V)

@@ -122,8 +122,12 @@ class PrefixModel(nn.Module):
         labels: torch.Tensor | None = None,
         prefixes: Sequence[torch.Tensor | None] | None = None,
         return_logits: bool | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> PrefixOutput:
-        """Loss on `labels` (-100 = ignore, HF convention, shifted inside) and/or full logits."""
+        """Loss on `labels` (-100 = ignore, HF convention, shifted inside) and/or full logits.
+
+        `token_weights` (B, T), aligned with `labels`, weighs each scored token in `loss` (still divided by the
+        number of scored tokens); the per-row sums stay unweighted."""
         if prefixes is None:
             prefixes = self.prefixes(adapters if adapters is not None else [None] * input_ids.shape[0])
         want_logits = labels is None if return_logits is None else return_logits
@@ -133,21 +137,23 @@ class PrefixModel(nn.Module):
             if labels is None:
                 return PrefixOutput(None, logits, 0)
             keep = labels[:, 1:] != -100
-            return self._loss(logits[:, :-1][keep], labels, keep, logits if want_logits else None)
+            return self._loss(logits[:, :-1][keep], labels, keep, logits if want_logits else None, token_weights)
         # Sparse head: the LM head (vocab-wide) runs only where a label is scored, not on prompt/pad tokens.
         hidden = self.run_base(input_ids, attention_mask, prefixes, backbone_only=True).last_hidden_state
         keep = labels[:, 1:] != -100
         picked = hidden[:, :-1][keep]  # (N, hidden)
-        return self._loss(self.base.get_output_embeddings()(picked), labels, keep, None)
+        return self._loss(self.base.get_output_embeddings()(picked), labels, keep, None, token_weights)
 
     @staticmethod
-    def _loss(scored: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, logits) -> PrefixOutput:
+    def _loss(scored: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, logits,
+              token_weights: torch.Tensor | None = None) -> PrefixOutput:
         """Mean token loss over scored positions (N, V), plus per-row sums for per-adapter metrics."""
         token_loss = F.cross_entropy(scored.float(), labels[:, 1:][keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]
         row_nll = torch.zeros(keep.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
+        weighted = token_loss if token_weights is None else token_loss * token_weights[:, 1:][keep]  # (N,)
         # No scored token (e.g. rows of length 1): a zero that still connects to the graph, not NaN.
-        loss = token_loss.mean() if token_loss.numel() else scored.sum() * 0.0
+        loss = weighted.mean() if token_loss.numel() else scored.sum() * 0.0
         return PrefixOutput(loss, logits, int(keep.sum()), row_nll.detach(), keep.sum(-1), row_nll)
 
     def _postprocessed_logits(self) -> bool:

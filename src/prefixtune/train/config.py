@@ -20,12 +20,14 @@ DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
 # What `train --per-label` uses for every setting the user leaves out (and what `make demo` trains): chosen by
-# the CPU-budget sweep in README "Control quality". A direct prefix started from the keys/values of "i feel"
-# and the label's most distinctive training words (train/label_words.py), lr 1e-2, balanced rows, a family
-# adapter NAME-all learned by label dropout, and guidance x3 against that family adapter recommended in the
-# manifests (it sharpens the label, not the data's style; x2 when there is no family adapter and the base
-# model is the negative). The contrastive loss is off: at weight 1 it raised unguided accuracy (0.49 -> 0.60)
-# but cost 0.55 nats of eval loss and broke words; at 0.1 it bought nothing, and either way a step costs 2x.
+# the CPU-budget sweeps in README "Control quality". A direct prefix started from the keys/values of "i feel"
+# and the label's most distinctive training words (train/label_words.py), lr 1e-2, balanced rows, the loss on
+# each row's first label word weighted x10 (train/word_weights.py), a family adapter NAME-all learned by label
+# dropout, and guidance x1.5 against that family adapter recommended in the manifests (it sharpens the label,
+# not the data's style; x2 when there is no family adapter and the base model is the negative). Before the word
+# weight the recommended scale was x3; the weighted adapters need less (x2 already cut distinct-2 to 0.69).
+# The contrastive loss is off: at weight 1 it raised unguided accuracy (0.49 -> 0.60) but cost 0.55 nats of
+# eval loss and broke words; at 0.1 it bought nothing, and either way a step costs 2x.
 FAMILY_RECIPE: dict[str, Any] = dict(
     balance=True,
     prefix_projection=False,
@@ -33,7 +35,8 @@ FAMILY_RECIPE: dict[str, Any] = dict(
     init="text",
     init_text="i feel {label_words}",
     family_rate=0.15,
-    guidance_scale=3.0,
+    label_word_weight=10.0,
+    guidance_scale=1.5,
 )
 BASE_GUIDANCE_SCALE = 2.0  # the recipe's scale when the negative is the base model (no family adapter)
 
@@ -83,6 +86,8 @@ class TrainConfig:
     storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
     resume: bool = False  # continue from out/checkpoint
     family_rate: float = 0.0  # per-label: share of rows that train NAME-all instead, the family's unconditional adapter
+    label_word_weight: float = 1.0  # per-label: loss weight on the label's distinctive words (1 = plain LM loss)
+    label_word_count: int = 64  # per-label: distinctive words per label that label_word_weight applies to
     contrastive_weight: float = 0.0  # per-label: weight of the loss that makes each prefix explain its own label best
     contrastive_negatives: int = 0  # per-label: other labels' prefixes scored per row for that loss (0 = all)
     guidance_scale: float | None = None  # per-label: guidance recommended in the manifests (None = none)
@@ -121,8 +126,12 @@ class TrainConfig:
             raise ConfigError(f"family_rate must be in [0, 1), got {self.family_rate}")
         if self.contrastive_weight < 0 or self.contrastive_negatives < 0:
             raise ConfigError("contrastive_weight and contrastive_negatives must be >= 0")
-        if (self.family_rate or self.contrastive_weight) and not self.per_label:
-            raise ConfigError("--family-rate and --contrastive-weight train a per-label family: add --per-label")
+        if (self.family_rate or self.contrastive_weight or self.label_word_weight != 1) and not self.per_label:
+            raise ConfigError("--family-rate, --contrastive-weight and --label-word-weight train a per-label family: "
+                              "add --per-label")
+        if not 0 < self.label_word_weight <= 1000 or self.label_word_count < 1:
+            raise ConfigError(f"label_word_weight must be in (0, 1000] and label_word_count >= 1, got "
+                              f"{self.label_word_weight} and {self.label_word_count}")
         if self.guidance_scale is not None and not (self.guidance_scale >= 0 and self.guidance_scale < 1e6):
             raise ConfigError(f"guidance_scale must be a number >= 0 (1 = off), got {self.guidance_scale}")
 

@@ -22,6 +22,7 @@ from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
+from prefixtune.train.word_weights import WordWeights
 from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
 from prefixtune.train.saving import publish
@@ -76,6 +77,8 @@ class Trainer:
                                 ] if cfg.contrastive_weight > 0 else []
         self.contrast_rng = random.Random(cfg.seed + 13)
         self.contrast_seen, self.contrast_rows = 0.0, 0  # running sum of the discriminative loss, rows
+        self.word_weights = WordWeights(plan.word_tokens, cfg.label_word_weight, plan.loaded.model.config.vocab_size
+                                        ) if plan.word_tokens else None
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _accumulate(self, batch) -> tuple[float, int]:
@@ -112,13 +115,16 @@ class Trainer:
         return loss_sum / max(total, 1), total
 
     def _lm_part(self, part, total_tokens: int) -> float:
+        labels = part.labels.to(self.device)
+        weights = None if self.word_weights is None else self.word_weights(part.adapters, labels)  # (B, T)
         with self._autocast():
             out = self.ddp_model(
                 part.input_ids.to(self.device), part.attention_mask.to(self.device),
-                adapters=self.method.row_adapters(part.adapters), labels=part.labels.to(self.device),
+                adapters=self.method.row_adapters(part.adapters), labels=labels, token_weights=weights,
             )
         self.accelerator.backward(out.loss * (out.num_tokens / max(total_tokens, 1) * self.processes))
-        return float(out.loss.detach()) * out.num_tokens
+        # The logged loss is the plain one (row sums are unweighted), comparable with eval loss and other runs.
+        return float(out.row_loss_sum.sum()) if weights is not None else float(out.loss.detach()) * out.num_tokens
 
     def _contrastive_part(self, part, total_tokens: int, total_rows: int) -> float:
         """LM loss (token-weighted, as without the option) + weight x the family's discriminative loss."""

@@ -17,6 +17,7 @@ from prefixtune.templates import fill_template, input_fields, is_task_template
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize
 from prefixtune.train.label_words import PLACEHOLDER, distinctive_words, fill_label_words, mixed_words
+from prefixtune.train.word_weights import word_token_ids
 
 
 FAMILY_SUFFIX = "all"  # NAME-all: the unconditional adapter of a per-label family
@@ -38,6 +39,7 @@ class TrainPlan:
     family: str | None = None  # NAME-all, the unconditional adapter of a per-label family (--family-rate)
     method: Any = None  # train.methods.TrainMethod: what trains (prefix encoders, LoRA, ...)
     ddp: bool = False  # every rank of the launch trains these adapters on its share of each step's rows
+    word_tokens: dict[str, list[int]] | None = None  # adapter -> its label's word tokens (--label-word-weight)
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -123,17 +125,42 @@ def tokenize_rows(cfg: TrainConfig, loaded, template: str, train_ex: list[Exampl
     return train_rows, val_rows, truncated
 
 
-def _init_words(cfg: TrainConfig, train_ex: list[Example], adapter_labels: dict[str, str | None]
+INIT_WORDS = 12  # words of `{label_words}` in an init text
+
+
+def _label_words(cfg: TrainConfig, data: DataBundle, train_ex: list[Example]) -> dict[str, list[str]]:
+    """Each label's distinctive words, for `{label_words}` and --label-word-weight ({} when neither is used).
+
+    Counted over the whole training split, not only the rows this run samples (a few hundred rows rank
+    "after", "to", "by" among a label's words); when eval rows come out of the training split (no validation
+    split), over the run's training rows only."""
+    weighted = cfg.per_label and cfg.label_word_weight != 1
+    if not weighted and (cfg.init != "text" or PLACEHOLDER not in (cfg.init_text or "")):
+        return {}
+    whole = "validation" in data.splits and "train" in data.splits
+    pool = [ex for ex in (data.splits["train"] if whole else train_ex) if ex.label is not None]
+    if not pool:
+        raise ConfigError(f"--init-text with {PLACEHOLDER} and --label-word-weight need labelled training rows")
+    return distinctive_words([ex.text for ex in pool], [ex.label for ex in pool],
+                             k=max(INIT_WORDS, cfg.label_word_count if weighted else 0))
+
+
+def _init_words(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: dict[str, str | None]
                 ) -> dict[str, list[str]]:
     """Each adapter's `{label_words}` (its label's distinctive training words; a mix for the family)."""
     if cfg.init != "text" or PLACEHOLDER not in (cfg.init_text or ""):
         return {}
-    labelled = [ex for ex in train_ex if ex.label is not None]
-    if not labelled:
-        raise ConfigError(f"--init-text uses {PLACEHOLDER} but the training rows have no labels")
-    words = distinctive_words([ex.text for ex in labelled], [ex.label for ex in labelled])
-    return {name: words.get(label, []) if label is not None else mixed_words(words)
+    top = {label: ranked[:INIT_WORDS] for label, ranked in words.items()}
+    return {name: top.get(label, []) if label is not None else mixed_words(top)
             for name, label in adapter_labels.items()}
+
+
+def _word_tokens(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: dict[str, str | None],
+                 tokenizer) -> dict[str, list[int]] | None:
+    if not cfg.per_label or cfg.label_word_weight == 1:
+        return None
+    return {name: word_token_ids(tokenizer, words.get(label, [])[:cfg.label_word_count])
+            for name, label in adapter_labels.items() if label is not None}
 
 
 def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, what: str = "training"):
@@ -204,7 +231,8 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
 
     check_adapter_names(adapter_labels)  # before training, not after it: a bad label must not cost a whole run
     model = PrefixModel(loaded.model)
-    words = _init_words(cfg, train_ex, adapter_labels)
+    label_words = _label_words(cfg, data, train_ex)
+    words = _init_words(cfg, label_words, adapter_labels)
     prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
                               cfg.init, cfg.init_text)
     for name in adapter_labels if cfg.method == "prefix" else ():  # other methods build their own weights
@@ -237,4 +265,5 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     from prefixtune.train.methods import build_method
 
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator, family, build_method(cfg, model), ddp)
+                     total, accelerator, family, build_method(cfg, model), ddp,
+                     _word_tokens(cfg, label_words, adapter_labels, tok))
