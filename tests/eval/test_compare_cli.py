@@ -98,5 +98,8 @@ def test_per_label_prefix_trains_with_the_train_recipe():
     assert prefix.init == "random", "a given setting wins over the recipe"
     assert (prefix.init_text, prefix.prefix_projection, prefix.balance, prefix.lr) == (
         FAMILY_RECIPE["init_text"], FAMILY_RECIPE["prefix_projection"], FAMILY_RECIPE["balance"], FAMILY_RECIPE["lr"])
-    assert cfg.train_config("lora").lr == cfg.lr  # LoRA keeps its own learning rate
+    assert prefix.label_word_weight == FAMILY_RECIPE["label_word_weight"]
+    lora = cfg.train_config("lora")
+    assert lora.lr == cfg.lr and lora.label_word_weight == 1.0  # LoRA keeps its own (label in the prompt)
+    lora.validate()
     assert with_prefix_recipe({"per_label": False}) == {"per_label": False}

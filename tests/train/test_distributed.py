@@ -52,9 +52,9 @@ def _flat(folder: Path) -> torch.Tensor:
 
 
 def test_sharded_family_equals_each_adapter_trained_alone(tmp_path, tiny_model_dir, emotion_dir):
-    # The recipe's family adapter and {label_words} init need the whole family: a family without them shards.
+    # The recipe's family adapter, {label_words} init and word weight need the whole family: without them it shards.
     common = ["--model", str(tiny_model_dir), "--data", str(emotion_dir), "--per-label", "--family-rate", "0",
-              "--init-text", "i feel {label} because",
+              "--init-text", "i feel {label} because", "--label-word-weight", "1",
               "--max-examples", "24", "--eval-examples", "8", "--max-steps", "3", "--eval-every", "2",
               "--batch-size", "4", "--num-virtual-tokens", "4", "--no-progress"]
     out, store = tmp_path / "run", tmp_path / "store"

@@ -34,6 +34,8 @@ def test_which_runs_shard(tmp_path):
     assert split_mode(TrainConfig(per_label=True, distributed="shard"), 1) == SHARD  # each alone, in turn
     assert split_mode(TrainConfig(per_label=True, family_rate=0.15), 2, said.append) == DDP
     assert "with DDP over 2 processes" in said[0] and "--family-rate 0" in said[0]
+    with pytest.raises(ConfigError, match="--label-word-weight 1 lifts"):
+        split_mode(TrainConfig(per_label=True, label_word_weight=10.0, distributed="shard"), 2)
     with pytest.raises(ConfigError, match="--contrastive-weight 0"):
         split_mode(TrainConfig(per_label=True, contrastive_weight=1.0, distributed="shard"), 2)
     with pytest.raises(ConfigError, match="other labels' texts"):

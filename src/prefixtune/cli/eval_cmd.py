@@ -144,6 +144,8 @@ def register(app: typer.Typer) -> None:
         per_label: Optional[bool] = Opt(None, "--per-label/--single", help="Prefix: one adapter per label."),
         init: Optional[str] = Opt(None, help="Prefix init: random | zero | text (as `prefixtune train`)."),
         init_text: Optional[str] = Opt(None, help="Prefix init text (--init text); {label} is filled in."),
+        label_word_weight: Optional[float] = Opt(None, help="Per-label prefix: loss weight on each label's "
+                                                            "distinctive words (the recipe's 10)."),
         encoder_hidden_size: Optional[int] = Opt(None, help="Prefix MLP width (default: the model's)."),
         lora_r: Optional[int] = Opt(None, help="LoRA rank (default 8)."),
         lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (default 16)."),

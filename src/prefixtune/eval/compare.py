@@ -68,6 +68,7 @@ class CompareConfig(EvalSettings):
     init: str = "random"  # prefix init: random | zero | text
     init_text: str | None = None  # text whose keys/values start the prefix (init=text; {label} filled in)
     per_label: bool = False  # prefix: one adapter per label instead of the label in the prompt
+    label_word_weight: float = 1.0  # per-label prefix: loss weight on each label's distinctive words (train's)
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA alpha
     lora_dropout: float = 0.0  # LoRA dropout
@@ -111,6 +112,7 @@ class CompareConfig(EvalSettings):
             method=method, name=method, out=str(Path(self.out) / method), store=None, overwrite=True,
             lr={"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr,
             per_label=self.per_label and method == "prefix", max_steps=self.steps,
+            label_word_weight=self.label_word_weight if self.per_label and method == "prefix" else 1.0,
             eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0)
         return TrainConfig(**values)
 
@@ -126,7 +128,8 @@ def with_prefix_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
     if not values.get("per_label"):
         return dict(values)
-    recipe = {key: FAMILY_RECIPE[key] for key in ("balance", "prefix_projection", "init", "init_text")}
+    recipe = {key: FAMILY_RECIPE[key] for key in ("balance", "prefix_projection", "init", "init_text",
+                                                  "label_word_weight")}
     recipe["prefix_lr"] = FAMILY_RECIPE["lr"]
     return {**recipe, **values}
 

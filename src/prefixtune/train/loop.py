@@ -22,10 +22,10 @@ from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
-from prefixtune.train.word_weights import WordWeights
 from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
 from prefixtune.train.saving import publish
+from prefixtune.train.word_weights import WordWeights
 
 
 @dataclass
