@@ -123,8 +123,8 @@ class Trainer:
                 adapters=self.method.row_adapters(part.adapters), labels=labels, token_weights=weights,
             )
         self.accelerator.backward(out.loss * (out.num_tokens / max(total_tokens, 1) * self.processes))
-        # The logged loss is the plain one (row sums are unweighted), comparable with eval loss and other runs.
-        return float(out.row_loss_sum.sum()) if weights is not None else float(out.loss.detach()) * out.num_tokens
+        # The logged loss is the plain one (row sums are never weighted), comparable with eval loss and other runs.
+        return float(out.row_loss_sum.sum())
 
     def _contrastive_part(self, part, total_tokens: int, total_rows: int) -> float:
         """LM loss (token-weighted, as without the option) + weight x the family's discriminative loss."""

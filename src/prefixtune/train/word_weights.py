@@ -41,11 +41,13 @@ class WordWeights:
 
     def __call__(self, adapters: Sequence[str], labels: torch.Tensor) -> torch.Tensor:
         """(B, T) weights aligned with `labels` (B, T); positions without a label (-100) get 1 (never scored)."""
-        rows = torch.tensor([self.index.get(a, len(self.index)) for a in adapters])  # (B,)
-        weights = self.table[rows.view(-1, 1), labels.clamp(min=0).cpu()]  # (B, T)
-        words = (weights != 1) & (labels.cpu() != -100)  # (B, T)
+        if self.table.device != labels.device:  # once: the lookup then stays on the labels' device (no host sync)
+            self.table = self.table.to(labels.device)
+        rows = torch.tensor([self.index.get(a, len(self.index)) for a in adapters], device=labels.device)  # (B,)
+        weights = self.table[rows.view(-1, 1), labels.clamp(min=0)]  # (B, T)
+        words = (weights != 1) & (labels != -100)  # (B, T)
         later = words & (words.cumsum(-1) > 1)  # (B, T): a label word after the row's first one
-        return weights.masked_fill(later, 1.0).to(labels.device)
+        return weights.masked_fill(later, 1.0)
 
 
 __all__ = ["WordWeights", "word_token_ids"]
