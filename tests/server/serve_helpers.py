@@ -12,6 +12,7 @@ import httpx
 import openai
 import uvicorn
 
+from prefixtune.engine.client import EngineClient, EngineSpec
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.models import LoadedModel
@@ -32,9 +33,15 @@ def write_adapter(folder: Path, loaded: LoadedModel, name: str, num_virtual_toke
 class LiveServer:
     """uvicorn in a background thread on 127.0.0.1:<free port>."""
 
-    def __init__(self, lm: PrefixLM, settings: ServerSettings, **scheduler_kwargs):
+    def __init__(self, lm: PrefixLM, settings: ServerSettings, engine_process: bool = False, **scheduler_kwargs):
+        if engine_process:  # as `prefixtune serve` runs by default: the model in its own process, lm a shell here
+            spec = EngineSpec(str(lm.loaded.path), str(lm.store.root), device="cpu", dtype="float32",
+                              **scheduler_kwargs)
+            self.scheduler = EngineClient(spec)
+            lm = self.scheduler.lm
+        else:
+            self.scheduler = Scheduler(lm, start=False, **scheduler_kwargs)
         self.lm = lm
-        self.scheduler = Scheduler(lm, start=False, **scheduler_kwargs)
         self.app = create_app(lm, self.scheduler, settings)
         sock = bind("127.0.0.1", 0)
         self.root = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -72,8 +79,9 @@ class LiveServer:
 def live_server(lm: PrefixLM, **kwargs) -> Iterator[LiveServer]:
     """Settings fields and Scheduler kwargs (max_batch, max_queue, mode, max_inflight_tokens) mixed, for brevity."""
     sched = {k: kwargs.pop(k) for k in ("max_batch", "max_queue", "mode", "max_inflight_tokens") if k in kwargs}
+    engine_process = kwargs.pop("engine_process", False)
     settings = ServerSettings(model_name="tiny-base", **kwargs)
-    server = LiveServer(lm, settings, **sched).start()
+    server = LiveServer(lm, settings, engine_process, **sched).start()
     try:
         yield server
     finally:

@@ -46,7 +46,9 @@ def register(app: typer.Typer) -> None:
                                                help="Seconds in-flight requests get to finish on SIGTERM."),
         force: bool = typer.Option(False, "--force", help="Serve adapters trained on another base of the same shape."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
-        backend: str = typer.Option("local", "--backend", help="local (this process) or ray (Ray Serve replicas)."),
+        backend: str = typer.Option("local", "--backend", help="local (this machine) or ray (Ray Serve replicas)."),
+        engine_process: bool = typer.Option(True, "--engine-process/--no-engine-process",
+                                            help="local: run the model in its own process (HTTP and text off its GIL)."),
         replicas: int = typer.Option(1, "--replicas", min=1, help="ray: engine replicas (one per GPU)."),
         max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1,
                                                    help="ray: autoscale from --replicas up to this many."),
@@ -96,17 +98,25 @@ def register(app: typer.Typer) -> None:
                              replica_cpus=replica_cpus, replica_gpus=replica_gpus)
             run_ray(settings, engine, placement)
             return
-        lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
+        if engine_process:
+            from prefixtune.engine.client import EngineClient, EngineSpec
+
+            scheduler = EngineClient(EngineSpec(model, str(store) if store else None, device, dtype, force, max_batch,
+                                                max_queue, mode, max_model_len, max_inflight_tokens))
+            lm = scheduler.lm  # tokenizer and adapter checks over the model on the meta device
+        else:
+            lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
+            scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode, max_model_len=max_model_len,
+                                  start=False, max_inflight_tokens=max_inflight_tokens)
         limit = model_limit(lm.model)
         if max_model_len is not None and limit is not None and max_model_len > limit:
+            scheduler.shutdown(timeout=0.0, drain=False)
             raise typer.BadParameter(f"{max_model_len} > the model's position limit {limit}",
                                      param_hint="--max-model-len")
-        settings.max_model_len = max_model_len or limit
-        scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode,
-                              max_model_len=settings.max_model_len, start=False,
-                              max_inflight_tokens=max_inflight_tokens)
+        settings.max_model_len = scheduler.max_model_len = max_model_len or limit
         try:
             serve(lm, scheduler, settings, log_level=log_level)
         except OSError as err:
+            scheduler.shutdown(timeout=0.0, drain=False)
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None

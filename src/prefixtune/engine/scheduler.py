@@ -49,7 +49,8 @@ class Scheduler:
     """Owns the worker thread, the policy, the model runner and the output processor."""
 
     def __init__(self, lm, max_batch: int = 16, max_queue: int = 256, mode: str = "continuous",
-                 max_model_len: int | None = None, start: bool = True, max_inflight_tokens: int = 1 << 19):
+                 max_model_len: int | None = None, start: bool = True, max_inflight_tokens: int = 1 << 19,
+                 output=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if max_batch < 1 or max_queue < 1:  # every request passes through the queue: 0 would refuse all
@@ -69,8 +70,9 @@ class Scheduler:
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)
         self.stats = SchedulerStats()
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the output thread
-        # decodes with its own copy while the server encodes with lm.tokenizer.
-        self.output = OutputProcessor(copy.deepcopy(lm.tokenizer), self.stats, self._on_stop)
+        # decodes with its own copy while the server encodes with lm.tokenizer. An engine process passes its own
+        # sink (engine/core.py: RowEvents go to the front end, which detokenizes).
+        self.output = output or OutputProcessor(copy.deepcopy(lm.tokenizer), self.stats, self._on_stop)
         self._layout_tokenizer = copy.deepcopy(lm.tokenizer)  # the worker's own, for lm.layout_mask()
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()

@@ -46,8 +46,11 @@ class Prepared:
 
 
 class AdapterRegistry:
-    def __init__(self, lm, lock: threading.RLock, base_ids: set[str], roots: list[Path]):
+    def __init__(self, lm, lock: threading.RLock, base_ids: set[str], roots: list[Path], on_change=None):
         self.lm = lm
+        # An engine in another process keeps its own adapter cache: admin loads/unloads are mirrored there
+        # (EngineClient.adapter_changed(op, name, path)).
+        self.on_change = on_change
         self.lock = lock
         self.base_ids = base_ids  # model ids that mean "no adapter"
         self.roots = roots  # folders POST /v1/adapters may load from by path
@@ -172,6 +175,14 @@ class AdapterRegistry:
                     shutil.rmtree(copy, ignore_errors=True)
                 raise APIError(400, f"cannot load adapter {name!r}: {err}", param="path" if folder else "name",
                                code="adapter_invalid") from err
+            if self.on_change is not None:
+                try:
+                    self.on_change("load", name, None if copy is None else str(copy))
+                except Exception as err:  # noqa: BLE001 - served here but not there would fail every request
+                    self.lm.unload(name)
+                    if copy is not None:
+                        shutil.rmtree(copy, ignore_errors=True)
+                    raise APIError(500, str(err), "server_error", code="adapter_invalid") from err
             if copy is not None:
                 self._forget_copy(name)
                 self.by_path[name] = copy
@@ -187,6 +198,8 @@ class AdapterRegistry:
             if name not in self._served:
                 raise APIError(404, f"adapter {name!r} is not served", param="name", code="adapter_not_found")
             self.lm.unload(name)
+            if self.on_change is not None:
+                self.on_change("unload", name)
             self._forget_copy(name)
             if self.lm.store.exists(name):
                 self.hidden = self.hidden | {name}  # still on disk: keep it out of /v1/models until loaded again

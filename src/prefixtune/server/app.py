@@ -55,18 +55,16 @@ class ServerSettings:
 
 
 def model_limit(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    from prefixtune.engine.lm import max_positions
+
+    return max_positions(model.config)
 
 
 def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     max_len = settings.max_model_len or model_limit(lm.model) or 1 << 30
     base_ids = {settings.model_name, lm.loaded.name}
-    registry = AdapterRegistry(lm, scheduler.lm_lock, base_ids, settings.adapter_roots)
+    registry = AdapterRegistry(lm, scheduler.lm_lock, base_ids, settings.adapter_roots,
+                               getattr(scheduler, "adapter_changed", None))
     metrics = ServerMetrics(scheduler, registry.loaded, lambda: len(registry.names()))
     tokenizer = lm.tokenizer  # the text thread only (the engine decodes with its own copy)
 

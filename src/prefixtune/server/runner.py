@@ -74,7 +74,10 @@ def serve(lm, scheduler: Scheduler, settings: ServerSettings, log_level: str = "
     sock = bind(settings.host, settings.port)
     adapters = app.state.registry.names()
     print(f"prefixtune serve: {url_of(sock)}", file=out)
-    print(f"  model: {settings.model_name} ({lm.device}, {str(lm.model.dtype).removeprefix('torch.')})", file=out)
+    # An engine process (engine/client.py) reports where the weights are; this process holds none.
+    where = getattr(scheduler, "info", None) or {"device": lm.device, "dtype": str(lm.model.dtype)}
+    print(f"  model: {settings.model_name} ({where['device']}, {str(where['dtype']).removeprefix('torch.')})"
+          + (", engine process" if hasattr(scheduler, "info") else ""), file=out)
     print(f"  adapters ({len(adapters)}): {', '.join(adapters) or 'none'}  [store {lm.store.root}]", file=out)
     print(f"  batching: {scheduler.mode}, max batch {scheduler.max_batch}, max queue {scheduler.max_queue}", file=out)
     print(f"  auth: {'API key required' if settings.api_key else 'none'}; "
