@@ -36,9 +36,12 @@ class EngineClient:
         self.process = context.Process(target=core.main, args=(child, spec), name="prefixtune-engine", daemon=True)
         self.process.start()
         child.close()
-        self.info = self._wait_ready(start_timeout)  # fingerprint, dtype, device, max_model_len of the real model
         try:
-            self.lm = _front_lm(spec, self.info)
+            # The shell (tokenizer, config, meta model) loads here while the core loads the weights: startup
+            # takes the longer of the two, not their sum.
+            shell = _shell(spec)
+            self.info = self._wait_ready(start_timeout)  # fingerprint, dtype, device, max_model_len of the model
+            self.lm = _front_lm(spec, shell, self.info)
         except BaseException:
             self.process.kill()
             raise
@@ -233,13 +236,25 @@ class EngineClient:
         self._calls.clear()
 
 
-def _front_lm(spec: EngineSpec, info: dict):
+def _shell(spec: EngineSpec, dtype=None):
+    from prefixtune.models import load_shell, resolve_device_dtype
+
+    return load_shell(spec.model, dtype or resolve_device_dtype(spec.device, spec.dtype)[1], fingerprint="")
+
+
+def _front_lm(spec: EngineSpec, shell, info: dict):
+    """The front end's PrefixLM over the shell, stamped with the core's fingerprint (adapters are checked on it)."""
     import torch
 
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.models import load_shell
+    from prefixtune.fingerprint import remember_legacy
 
-    shell = load_shell(spec.model, getattr(torch, info["dtype"]), info["fingerprint"], info["legacy_fingerprint"])
+    dtype = getattr(torch, info["dtype"])
+    if shell.dtype != dtype:  # the core settled on another dtype than the flags said: match it
+        shell = _shell(spec, dtype)
+    shell.fingerprint, shell.legacy_fingerprint = info["fingerprint"], info["legacy_fingerprint"]
+    if info["legacy_fingerprint"]:
+        remember_legacy(info["fingerprint"], info["legacy_fingerprint"])
     return PrefixLM(shell, spec.store, force=spec.force)
 
 
