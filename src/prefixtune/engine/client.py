@@ -57,7 +57,7 @@ class EngineClient:
         self._calls: dict[int, Callable] = {}  # call id -> what to do with the core's reply
         self._ids = itertools.count()
         # Every send goes through one sender thread: the output thread (a stop string's cancel) must never block
-        # on a full pipe while the core blocks sending it events.
+        # on a full pipe while the core blocks sending it events. It also carries cancels while the core drains.
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._send_loop, name="prefixtune-engine-send", daemon=True).start()
         self._counts = (0, 0)  # (waiting, running) in the core
@@ -163,11 +163,11 @@ class EngineClient:
     def _send_loop(self) -> None:
         while True:
             message = self._outbox.get()
+            if message is None:  # the core said goodbye
+                return
             try:
                 self._conn.send(message)
             except (OSError, ValueError):  # the core is gone; the receiver fails what was in flight
-                return
-            if message[0] == "shutdown":
                 return
 
     def _call(self, requests: Sequence[Request], on_reply: Callable) -> None:
@@ -204,12 +204,14 @@ class EngineClient:
                 elif kind == "reply":
                     _answer(self._calls.pop(message[1]), message[2])
                 elif kind == "stopped":
+                    self._outbox.put(None)
                     self._conn.close()  # the core's command loop sees EOF and its process exits
                     return
         except (EOFError, OSError):
             pass
         finally:
             self._closed = True
+            self.process.join(1)  # reaped, so the message can say how it ended
             self._fail_live(f"the engine process exited (code {self.process.exitcode})")
 
     def _events(self, rows, stats) -> None:

@@ -49,11 +49,15 @@ class EngineSpec:
 class EventSink:
     """The Scheduler's output stage in the core: RowEvents out as (request_id, token, finish, error, beams)."""
 
-    def __init__(self, conn, scheduler_stats, counts):
-        self.conn, self.stats, self.counts = conn, scheduler_stats, counts  # counts() -> (waiting, running)
+    def __init__(self, conn):
+        self.conn = conn
+        self.scheduler = None  # set by attach(): whose counters go with every message
         self._lock = threading.Lock()  # the worker and the command thread (cancelling a queued request) both send
         self._sent_steps = 0
         self._last = 0.0
+
+    def attach(self, scheduler) -> None:
+        self.scheduler = scheduler
 
     def start(self) -> None:
         return None
@@ -71,11 +75,12 @@ class EventSink:
             self.conn.send(("events", rows, self._stats()))
 
     def _stats(self) -> tuple:
-        s = self.stats
+        s = self.scheduler.stats
         fresh = min(s.steps - self._sent_steps, len(s.recent))
         self._sent_steps = s.steps
         recent = [s.recent[-i] for i in range(fresh, 0, -1)]  # the steps since the last message (usually one)
-        return tuple(getattr(s, name) for name in STAT_FIELDS), self.counts(), recent
+        counts = (self.scheduler.waiting, self.scheduler.running)
+        return tuple(getattr(s, name) for name in STAT_FIELDS), counts, recent
 
     def send(self, message: tuple) -> None:
         with self._lock:
@@ -95,11 +100,11 @@ def main(conn, spec: EngineSpec) -> None:
         from prefixtune.engine.scheduler import Scheduler
 
         lm = PrefixLM.load(spec.model, store=spec.store, device=spec.device, dtype=spec.dtype, force=spec.force)
+        sink = EventSink(conn)
         scheduler = Scheduler(lm, max_batch=spec.max_batch, max_queue=spec.max_queue, mode=spec.mode,
                               max_model_len=spec.max_model_len or max_positions(lm.model.config), start=False,
-                              max_inflight_tokens=spec.max_inflight_tokens)
-        sink = EventSink(conn, scheduler.stats, lambda: (scheduler.waiting, scheduler.running))
-        scheduler.output = sink
+                              max_inflight_tokens=spec.max_inflight_tokens, output=sink)
+        sink.attach(scheduler)
     except BaseException as exc:  # noqa: BLE001 - the front end re-raises it (a user error prints as one line)
         conn.send(("failed", _picklable(exc)))
         return
