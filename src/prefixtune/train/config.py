@@ -106,6 +106,18 @@ class TrainConfig:
             return self.template
         return PER_LABEL_TEMPLATE if self.per_label else DEFAULT_TEMPLATE
 
+    @property
+    def weights_label_words(self) -> bool:
+        """--label-word-weight is on (it weighs the label adapters of a per-label family)."""
+        return self.per_label and self.label_word_weight != 1
+
+    @property
+    def fills_label_words(self) -> bool:
+        """The init text asks for {label_words}: each label's distinctive training words."""
+        from prefixtune.train.label_words import PLACEHOLDER
+
+        return self.init == "text" and PLACEHOLDER in (self.init_text or "")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -57,10 +57,10 @@ def why_not_sharded(cfg: TrainConfig) -> str | None:
     if cfg.contrastive_weight:
         reasons.append("the contrastive loss scores every row under every prefix of the family "
                        "(--contrastive-weight 0 lifts this)")
-    if cfg.label_word_weight != 1:
+    if cfg.weights_label_words:
         reasons.append("--label-word-weight ranks each label's words against the other labels' texts "
                        "(--label-word-weight 1 lifts this)")
-    if cfg.init == "text" and PLACEHOLDER in (cfg.init_text or ""):
+    if cfg.fills_label_words:
         reasons.append(f"--init-text {PLACEHOLDER} ranks each label's words against the other labels' texts "
                        "(an init text without it, such as \"i feel {label} because\", lifts this)")
     return "; ".join(reasons) or None

@@ -134,8 +134,8 @@ def _label_words(cfg: TrainConfig, data: DataBundle, train_ex: list[Example]) ->
     Counted over the whole training split, not only the rows this run samples (a few hundred rows rank
     "after", "to", "by" among a label's words); when eval rows come out of the training split (no validation
     split), over the run's training rows only."""
-    weighted = cfg.per_label and cfg.label_word_weight != 1
-    if not weighted and (cfg.init != "text" or PLACEHOLDER not in (cfg.init_text or "")):
+    weighted = cfg.weights_label_words
+    if not weighted and not cfg.fills_label_words:
         return {}
     whole = "validation" in data.splits and "train" in data.splits
     pool = [ex for ex in (data.splits["train"] if whole else train_ex) if ex.label is not None]
@@ -148,7 +148,7 @@ def _label_words(cfg: TrainConfig, data: DataBundle, train_ex: list[Example]) ->
 def _init_words(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: dict[str, str | None]
                 ) -> dict[str, list[str]]:
     """Each adapter's `{label_words}` (its label's distinctive training words; a mix for the family)."""
-    if cfg.init != "text" or PLACEHOLDER not in (cfg.init_text or ""):
+    if not cfg.fills_label_words:
         return {}
     top = {label: ranked[:INIT_WORDS] for label, ranked in words.items()}
     return {name: top.get(label, []) if label is not None else mixed_words(top)
@@ -157,7 +157,7 @@ def _init_words(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: d
 
 def _word_tokens(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: dict[str, str | None],
                  tokenizer) -> dict[str, list[int]] | None:
-    if not cfg.per_label or cfg.label_word_weight == 1:
+    if not cfg.weights_label_words:
         return None
     return {name: word_token_ids(tokenizer, words.get(label, [])[:cfg.label_word_count])
             for name, label in adapter_labels.items() if label is not None}
