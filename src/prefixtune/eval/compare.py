@@ -108,11 +108,11 @@ class CompareConfig(EvalSettings):
         prefix in a comparison gets the recipe `train` gives it (init, init_text, projection, widths ...)."""
         shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
         values = {name: getattr(self, name) for name in shared}
+        family = self.per_label and method == "prefix"  # only the prefix trains a per-label family
         values.update(
             method=method, name=method, out=str(Path(self.out) / method), store=None, overwrite=True,
             lr={"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr,
-            per_label=self.per_label and method == "prefix", max_steps=self.steps,
-            label_word_weight=self.label_word_weight if self.per_label and method == "prefix" else 1.0,
+            per_label=family, max_steps=self.steps, label_word_weight=self.label_word_weight if family else 1.0,
             eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0)
         return TrainConfig(**values)
 

@@ -67,17 +67,19 @@ def url_of(sock: socket.socket) -> str:
 def serve(lm, scheduler: Scheduler, settings: ServerSettings, log_level: str = "warning", out=None) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get settings.shutdown_timeout seconds to finish."""
     out = out or sys.stdout
-    # The decode thread takes the GIL back after every torch call; with the default 5 ms switch interval it can
-    # wait that long behind the event loop formatting streams. A short interval keeps the model fed.
+    # With --no-engine-process the decode thread takes the GIL back after every torch call; with the default 5 ms
+    # switch interval it can wait that long behind the event loop formatting streams. A short interval keeps the
+    # model fed (an engine process has no event loop to wait behind).
     sys.setswitchinterval(float(os.environ.get("PREFIXTUNE_SWITCH_INTERVAL", SWITCH_INTERVAL)))
     app = create_app(lm, scheduler, settings)
     sock = bind(settings.host, settings.port)
     adapters = app.state.registry.names()
     print(f"prefixtune serve: {url_of(sock)}", file=out)
     # An engine process (engine/client.py) reports where the weights are; this process holds none.
-    where = getattr(scheduler, "info", None) or {"device": lm.device, "dtype": str(lm.model.dtype)}
+    engine = getattr(scheduler, "info", None)
+    where = engine or {"device": lm.device, "dtype": str(lm.model.dtype)}
     print(f"  model: {settings.model_name} ({where['device']}, {str(where['dtype']).removeprefix('torch.')})"
-          + (", engine process" if hasattr(scheduler, "info") else ""), file=out)
+          + (", engine process" if engine else ""), file=out)
     print(f"  adapters ({len(adapters)}): {', '.join(adapters) or 'none'}  [store {lm.store.root}]", file=out)
     print(f"  batching: {scheduler.mode}, max batch {scheduler.max_batch}, max queue {scheduler.max_queue}", file=out)
     print(f"  auth: {'API key required' if settings.api_key else 'none'}; "
