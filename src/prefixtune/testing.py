@@ -112,3 +112,21 @@ def write_random_adapter(root: str | Path, name: str, loaded: Any, tokens: int =
                         base_fingerprint=fingerprint or loaded.fingerprint, shape=shape_dict(shape),
                         prefix=config.to_dict(), **manifest_fields)
     return write_adapter_folder(Path(root) / name, encoder.fold(), shape, config, manifest, encoder)
+
+
+def engine_greedy(model: PreTrainedModel, prompts: list[list[int]], prefixes: list[torch.Tensor | None],
+                  max_new_tokens: int, eos_ids: set[int] = frozenset(), tokenizer: Any = None) -> list[list[int]]:
+    """Greedy tokens of raw prompts with folded prefixes (2L, kv_heads, P, head_dim) or None, from the engine
+    every decode path runs (engine/offline.py), without a store or a PrefixLM."""
+    from types import SimpleNamespace
+
+    from prefixtune.engine.offline import run_requests
+    from prefixtune.engine.requests import Request
+    from prefixtune.engine.sampling import SamplingParams
+
+    tokenizer = tokenizer or make_tiny_tokenizer()
+    shell = SimpleNamespace(model=model, tokenizer=tokenizer, eos_ids=lambda: set(eos_ids),
+                            layout_mask=lambda *_: None)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    requests = [Request(list(p), None, params, prefix=kv) for p, kv in zip(prompts, prefixes)]
+    return [f.tokens for f in run_requests(shell, requests)]

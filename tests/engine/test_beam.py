@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixtune.engine.beam import BeamParams, banned_tokens, beam_search
+from types import SimpleNamespace
+
+from prefixtune.engine.beam import BeamParams, banned_tokens
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.testing import make_tiny_model, make_tiny_tokenizer, write_random_adapter
 
@@ -44,21 +46,21 @@ def test_prefix_rows_beams_in_a_mixed_batch_equal_their_runs_alone(lm):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("kw", [dict(num_beams=3), dict(num_beams=4, length_penalty=0.5, no_repeat_ngram_size=2),
                                 dict(num_beams=3, early_stopping=True, length_penalty=2.0)])
-def test_base_rows_match_transformers_beam_search(arch, kw):
+def test_base_rows_match_transformers_beam_search(arch, kw, tmp_path):
     tok = make_tiny_tokenizer()
     model = make_tiny_model(arch)
-    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True, padding_side="left")
     stops = 0
     # Two EOS choices: one the beams hit (finished hypotheses compete with running ones), one they never hit.
+    lm = PrefixLM(SimpleNamespace(model=model, tokenizer=tok, name=arch, fingerprint=""), tmp_path / "store")
     for eos in (359, tok.eos_token_id):
-        ours = beam_search(model, enc.input_ids, enc.attention_mask, [None, None],
-                           BeamParams(max_new_tokens=12, **kw), {eos})
+        lm.eos_ids = lambda eos=eos: {eos}
+        ours = lm.generate(PROMPTS[:2], None, max_new_tokens=12, **kw)
         for i, prompt in enumerate(PROMPTS[:2]):
             alone = tok([prompt], return_tensors="pt")
             with torch.no_grad():
                 hf = model.generate(**alone, do_sample=False, max_new_tokens=12, eos_token_id=eos,
                                     pad_token_id=tok.pad_token_id, **kw)
-            best = ours[i][0]
+            best = ours[i]
             stops += best.finish_reason == "stop"
             assert hf[0, alone.input_ids.shape[1]:].tolist() == best.tokens + ([eos] * (best.finish_reason == "stop"))
     if arch == "gpt2" and kw.get("no_repeat_ngram_size"):
@@ -66,9 +68,7 @@ def test_base_rows_match_transformers_beam_search(arch, kw):
 
 
 def test_n_best_are_sorted_and_distinct(lm):
-    ids, mask, _ = lm.encode([PROMPTS[0]])
-    hyps = beam_search(lm.model, ids, mask, [lm.adapter("a").kv], BeamParams(4, 6, num_return_sequences=3),
-                       lm.eos_ids())[0]
+    hyps = lm.generate([PROMPTS[0]], "a", max_new_tokens=6, num_beams=4, num_return_sequences=3)
     assert len(hyps) == 3 and [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
     assert len({tuple(h.tokens) for h in hyps}) == 3
 

@@ -7,14 +7,11 @@ import torch
 from packaging.version import Version
 
 import transformers
-from prefixtune.engine.generate import generate_ids
-from prefixtune.engine.sampling import SamplingParams
 from prefixtune.prefix.encoder import PrefixConfig
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.prefix.shapes import UnsupportedModelError, prefix_shape
-from prefixtune.testing import TINY_ARCHS, make_tiny_model
+from prefixtune.testing import TINY_ARCHS, engine_greedy, make_tiny_model
 
-GREEDY = SamplingParams(max_new_tokens=6)
 
 
 def _peft_twin(base, encoder, num_virtual_tokens, projection):
@@ -38,8 +35,7 @@ def _ids(model, batch=2, length=7, seed=0):
 
 
 def _generate_alone(pm, ids, adapter):
-    kv = pm.prefixes([adapter])
-    return generate_ids(pm.base, ids, torch.ones_like(ids), kv, [GREEDY], eos_ids=set())[0].tokens
+    return engine_greedy(pm.base, ids.tolist(), pm.prefixes([adapter]), 6)[0]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -104,10 +100,9 @@ def test_mixed_adapters_in_one_batch(arch):
         for row, name in enumerate(adapters):
             alone = pm(ids[row : row + 1], mask[row : row + 1], [name]).logits
             torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
-        kv = pm.prefixes(adapters)
-        tokens = generate_ids(pm.base, ids, mask, kv, [GREEDY] * 4, eos_ids=set())
+        tokens = engine_greedy(pm.base, ids.tolist(), pm.prefixes(adapters), 6)
     for row, name in enumerate(adapters):
-        assert tokens[row].tokens == _generate_alone(pm, ids[row : row + 1], name)
+        assert tokens[row] == _generate_alone(pm, ids[row : row + 1], name)
     # rows 0 and 2 share a prompt only with themselves; A and none must differ in logits
     assert not torch.allclose(mixed[0], pm(ids[:1], mask[:1], [None]).logits[0])
 

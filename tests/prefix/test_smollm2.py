@@ -7,10 +7,9 @@ import torch
 from packaging.version import Version
 
 import transformers
-from prefixtune.engine.generate import generate_ids
-from prefixtune.engine.sampling import SamplingParams
 from prefixtune.prefix.encoder import PrefixConfig
 from prefixtune.prefix.model import PrefixModel
+from prefixtune.testing import engine_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +43,7 @@ def test_smollm2_logits_and_generation_match_peft(smol):
         base = pm(ids, mask, [None]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert (ours - base).abs().max() > 0.1, "the prefix must change the output"
-    tokens = generate_ids(loaded.model, ids, mask, pm.prefixes(["a"]), [SamplingParams(max_new_tokens=6)],
-                          eos_ids=set())[0].tokens
+    tokens = engine_greedy(loaded.model, ids.tolist(), pm.prefixes(["a"]), 6, tokenizer=loaded.tokenizer)[0]
     assert tokens[0] == int(ours[0, -1].argmax()), "first generated token = argmax of a plain forward"
     if Version(transformers.__version__) != Version("5.24.0"):  # PEFT's generate drops the prefix there
         with torch.no_grad():
@@ -58,10 +56,8 @@ def test_smollm2_mixed_batch_equals_rows_alone(smol):
     loaded, pm = smol
     prompts = ["Text: i feel", "Emotion: anger\nText:", "Hello", "Text: today i"]
     adapters = ["a", "b", None, "a"]
-    enc = loaded.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    params = [SamplingParams(max_new_tokens=5)] * len(prompts)
-    mixed = generate_ids(loaded.model, enc.input_ids, enc.attention_mask, pm.prefixes(adapters), params, set())
-    for row, (prompt, adapter) in enumerate(zip(prompts, adapters)):
-        ids = loaded.tokenizer([prompt], return_tensors="pt").input_ids
-        alone = generate_ids(loaded.model, ids, torch.ones_like(ids), pm.prefixes([adapter]), params[:1], set())
-        assert mixed[row].tokens == alone[0].tokens, f"row {row} ({adapter})"
+    ids = loaded.tokenizer(prompts).input_ids
+    mixed = engine_greedy(loaded.model, ids, pm.prefixes(adapters), 5, tokenizer=loaded.tokenizer)
+    for row, adapter in enumerate(adapters):
+        alone = engine_greedy(loaded.model, ids[row:row + 1], pm.prefixes([adapter]), 5, tokenizer=loaded.tokenizer)
+        assert mixed[row] == alone[0], f"row {row} ({adapter})"

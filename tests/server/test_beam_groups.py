@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from test_engine_split import PROMPTS, Sink, _drain, _ids
 
-from prefixtune.engine.beam import BeamParams, beam_search
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.scheduler import Request, Scheduler
 
@@ -47,9 +46,7 @@ def test_beam_group_in_a_mixed_batch_matches_alone_and_offline(sharp_lm):
     s.submit(Request(_ids(sharp_lm, PROMPTS[3]), None, SamplingParams(max_new_tokens=5), others[2]))
     _drain(s)
     assert _choices(alone) == _choices(mixed) and len(_choices(mixed)) == 3
-    ids, mask, _ = sharp_lm.encode([prompt])
-    n_best = beam_search(sharp_lm.model, ids, mask, [sharp_lm.adapter("alpha").kv],
-                         BeamParams(max_new_tokens=8, num_return_sequences=3, **BEAMS), sharp_lm.eos_ids())[0]
+    n_best = sharp_lm.generate([prompt], "alpha", max_new_tokens=8, num_return_sequences=3, **BEAMS)
     assert _choices(mixed) == [h.tokens for h in n_best] and n_best[0].tokens == offline.tokens
     assert "".join(o.text for o in mixed.outputs if o.index == 0) == offline.text
     assert [o.finish_reason is not None for o in mixed.outputs] == [True] * 3  # choices arrive finished, at once

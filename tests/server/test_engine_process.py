@@ -5,6 +5,7 @@ admin loads must behave exactly as with the in-process Scheduler the rest of tes
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,7 +13,10 @@ import openai
 import pytest
 from serve_helpers import live_server, wait_for
 
+from prefixtune.engine import client as client_module
 from prefixtune.engine.client import EngineClient, EngineSpec
+from prefixtune.engine.requests import Request
+from prefixtune.engine.sampling import SamplingParams
 from prefixtune.models import ModelLoadError
 from prefixtune.testing import write_random_adapter
 
@@ -141,3 +145,77 @@ def test_an_engine_process_that_dies_fails_its_requests_and_health(serve_lm):
 def test_a_model_that_cannot_load_raises_its_own_error_in_the_front_end(tmp_path):
     with pytest.raises(ModelLoadError):
         EngineClient(EngineSpec(str(tmp_path / "no-such-model"), str(tmp_path)))
+
+
+def _served_within(client, seconds: float, **kwargs):
+    """A completion's (status, seconds): served (200) or refused (503), but answered."""
+    start = time.monotonic()
+    try:
+        client.completions.create(max_tokens=4, temperature=0, timeout=30, **kwargs)
+        status = 200
+    except openai.APIStatusError as err:
+        status = err.status_code
+    elapsed = time.monotonic() - start
+    assert elapsed < seconds, f"answered after {elapsed:.2f} s"
+    return status
+
+
+def test_a_core_that_never_answers_an_admin_load_blocks_no_request(serve_lm, monkeypatch):
+    monkeypatch.setattr(client_module, "ADAPTER_TIMEOUT_S", 4.0)
+    with live_server(serve_lm, engine_process=True, max_batch=4, max_model_len=128) as srv:
+        client = srv.client()
+        assert _served_within(client, 30, model="beta", prompt="warm up") == 200
+        engine, send = srv.scheduler, srv.scheduler._send
+        monkeypatch.setattr(engine, "_send", lambda m: None if m[0] == "adapter" else send(m))  # a stalled core
+        with srv.http() as http, ThreadPoolExecutor(1) as pool:
+            load = pool.submit(http.post, "/v1/adapters", json={"name": "alpha"}, timeout=30)
+            time.sleep(0.5)  # the load is waiting for the core now
+            assert not load.done()
+            for model in ("beta", "alpha", "tiny-base"):
+                assert _served_within(client, 1.0, model=model, prompt="Hello") == 200
+            response = load.result()
+        assert response.status_code == 503 and "did not load" in response.json()["error"]["message"]
+        assert engine.alive and not engine._calls  # the timed-out call left no entry behind
+        assert _served_within(client, 1.0, model="alpha", prompt="Hello") == 200  # rolled back, still served
+
+
+def test_a_dead_core_answers_admin_and_requests_at_once(serve_lm):
+    with live_server(serve_lm, engine_process=True, max_batch=4, max_model_len=128) as srv:
+        srv.scheduler.process.kill()
+        wait_for(lambda: not srv.scheduler.alive, what="the client notices the dead core")
+        client = srv.client()
+        with srv.http() as http:
+            start = time.monotonic()
+            load = http.post("/v1/adapters", json={"name": "alpha"}, timeout=30)
+            assert time.monotonic() - start < 1.0 and load.status_code == 503
+            assert http.delete("/v1/adapters/beta", timeout=30).status_code == 503
+            assert "beta" in [m["id"] for m in http.get("/v1/models").json()["data"]]  # the unload changed nothing
+        assert _served_within(client, 1.0, model="beta", prompt="Hello") == 503
+
+
+def test_the_core_survives_a_bad_command_and_a_cancel_among_identical_requests(serve_lm, tmp_path):
+    store = tmp_path / "store"
+    for name in ("alpha",):
+        write_random_adapter(store, name, serve_lm.loaded, tokens=4, seed=1)
+    engine = EngineClient(EngineSpec(str(serve_lm.loaded.path), str(store), max_batch=1, threads=1))
+    engine.start()
+    try:
+        engine._send(("no-such-command", 1, 2))  # logged and dropped by the core
+        engine._send(("cancel",))  # malformed: the same
+        finals = {}
+
+        def sink(key):
+            return lambda out: finals.setdefault(key, out) if out.finish_reason else None
+
+        ids = serve_lm.tokenizer("Same prompt").input_ids
+        params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        engine.submit(Request(list(ids), None, params, sink("busy"), request_id="busy"))  # holds the only row
+        engine.submit(Request(list(ids), "alpha", SamplingParams(max_new_tokens=3), sink("a"), request_id="a"))
+        engine.adapter_changed("load", "alpha")  # the core reloads it: the next request gets another tensor
+        engine.submit(Request(list(ids), "alpha", SamplingParams(max_new_tokens=3), sink("b"), request_id="b"))
+        assert engine.cancel("b")
+        wait_for(lambda: len(finals) == 3, timeout=60, what="every request's final output")
+        assert finals["b"].finish_reason == "cancelled" and finals["a"].finish_reason in ("length", "stop")
+        assert engine.alive and engine.process.is_alive()
+    finally:
+        engine.shutdown(timeout=5)

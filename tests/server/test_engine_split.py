@@ -7,11 +7,12 @@ import threading
 import pytest
 import torch
 
-from prefixtune.engine.decode import RunningBatch
 from prefixtune.engine.policy import BatchPolicy
 from prefixtune.engine.runner import ModelRunner
+from prefixtune.engine.sampler import new_group
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 from prefixtune.engine.scheduler import Request, Scheduler
+from prefixtune.prefix.inject import extend_inputs, stack_prefixes, training_cache
 from prefixtune.testing import TINY_ARCHS, make_tiny_model
 
 PROMPTS = ["Hello there", "The cat sat on the mat and", "I am feeling", "x y z"]
@@ -43,31 +44,71 @@ def _ids(lm, text):
     return lm.tokenizer(text).input_ids
 
 
-def test_runner_matches_running_batch_and_never_reallocates_on_join_or_leave(serve_lm):
+def _plain(model, prompt, prefix):
+    """Last-token logits (V,) of one row in a plain forward: its prefix as past keys, no engine cache."""
+    batch = stack_prefixes([prefix], dtype=next(model.parameters()).dtype)
+    mask, positions = extend_inputs(batch, torch.ones(1, len(prompt), dtype=torch.long))
+    out = model(input_ids=torch.tensor([prompt]), attention_mask=mask, position_ids=positions,
+                past_key_values=training_cache(batch))
+    return out.logits[0, -1].float()
+
+
+def _admit(runner, rows):
+    """rows: (key, prompt ids, prefix); each a one-row greedy request."""
+    groups = {}
+    for key, prompt, _ in rows:
+        groups[key] = new_group(Request(prompt, None, SamplingParams(), request_id=key), set(), runner.device)
+    runner.admit([(groups[key], [kv]) for key, _, kv in rows])
+    return groups
+
+
+@torch.no_grad()
+def test_runner_matches_plain_forwards_and_never_reallocates_on_join_or_leave(serve_lm):
     model = serve_lm.model
     prefixes = [serve_lm.adapter("alpha").kv, None, serve_lm.adapter("beta").kv]
     prompts = [_ids(serve_lm, p) for p in PROMPTS[:3]]
     runner = ModelRunner(model, 8)
-    runner.add(["a", "b"], prompts[:2], prefixes[:2], 0)
-    buffers = [t.data_ptr() for t in runner.keys]
-    width = max(map(len, prompts[:2]))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts[:2]])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts[:2]])
-    ref, logits = RunningBatch.prefill(model, ids, mask, prefixes[:2])
+    _admit(runner, [("a", prompts[0], prefixes[0]), ("b", prompts[1], prefixes[1])])
+    runner.prefill([(("a", 0), len(prompts[0])), (("b", 0), len(prompts[1]))])
+    buffers = [t.data_ptr() for t in runner.running.keys]
+    seqs = [list(prompts[0]), list(prompts[1])]
     for step in range(4):
-        assert torch.allclose(runner.current_logits(), logits, atol=1e-4), step
-        tokens = logits.argmax(-1).tolist()
+        ref = torch.stack([_plain(model, seq, kv) for seq, kv in zip(seqs, prefixes)])
+        assert torch.allclose(runner.current_logits(), ref, atol=1e-4), step
+        tokens = ref.argmax(-1).tolist()
         runner.decode(tokens)
-        logits = ref.step(torch.tensor(tokens))
-    runner.remove("a")  # the last row moves into slot 0: only its own columns are copied
-    ref.select([1])
-    logits = logits[1:]  # (1, V)
-    assert runner.order == ["b"] and torch.allclose(runner.current_logits(), logits, atol=1e-4)
-    runner.add(["c"], prompts[2:], prefixes[2:], 0)  # joins a batch 4 tokens in, with a longer prefix
-    assert [t.data_ptr() for t in runner.keys] == buffers  # no whole-cache copy on join or leave
-    alone = ModelRunner(model, 2)
-    alone.add(["c"], prompts[2:], prefixes[2:], 0)
-    assert torch.allclose(runner.current_logits()[1], alone.current_logits()[0], atol=1e-4)
+        for seq, token in zip(seqs, tokens):
+            seq.append(token)
+    runner.remove(("a", 0))  # the last row moves into slot 0: only its own columns are copied
+    assert runner.running.order == [("b", 0)]
+    assert torch.allclose(runner.current_logits()[0], _plain(model, seqs[1], None), atol=1e-4)
+    _admit(runner, [("c", prompts[2], prefixes[2])])  # joins a batch 4 tokens in, with a longer prefix
+    runner.prefill([(("c", 0), len(prompts[2]))])
+    assert [t.data_ptr() for t in runner.running.keys] == buffers  # no whole-cache copy on join or leave
+    assert torch.allclose(runner.current_logits()[1], _plain(model, prompts[2], prefixes[2]), atol=1e-4)
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_piece_beside_a_decoding_row(serve_lm):
+    model = serve_lm.model
+    long = _ids(serve_lm, " ".join(PROMPTS * 3))
+    kv = serve_lm.adapter("alpha").kv
+    runner = ModelRunner(model, 4)
+    _admit(runner, [("r", _ids(serve_lm, PROMPTS[0]), None)])
+    runner.prefill([(("r", 0), len(_ids(serve_lm, PROMPTS[0])))])
+    _admit(runner, [("long", long, kv)])
+    done, token = 0, int(runner.current_logits()[0].argmax())
+    for chunk in (5, 1, 7, len(long)):  # uneven chunks, interleaved with the running row's decode steps
+        take = min(chunk, len(long) - done)
+        runner.decode([token])
+        runner.prefill([(("long", 0), take)])
+        done += take
+        token = int(runner.current_logits()[0].argmax())
+        if done == len(long):
+            break
+        assert ("long", 0) in runner.prefilling and runner.remaining(("long", 0)) == len(long) - done
+    assert runner.running.order == [("r", 0), ("long", 0)] and not runner.prefilling
+    assert torch.allclose(runner.current_logits()[1], _plain(model, long, kv), atol=1e-4)
 
 
 def test_policy_admits_groups_in_order_and_releases_cancelled():
@@ -155,21 +196,24 @@ def test_guided_request_in_a_mixed_batch_matches_alone_and_offline(serve_lm):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_runner_matches_running_batch_on_every_architecture(arch):
+@torch.no_grad()
+def test_runner_matches_plain_forwards_on_every_architecture(arch):
     model = make_tiny_model(arch, seed=3)
     if getattr(model.config, "sliding_window", None):
         model.config.sliding_window = 6  # a window shorter than the rows: the mask must carry it
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
     runner = ModelRunner(model, 4)
-    runner.add(["a", "b"], prompts, [None, None], 0)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 0, 12, 13]])
-    mask = torch.tensor([[1] * 7, [0] * 5 + [1, 1]])
-    ref, logits = RunningBatch.prefill(model, ids, mask, [None, None])
+    _admit(runner, [("a", seqs[0], None), ("b", seqs[1], None)])
+    runner.prefill([(("a", 0), 3), (("b", 0), 2)])  # a's prompt in two chunks
+    runner.prefill([(("a", 0), 4)])
+    order = [k[0] for k in runner.running.order]
     for step in range(6):
-        assert torch.allclose(runner.current_logits(), logits, atol=1e-4), (arch, step)
-        tokens = logits.argmax(-1).tolist()
+        ref = torch.stack([_plain(model, seqs["ab".index(k)], None) for k in order])
+        assert torch.allclose(runner.current_logits(), ref, atol=1e-4), (arch, step)
+        tokens = ref.argmax(-1).tolist()
         runner.decode(tokens)
-        logits = ref.step(torch.tensor(tokens))
-    runner.remove("a")
-    runner.remove("b")
-    assert runner.keys == [] and runner.logits is None  # an idle runner holds no KV memory
+        for k, token in zip(order, tokens):
+            seqs["ab".index(k)].append(token)
+    runner.remove(("a", 0))
+    runner.remove(("b", 0))
+    assert runner.running.keys == [] and runner.running.logits is None  # an idle runner holds no KV memory

@@ -1,5 +1,6 @@
-"""n > 1 choices (and a guided request's n pairs) prefill their prompt once: ModelRunner.add prefills rows with
-the same prompt and prefix tensor once and copies the columns; the outputs are those of separate prefills."""
+"""n > 1 choices (and a guided request's n pairs) prefill their prompt once: ModelRunner.admit prefills a request
+identical to one admitted with it (prompt, prefix tensors, kind) once and copies the columns, row by row, so the
+rows of each request still finish their prompts in the same step; the outputs are those of separate prefills."""
 
 from __future__ import annotations
 
@@ -40,5 +41,6 @@ def test_shared_prefill_gives_the_same_tokens_with_fewer_prefilled_rows(serve_lm
     separate, separate_rows = _run(serve_lm, False, prompt, "alpha")
     assert shared == separate
     assert len({tuple(t) for t in shared[:4]}) > 1  # the choices still sample their own streams
-    # One prefill forward: 4 + 2x2 + 1 = 9 rows separately; shared: the prompt with alpha, with beta, the other.
-    assert separate_rows == [9] and shared_rows == [3]
+    # One prefill forward: 4 + 2x2 + 1 = 9 rows separately; shared: the 4 choices' row, the 2 pairs' two rows, the
+    # other prompt's row.
+    assert separate_rows == [9] and shared_rows == [4]

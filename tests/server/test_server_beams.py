@@ -9,7 +9,6 @@ import pytest
 import httpx
 from serve_helpers import gated_model, live_server, slow_model, wait_for
 
-from prefixtune.engine.beam import BeamParams, beam_search
 from prefixtune.testing import write_random_adapter
 
 PROMPT = "The cat sat on the mat and"
@@ -26,11 +25,9 @@ def server(sharp_lm, tmp_path_factory):
 
 
 def _n_best(lm, prompt, adapter, n, max_new_tokens=8, chat=False, **kw):
-    """Offline search's n best texts (the engine's beam_search on a PrefixLM encoding, as generate runs it)."""
-    text = lm.chat_prompt(prompt) if chat else prompt
-    ids, mask, _ = lm.encode([text], add_special_tokens=not chat)
-    params = BeamParams(max_new_tokens=max_new_tokens, num_return_sequences=n, **{**BEAMS, **kw})
-    hyps = beam_search(lm.model, ids, mask, [lm.adapter(adapter).kv], params, lm.eos_ids())[0]
+    """Offline search's n best texts (PrefixLM.generate's beams)."""
+    hyps = lm.generate([prompt], adapter, max_new_tokens=max_new_tokens, num_return_sequences=n, chat=chat,
+                       **{**BEAMS, **kw})
     return [lm.tokenizer.decode(h.tokens, skip_special_tokens=True) for h in hyps], [len(h.tokens) for h in hyps]
 
 

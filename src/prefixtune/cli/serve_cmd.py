@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from prefixtune.cli.common import user_errors
+from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +22,10 @@ def register(app: typer.Typer) -> None:
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PREFIXTUNE_API_KEY",
                                               help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
         max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together."),
-        max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting rows before requests get HTTP 429."),
+        max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before new ones get HTTP 429."),
+        max_step_tokens: int = typer.Option(DEFAULT_MAX_STEP_TOKENS, "--max-step-tokens", min=0,
+                                            help="Tokens per engine step: one per decoding row plus prompt tokens of "
+                                                 "joining requests (chunked prefill; 0 = prompts join whole)."),
         max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
                                                     help="Virtual + prompt + new tokens per row (default: the model's limit)."),
         max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Cap on max_tokens per choice."),
@@ -70,6 +74,10 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--batching")
+        if max_step_tokens == 1:
+            raise typer.BadParameter("a step needs at least 2 tokens (or 0: prompts join whole)",
+                                     param_hint="--max-step-tokens")
+        step_tokens = max_step_tokens or None
         ray_flags = {"--replicas": replicas != 1, "--max-replicas": max_replicas is not None,
                      "--max-adapters-per-replica": max_adapters != 8, "--address": address is not None,
                      "--replica-cpus": replica_cpus != 1.0, "--replica-gpus": replica_gpus is not None,
@@ -93,6 +101,7 @@ def register(app: typer.Typer) -> None:
             engine = dict(model=model, store=str(store) if store else None, device=device, dtype=dtype, force=force,
                           max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
                           max_inflight_tokens=max_inflight_tokens, mode=mode, max_adapters=max_adapters,
+                          max_step_tokens=step_tokens,
                           preload=list(preload or []), pin=list(pin or []))
             placement = dict(replicas=replicas, max_replicas=max_replicas, address=address,
                              replica_cpus=replica_cpus, replica_gpus=replica_gpus)
@@ -102,12 +111,12 @@ def register(app: typer.Typer) -> None:
             from prefixtune.engine.client import EngineClient, EngineSpec
 
             scheduler = EngineClient(EngineSpec(model, str(store) if store else None, device, dtype, force, max_batch,
-                                                max_queue, mode, max_model_len, max_inflight_tokens))
+                                                max_queue, mode, max_model_len, max_inflight_tokens, step_tokens))
             lm = scheduler.lm  # tokenizer and adapter checks over the model on the meta device
         else:
             lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
             scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode, max_model_len=max_model_len,
-                                  start=False, max_inflight_tokens=max_inflight_tokens)
+                                  start=False, max_inflight_tokens=max_inflight_tokens, max_step_tokens=step_tokens)
         limit = model_limit(lm.model)
         if max_model_len is not None and limit is not None and max_model_len > limit:
             scheduler.shutdown(timeout=0.0, drain=False)

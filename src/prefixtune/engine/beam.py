@@ -1,10 +1,10 @@
-"""Beam search on the engine's RunningBatch: every beam carries its row's prefix, rows may mix adapters.
+"""Beam search bookkeeping for the engine: a beam request is a group of num_beams rows that carry its prefix.
 
 The search follows `transformers`' own beam search step for step (top 2*num_beams candidates by summed
 log-probability, finished hypotheses scored `sum / generated_len ** length_penalty` with EOS counted, the
 same early-stop heuristic and n-gram ban over prompt + output), so a base-model row gives the tokens
-`model.generate(num_beams=..., do_sample=False)` gives. Rows are prefilled once and then expanded to their
-beams; a row whose hypotheses can no longer change leaves the batch.
+`model.generate(num_beams=..., do_sample=False)` gives. The engine's sampler (engine/sampler.py) drives one
+BeamSearch per request on the model runner's rows, beside other requests' rows of any adapter.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixtune.engine.decode import RunningBatch
 
 MAX_LENGTH_PENALTY = 10.0
 _NEG = -1.0e9  # the score transformers gives impossible candidates (kept identical so ties break alike)
@@ -70,8 +69,7 @@ class BeamSearch:
     `advance(logits)` takes the next-token logits of the live rows' beams, row-major ((R*nb, V): row r's beams
     at r*nb .. r*nb+nb-1) and returns, for the rows still searching, which of those logits rows each new beam
     continues and the token it appends. A row whose hypotheses can no longer change leaves `live`; its best
-    `num_return_sequences` hypotheses are in `results`. Offline search (beam_search) drives one instance for
-    a whole batch; the serving scheduler one per request (engine/beam_group.py), on its runner's slots.
+    `num_return_sequences` hypotheses are in `results`. The engine drives one instance per request (R = 1).
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], params: BeamParams, eos_ids: set[int],
@@ -157,30 +155,6 @@ class BeamSearch:
         return [src for s in still for src in source[s]], [beam[-1] for s in still for beam in beams[s]]
 
 
-@torch.no_grad()
-def beam_search(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prefixes: Sequence[torch.Tensor | None],
-    params: BeamParams,
-    eos_ids: set[int],
-) -> list[list[Hypothesis]]:
-    """Beam search for a left-padded batch (B, T); per row its best `num_return_sequences` hypotheses."""
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
-    search = BeamSearch(prompts, params, eos_ids, input_ids.device)
-    nb = params.num_beams
-    batch, logits = RunningBatch.prefill(model, input_ids, attention_mask, prefixes)
-    batch.select([r for r in range(len(prompts)) for _ in range(nb)])  # beams of row r at r*nb .. r*nb+nb-1
-    logits = logits.repeat_interleave(nb, dim=0)  # (B*nb, V)
-    while True:
-        source, tokens = search.advance(logits)
-        if search.done:
-            return search.results
-        batch.select(source)
-        logits = batch.step(torch.tensor(tokens, device=input_ids.device))  # (R'*nb, V)
-
-
 def _hypotheses(seqs: list[list[int]], scores: list[float], done: list[bool], eos_ids: set[int],
                 n: int) -> list[Hypothesis]:
     out = []
@@ -214,19 +188,3 @@ def check_beam_request(num_beams: int, max_new_tokens: int, length_penalty: floa
                         num_return_sequences)
     params.validate()
     return params
-
-
-def beam_generations(lm, input_ids: torch.Tensor, mask: torch.Tensor, prefixes: Sequence[torch.Tensor | None],
-                     params: BeamParams, lengths: Sequence[int], adapters: Sequence[str | None],
-                     stop: list[str]) -> list:
-    """PrefixLM.generate's beam path: the best hypothesis per row as a Generation (stop strings cut after)."""
-    from prefixtune.engine.lm import Generation, cut_at_stop
-
-    results = []
-    best = beam_search(lm.model, input_ids, mask, prefixes, params, lm.eos_ids())
-    for hyps, n, name in zip(best, lengths, adapters):
-        top = hyps[0] if hyps else Hypothesis([], float("-inf"), "length")  # every candidate banned: nothing
-        text, stopped = cut_at_stop(lm.tokenizer.decode(top.tokens, skip_special_tokens=True), stop)
-        results.append(Generation(text, top.tokens, "stop" if stopped else top.finish_reason, int(n), name,
-                                  top.score))
-    return results

@@ -22,6 +22,8 @@ from prefixtune.engine.requests import QueueFull, Request, SchedulerClosed, Sche
 
 __all__ = ["EngineClient", "EngineSpec"]
 
+ADAPTER_TIMEOUT_S = 30.0  # how long an admin load or unload waits for the core before it is rolled back
+
 
 class EngineClient:
     """Starts the core process and waits until its model is loaded (re-raising its load error).
@@ -51,7 +53,7 @@ class EngineClient:
         self.lm_lock = threading.RLock()  # guards the front end's PrefixLM (the adapter registry's)
         self.stats = SchedulerStats()  # the core's counters as of its last message; finished counted here
         # Its own tokenizer copy: the server encodes prompts with lm.tokenizer on another thread.
-        self.output = OutputProcessor(copy.deepcopy(self.lm.tokenizer), self.stats, self.cancel)
+        self.output = OutputProcessor(copy.deepcopy(self.lm.tokenizer), self.stats, self._on_stop)
         self.error: str | None = None
         self._live: dict[str, Request] = {}  # submitted and not finished, by request_id
         self._calls: dict[int, Callable] = {}  # call id -> what to do with the core's reply
@@ -130,15 +132,28 @@ class EngineClient:
         self._send(("cancel", request_id))
         return True
 
-    def adapter_changed(self, op: str, name: str, path: str | None = None) -> None:
-        """Mirror an admin load ("load", path or None for the store) or "unload" into the core's adapter cache."""
+    def _on_stop(self, request_id: str, cancel: bool = False) -> None:
+        self.cancel(request_id)  # a stop string or a broken consumer: either way the core drops the row
+
+    def adapter_changed(self, op: str, name: str, path: str | None = None, timeout: float | None = None) -> None:
+        """Mirror an admin load ("load", path or None for the store) or "unload" into the core's adapter cache.
+
+        Call it outside any lock generation requests take: it waits for the core (up to `timeout` s, default
+        ADAPTER_TIMEOUT_S) and raises RuntimeError at once when the core is gone, or when it fails or is too slow.
+        """
+        if not self.alive:
+            raise RuntimeError(f"the engine process is not running ({self.error or 'closed'}); cannot {op} "
+                               f"adapter {name!r}")
         done, box = threading.Event(), []
         call = next(self._ids)
         self._calls[call] = lambda reply: (box.append(reply), done.set())
         self._send(("adapter", call, op, name, path))
-        if not done.wait(300) or box[0] is not None:
-            raise RuntimeError(f"the engine process could not {op} adapter {name!r}: "
-                               f"{box[0][1] if box else 'no answer'}")
+        if not done.wait(ADAPTER_TIMEOUT_S if timeout is None else timeout):
+            self._calls.pop(call, None)
+            raise RuntimeError(f"the engine process did not {op} adapter {name!r} within "
+                               f"{ADAPTER_TIMEOUT_S if timeout is None else timeout:.0f} s")
+        if box[0] is not None:
+            raise RuntimeError(f"the engine process could not {op} adapter {name!r}: {box[0][1]}")
 
     def shutdown(self, timeout: float = 10.0, drain: bool = True) -> bool:
         """Refuse new requests; the core lets in-flight ones finish for up to `timeout` s, aborts the rest, exits."""
@@ -192,7 +207,9 @@ class EngineClient:
             raise SchedulerClosed(message)
         if kind == "invalid":
             raise ValueError(message)
-        raise RuntimeError(f"the engine process could not load the adapter: {message}")
+        if kind == "adapter":
+            raise RuntimeError(f"the engine process could not load the adapter: {message}")
+        raise RuntimeError(f"the engine process could not take the request: {message}")
 
     def _receive(self) -> None:  # the output thread: the core's messages, in order
         try:
@@ -202,7 +219,9 @@ class EngineClient:
                 if kind == "events":
                     self._events(message[1], message[2])
                 elif kind == "reply":
-                    _answer(self._calls.pop(message[1]), message[2])
+                    on_reply = self._calls.pop(message[1], None)  # None: its caller gave up waiting
+                    if on_reply is not None:
+                        _answer(on_reply, message[2])
                 elif kind == "stopped":
                     self._outbox.put(None)
                     self._conn.close()  # the core's command loop sees EOF and its process exits

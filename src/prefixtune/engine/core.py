@@ -16,6 +16,7 @@ Messages (pickled tuples over one duplex multiprocessing Connection):
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class EngineSpec:
     mode: str = "continuous"  # batching mode (engine/policy.py)
     max_model_len: int | None = None  # virtual + prompt + new tokens per row (None = the model's limit)
     max_inflight_tokens: int = 1 << 19  # prompt + max_new_tokens over in-flight rows
+    max_step_tokens: int | None = None  # decode rows + prefill tokens per step (None: prompts join whole)
     threads: int | None = None  # torch CPU threads in the engine process (None: runtime.configure_threads' policy)
 
 
@@ -103,7 +105,8 @@ def main(conn, spec: EngineSpec) -> None:
         sink = EventSink(conn)
         scheduler = Scheduler(lm, max_batch=spec.max_batch, max_queue=spec.max_queue, mode=spec.mode,
                               max_model_len=spec.max_model_len or max_positions(lm.model.config), start=False,
-                              max_inflight_tokens=spec.max_inflight_tokens, output=sink)
+                              max_inflight_tokens=spec.max_inflight_tokens, output=sink,
+                              max_step_tokens=spec.max_step_tokens)
         sink.attach(scheduler)
     except BaseException as exc:  # noqa: BLE001 - the front end re-raises it (a user error prints as one line)
         conn.send(("failed", _picklable(exc)))
@@ -129,15 +132,36 @@ class _Commands:
             except (EOFError, OSError):  # the front end closed the pipe (after "stopped") or died
                 self.scheduler.shutdown(timeout=0.0, drain=False)
                 return
-            kind = message[0]
-            if kind == "submit":
-                self.sink.send(("reply", message[1], self._submit(message[2])))
-            elif kind == "cancel":
-                self.scheduler.cancel(message[1])
-            elif kind == "adapter":
-                self.sink.send(("reply", message[1], self._adapter(*message[2:])))
-            elif kind == "shutdown":  # drained on its own thread: cancels of leaving clients still arrive here
-                threading.Thread(target=self._shutdown, args=message[1:], name="prefixtune-shutdown").start()
+            except Exception as exc:  # noqa: BLE001 - an unreadable message is dropped, never the process
+                _log(f"unreadable command dropped: {type(exc).__name__}: {exc}")
+                continue
+            try:
+                self._handle(message)
+            except Exception as exc:  # noqa: BLE001 - one bad command must not end the engine process
+                self._refuse(message, exc)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self.sink.send(("reply", message[1], self._submit(message[2])))
+        elif kind == "cancel":
+            self.scheduler.cancel(message[1])
+        elif kind == "adapter":
+            self.sink.send(("reply", message[1], self._adapter(*message[2:])))
+        elif kind == "shutdown":  # drained on its own thread: cancels of leaving clients still arrive here
+            threading.Thread(target=self._shutdown, args=message[1:], name="prefixtune-shutdown").start()
+        else:
+            raise ValueError(f"unknown command {kind!r}")
+
+    def _refuse(self, message, exc: Exception) -> None:
+        """Log the failure and answer the command's caller (if it waits for a reply) with the error."""
+        error = f"{type(exc).__name__}: {exc}"
+        _log(f"command {message[0] if isinstance(message, tuple) and message else message!r} failed: {error}")
+        if isinstance(message, tuple) and len(message) > 1 and message[0] in ("submit", "adapter"):
+            try:
+                self.sink.send(("reply", message[1], ("error", error)))
+            except Exception as send_error:  # noqa: BLE001 - the pipe is gone: run() sees it next
+                _log(f"could not answer: {send_error}")
 
     def _shutdown(self, timeout: float, drain: bool) -> None:
         self.scheduler.shutdown(timeout=timeout, drain=drain)
@@ -185,6 +209,10 @@ class _Commands:
         except Exception as err:  # noqa: BLE001
             return "adapter", f"{type(err).__name__}: {err}"
         return None
+
+
+def _log(message: str) -> None:
+    print(f"prefixtune engine: {message}", file=sys.stderr, flush=True)
 
 
 def _picklable(exc: BaseException) -> BaseException:

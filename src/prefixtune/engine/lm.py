@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
-from prefixtune.engine.generate import generate_ids
-from prefixtune.engine.guidance import is_guided, validate_scale
+from prefixtune.engine.beam import check_beam_request
+from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
+from prefixtune.engine.offline import run_requests
+from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -240,8 +242,6 @@ class PrefixLM:
         tokenizer used from two threads at once fails ("Already borrowed").
         """
         if self._layout is None:
-            from prefixtune.engine.guidance import layout_mask
-
             vocab = self.model.get_output_embeddings().weight.shape[0]
             self._layout = layout_mask(tokenizer or self.tokenizer, vocab).to(self.device)
         return self._layout
@@ -278,6 +278,8 @@ class PrefixLM:
         no_repeat_ngram_size: int = 0,
         early_stopping: bool = False,
         min_p: float = 0.0,
+        lora: Any = None,
+        num_return_sequences: int = 1,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
@@ -289,16 +291,13 @@ class PrefixLM:
         adapter's manifest recommends (else 1 = off). num_samples=N gives N results per prompt, prompt by
         prompt, sample i seeded with seed + i.
         num_beams > 1 runs beam search (engine/beam.py, with length_penalty, no_repeat_ngram_size,
-        early_stopping; no guidance, one result per prompt); each row's beams keep its adapter, so a mixed
-        batch still works.
+        early_stopping; no guidance); num_return_sequences gives each prompt's n best hypotheses, best first, as
+        n results. Each row's beams keep its adapter, so a mixed batch still works.
+        lora: a PeftModel whose LoRA weights are injected into this model: its rows (adapter None) run with
+        LoRA, and guidance_scale guides them against the same model with LoRA off (one forward, PEFT's
+        adapter_names), as compare does.
+        All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
-        beam = None
-        if num_beams != 1 or no_repeat_ngram_size:
-            from prefixtune.engine.beam import check_beam_request
-
-            beam = check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
-                                      early_stopping, temperature, ignore_eos, guidance_scale, num_samples,
-                                      min_p=min_p)
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(adapters, str) or adapters is None:
@@ -306,49 +305,66 @@ class PrefixLM:
         adapters = list(adapters)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter per prompt")
-        if not prompts:
-            return []
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        beam = num_beams != 1 or no_repeat_ngram_size
+        if beam:  # guidance a manifest recommends applies to sampling, not to beam search
+            check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping,
+                               temperature, ignore_eos, guidance_scale, num_samples, num_return_sequences, min_p)
+        elif num_return_sequences != 1:
+            raise ValueError("num_return_sequences gives a beam search's n best: pass num_beams >= it (or use "
+                             "num_samples for sampled variants)")
+        if not prompts:
+            return []
         if num_samples > 1:
             prompts = [p for p in prompts for _ in range(num_samples)]
             adapters = [a for a in adapters for _ in range(num_samples)]
             seeds = [None if s is None else s + i for s in seeds for i in range(num_samples)]
-        # One lookup per distinct adapter: the same tensor object on many rows is padded once, and a
+        # One lookup per distinct adapter: the same tensor object on many rows is shared (prefilled once), and a
         # small cache cannot evict a row's adapter between its rows.
         kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None}
-        guides = {a: self.guidance(a, guidance_scale, guidance_negative) for a in kv}
-        guides[None] = (1.0, None)  # the base model has nothing to be guided against
-        params = [
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos,
-                           guides[a][0], min_p=min_p)
-            for s, a in zip(seeds, adapters)
-        ]
-        for p in params:
-            p.validate()
+        guides = {a: (1.0, None) if beam else self.guidance(a, guidance_scale, guidance_negative) for a in kv}
+        guides[None] = self._base_guidance(guidance_scale, lora) if not beam else (1.0, None)
         negative_kv = {n: self.adapter(n).kv for n in {g[1] for g in guides.values()} if n is not None}
-        negatives = [None if guides[a][1] is None else negative_kv[guides[a][1]] for a in adapters]
-        prefixes = [None if a is None else kv[a] for a in adapters]
         if chat:
             prompts = [self.chat_prompt(p) for p in prompts]
-        input_ids, mask, lengths = self.encode(prompts, add_special_tokens=not chat)
-        virtual = [max(0 if x is None else int(x.shape[2]) for x in pair) for pair in zip(prefixes, negatives)]
+        ids = self.tokenizer(list(prompts), add_special_tokens=not chat).input_ids
+        lengths = [len(i) for i in ids]
+        if not all(lengths):
+            raise ValueError(f"prompt(s) {[i for i, n in enumerate(lengths) if not n]} tokenize to nothing; give "
+                             "each row some text")
+        requests = []
+        for prompt_ids, a, s in zip(ids, adapters, seeds):
+            scale, negative = guides[a]
+            params = SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos,
+                                    scale, num_beams, length_penalty, no_repeat_ngram_size, early_stopping,
+                                    num_return_sequences, min_p)
+            params.validate()
+            requests.append(Request(list(prompt_ids), a, params, prefix=kv.get(a), negative=negative,
+                                    negative_prefix=negative_kv.get(negative) if params.guided else None))
+        virtual = [max(0 if x is None else int(x.shape[2]) for x in (r.prefix, r.negative_prefix)) for r in requests]
         self._check_positions(lengths, virtual, max_new_tokens)
-        if beam is not None:  # guidance a manifest recommends applies to sampling, not to beam search
-            from prefixtune.engine.beam import beam_generations
-
-            return beam_generations(self, input_ids, mask, prefixes, beam, lengths, adapters, list(stop or []))
-        layout = self.layout_mask() if any(p.guided for p in params) else None
-        outs = generate_ids(self.model, input_ids, mask, prefixes, params, self.eos_ids(),
-                            self._stop_check(params), negatives, layout)
         results = []
-        for out, p, n, name in zip(outs, params, lengths, adapters):
-            text, _ = cut_at_stop(self.tokenizer.decode(out.tokens, skip_special_tokens=True), p.stop)
-            results.append(Generation(text, out.tokens, out.finish_reason or "length", int(n), name))
+        for f, n, a in zip(run_requests(self, requests, lora), lengths, adapters):
+            if num_return_sequences == 1:
+                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", int(n), a, f.score))
+                continue
+            for i in range(num_return_sequences):
+                c = f.choices[i]
+                results.append(Generation(c.text, c.token_ids, c.finish_reason, int(n), a, c.score))
         return results
+
+    @staticmethod
+    def _base_guidance(scale: float | None, lora) -> tuple[float, None]:
+        """Base-model rows have nothing to sharpen (unguided beside guided adapter rows), except the rows of a
+        LoRA model: they are guided against the same model with LoRA off."""
+        if lora is None or scale is None:
+            return 1.0, None
+        validate_scale(scale)
+        return float(scale), None
 
     def _check_positions(self, lengths: Sequence[int], virtual: Sequence[int], max_new_tokens: int) -> None:
         """Refuse rows that would run past the model's positions (learned position tables crash there)."""
@@ -361,19 +377,6 @@ class PrefixLM:
                 f"{need} positions needed (virtual tokens + prompt + max_new_tokens) but {self.loaded.name} has "
                 f"{limit}; shorten the prompt or lower max_new_tokens"
             )
-
-    def _stop_check(self, params: Sequence[SamplingParams]):
-        if not any(p.stop for p in params):
-            return None
-        window = 8 + max(len(s) for p in params for s in p.stop)  # a token holds at least one character
-
-        def check(row: int, tokens: list[int]) -> bool:
-            stops = params[row].stop
-            # Only the tail can hold a new stop string; decode a window, not the whole output.
-            tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
-            return bool(stops) and cut_at_stop(tail, stops)[1]
-
-        return check
 
 
 def max_positions(config: Any) -> int | None:

@@ -4,7 +4,7 @@ The engine hands over RowEvents (a sampled token and/or the engine's finish reas
 its incremental detokenizer and stop-string matcher (engine/text.py), and its Outputs go to Request.emit.
 A stop string is found here, a step or two after the token that completed it was sampled: the processor
 finishes the request at once (its text and token count end at the stop) and asks the engine to drop the
-row (`on_stop`); tokens the engine sampled meanwhile are discarded, as vLLM v1 does.
+row (`on_stop(request_id)`; `on_stop(request_id, True)` cancels the row of a consumer that raised); tokens the engine sampled meanwhile are discarded, as vLLM v1 does.
 
 This is also the only writer of SchedulerStats.finished (finishes of queued requests cancelled from the event
 loop come through here too), so the counters have one owning thread.
@@ -40,7 +40,7 @@ class _State:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, stats, on_stop: Callable[[str], None]):
+    def __init__(self, tokenizer, stats, on_stop: Callable[..., None]):
         self.tokenizer = tokenizer  # its own copy: a fast tokenizer must not be shared between threads
         self.stats = stats
         self.on_stop = on_stop
@@ -129,7 +129,8 @@ class OutputProcessor:
                     break
             else:
                 pieces.append(tracker.flush())
-            outputs.append(Output(request.request_id, "".join(pieces), hyp.tokens[:used], reason, used, index=index))
+            outputs.append(Output(request.request_id, "".join(pieces), hyp.tokens[:used], reason, used, index=index,
+                                  score=hyp.score))
         request.done = True
         self.stats.finished[outputs[0].finish_reason] += 1  # one request, however many choices
         for output in outputs:
@@ -145,9 +146,9 @@ class OutputProcessor:
         for index in range(1, request.params.num_return_sequences):  # a beam request ended early: every choice
             self._emit(request, Output(request.request_id, "", [], reason, 0, error, index=index))
 
-    @staticmethod
-    def _emit(request, output) -> None:
+    def _emit(self, request, output) -> None:
         try:
             request.emit(output)
-        except Exception:  # noqa: BLE001 - a broken consumer must not stop the other rows
-            request.cancelled = True
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the other rows: its row ends
+            if output.finish_reason is None:
+                self.on_stop(request.request_id, True)

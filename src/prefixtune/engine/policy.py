@@ -1,8 +1,9 @@
-"""The batching policy: decides which requests join and which leave; runs nothing.
+"""The batching policy: decides which requests join, which leave and how many prompt tokens each step runs.
 
-Each iteration the engine asks `schedule(waiting, running)` and gets a plain Schedule back. A request is a
+Each iteration the engine asks `schedule(waiting, running)` and gets a plain Schedule back, then
+`chunks(pending, budget, decoding)` fills in the step's prefill work. A request is a
 *group* of rows: one row, two for a guided request (its adapter row and the unconditioned companion,
-engine/guidance.py), or num_beams for a beam request (engine/beam_group.py), admitted together, released
+engine/guidance.py), or num_beams for a beam request (engine/sampler.py), admitted together, released
 together, counted as one request.
 
 `continuous`: between two decode steps, finished or cancelled requests leave and waiting ones fill the free
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MODES = ("continuous", "grouped")
+# The server's per-step token budget (decode rows + prefill tokens); see docs/BENCHMARKS.md for the measurement.
+DEFAULT_MAX_STEP_TOKENS = 64
 
 
 def rows_of(request) -> int:
@@ -26,13 +29,38 @@ def rows_of(request) -> int:
 
 @dataclass
 class Schedule:
-    """What the engine does this iteration, in this order: release, admit, then one decode step."""
+    """What the engine does this iteration, in this order: release, admit, one decode step of the running rows
+    and the prefill chunks, then one sampling of every row whose logits are fresh."""
 
-    release: list = field(default_factory=list)  # running requests leaving (their finish is already known)
-    admit: list = field(default_factory=list)  # waiting requests joining (prefilled together)
+    release: list = field(default_factory=list)  # requests leaving (cancelled or stopped)
+    admit: list = field(default_factory=list)  # waiting requests joining (their rows start prefilling)
+    prefill: list = field(default_factory=list)  # (request, prompt tokens) run this step, in the runner's order
 
     def __bool__(self) -> bool:
-        return bool(self.release or self.admit)
+        return bool(self.release or self.admit or self.prefill)
+
+
+def chunks(pending: Sequence[tuple[object, int, int]], budget: int | None, decoding: int) -> list[tuple[object, int]]:
+    """This step's prefill work: (request, tokens) from `pending` (request, rows, prompt tokens left), in order.
+
+    The step's token budget counts every decoding row as one token and each prefilled token once per row; what
+    is left goes to the joining prompts in order (vLLM's chunked prefill), so a long prompt joins over several
+    steps while the running rows keep producing a token each step. The rows of a request advance together (a
+    guided pair's rows finish their prompts in the same step). At least half the budget goes to prefill, so
+    joining never starves behind a full batch. No budget (None), or no row decoding, runs every prompt whole:
+    nothing is waiting on the step then.
+    """
+    if budget is None or decoding == 0:
+        return [(request, left) for request, _, left in pending if left > 0]
+    room = max(budget - decoding, budget // 2)
+    plan = []
+    for request, rows, left in pending:
+        take = min(left, room // max(rows, 1))
+        if take <= 0:
+            break
+        plan.append((request, take))
+        room -= take * rows
+    return plan
 
 
 class BatchPolicy:

@@ -38,15 +38,18 @@ class Output:
     completion_tokens: int  # tokens generated so far
     error: str | None = None  # message when finish_reason == "error"
     index: int = 0  # which of the request's choices (a beam request returns num_return_sequences)
+    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
 
 
 def _ignore(_: Output) -> None:
     return None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation request: a tokenized prompt, its adapter and how to sample (one or two batch rows)."""
+    """One generation request: a tokenized prompt, its adapter and how to sample (one or more batch rows).
+
+    eq=False: a request is a record with an identity (`request in queue` must never compare prefix tensors)."""
 
     prompt_ids: list[int]  # tokenized prompt (no padding)
     adapter: str | None  # adapter name (None = base model); labels stats and resolves `prefix` if unset
@@ -54,10 +57,10 @@ class Request:
     emit: Callable[[Output], None] = _ignore  # receives every Output, on the output thread; must not block
     prefix: torch.Tensor | None = None  # folded kv (2L, kv_heads, P, head_dim); None: lm.adapter(adapter).kv
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # handle for cancel()
-    cancelled: bool = False  # set by Scheduler.cancel; the row leaves before the next step
+    cancelled: bool = False  # set by the engine's worker when Scheduler.cancel asked; the rows leave before the next step
     negative: str | None = None  # guided: the unconditioned row's adapter (None = the base model)
     negative_prefix: torch.Tensor | None = None  # its folded kv; None: lm.adapter(negative).kv
-    stopped: bool = False  # the output processor found a stop string: leave at the next iteration
+    stopped: bool = False  # a stop string ended it (the engine's worker sets it on the output processor's word)
     done: bool = False  # the output processor sent the final Output (written by that thread only)
 
 
@@ -71,7 +74,7 @@ class SchedulerStats:
     max_batch_size: int = 0  # most rows ever decoded together
     max_adapters_in_batch: int = 0  # most distinct adapters (None counted) ever sharing one step
     mixed_steps: int = 0  # decode steps whose rows used more than one adapter (None counted)
-    prefills: int = 0  # prefill forwards (each admits one or more requests)
+    prefills: int = 0  # prefill forwards (each runs a chunk of one or more joining requests' prompts)
     prompt_tokens: int = 0  # prompt tokens prefilled (a guided request's companion counted once)
     generated_tokens: int = 0  # tokens sampled (EOS excluded)
     # Finished requests by finish_reason (written by the output processor only); every key exists from the

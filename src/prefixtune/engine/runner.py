@@ -1,50 +1,72 @@
-"""Model runner: owns the KV state of the running rows and runs prefill and decode for them.
+"""Model runner: owns the rows' KV, runs each step's forward passes and samples (vLLM v1's GPUModelRunner).
 
-KV lives in preallocated per-slot buffers, one (slots, kv_heads, capacity, head_dim) tensor per layer for
-keys and one for values. Row r's prefix sits in columns 0..P_r-1 and its tokens after it, so column c is
-position c (PEFT's placement, no padding between prefix and prompt). Running rows occupy slots 0..B-1:
-  - a row joining is prefilled with its fellow newcomers, then its own columns are copied into a free slot;
-  - a row leaving is replaced by the last slot's row (one row's KV copied);
-so joining or leaving costs O(that row), never a copy of the whole batch (RunningBatch.select/merge did that).
-A decode step writes each row's new key/value at its own column and attends over slots[:B, :, :W] (a view;
-W = longest row + 1) with a per-row mask. The buffers double in slots or capacity when they run out
-(amortised; the only whole-cache copy, and a rare one).
+Two slot stores (engine/slots.py): `running` holds the rows that decode, `staging` the rows whose prompts are
+still being prefilled. A row joins staging with its prefix copied into its first columns (the prefix is keys
+and values already: no forward pass), its prompt runs in chunks of the scheduler's choosing (chunked prefill),
+and when the last chunk has run, the row's columns and logits move to a running slot. Rows with the same prompt,
+prefix and LoRA mode admitted together (a request's n choices, a beam group's beams) prefill once: the others
+follow the leader and get a copy of its columns (`share_prefill`).
+
+One step (`execute`): the decode forward of every running row (each is fed the token sampled for it last
+step), the prefill forward of this step's chunks, then the sampler (engine/sampler.py) over every running row.
+A forward that raises fails only the requests whose rows it ran; the runner drops their rows and goes on.
+
+A forward writes each new key/value at its row's own columns (column = position) and attends over a view of
+the store's first rows with a 4-D additive mask built here, so rows of any lengths and prefixes share it.
+A LoRA model (`lora`, a PeftModel injected into the base) is a runner mode: its rows run with LoRA, and rows
+marked `base` (a guided LoRA row's companion) run without it in the same forward (PEFT's adapter_names).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from prefixtune.engine.decode import RunningBatch, _cache_tensors
+from prefixtune.engine.sampler import Group, Sampled, Sampler
+from prefixtune.engine.slots import SlotKV
+from prefixtune.prefix.shapes import prefix_shape
 
-INITIAL_CAPACITY = 128  # columns per slot before the first doubling
+BASE_ROW = "__base__"  # PEFT's adapter name for rows that run without any LoRA adapter
+
+
+@dataclass
+class _Forward:
+    """One forward pass over rows of one store (read by _SlotLayer.update)."""
+
+    store: SlotKV
+    rows: torch.Tensor  # (B,) slots of the rows
+    columns: torch.Tensor  # (B, T) column each token's key/value is written to (= its position)
+    width: int  # columns attended (the longest row after this pass)
+    contiguous: bool  # rows are slots 0..B-1: attend over a view, no gather
 
 
 class _SlotLayer(DynamicLayer):
-    """One layer's view of the runner's slot buffers during a decode step."""
-
     def __init__(self, runner: ModelRunner, index: int):
         super().__init__()
         self.runner, self.index = runner, index
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        r = self.runner
-        keys, values = r.keys[self.index], r.values[self.index]  # (S, kv_heads, C, head_dim)
-        # key_states (B, kv_heads, 1, head_dim): row b's new entry goes to column write[b] of slot b.
-        keys[r.slot_index, :, r.write] = key_states[:, :, 0]
-        values[r.slot_index, :, r.write] = value_states[:, :, 0]
-        b, w = r.size, r.width
-        return keys[:b, :, :w], values[:b, :, :w]  # (B, kv_heads, W, head_dim) views, no copy
+        f = self.runner.current
+        keys, values = f.store.keys[self.index], f.store.values[self.index]  # (S, kv_heads, C, head_dim)
+        rows = f.rows.view(-1, 1).expand_as(f.columns)  # (B, T)
+        keys[rows, :, f.columns] = key_states.transpose(1, 2).to(keys.dtype)  # (B, T, kv_heads, head_dim)
+        values[rows, :, f.columns] = value_states.transpose(1, 2).to(values.dtype)  # (B, T, kv_heads, head_dim)
+        if f.contiguous:
+            b = f.rows.shape[0]
+            return keys[:b, :, :f.width], values[:b, :, :f.width]  # (B, kv_heads, W, head_dim) views
+        return (keys.index_select(0, f.rows)[:, :, :f.width],  # (B, kv_heads, W, head_dim)
+                values.index_select(0, f.rows)[:, :, :f.width])
 
     def get_seq_length(self) -> int:
-        return self.runner.width - 1
+        f = self.runner.current
+        return f.width - f.columns.shape[1]
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.runner.width, 0
+        return self.runner.current.width, 0
 
 
 class _SlotCache(Cache):
@@ -52,21 +74,41 @@ class _SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(runner, i) for i in range(layers)])
 
 
-class ModelRunner:
-    """Rows are identified by hashable keys; `order[s]` is the key in slot s."""
+@dataclass(eq=False)
+class _Prefill:
+    """A staging row: its prompt and how much of it has run."""
 
-    def __init__(self, model, max_rows: int, share_prefill: bool = True):
-        self.model = model
-        self.max_rows = max_rows
+    prompt: list[int]
+    done: int = 0  # prompt tokens prefilled
+    followers: list[Hashable] = field(default_factory=list)  # rows that copy this one when it is done
+
+
+@dataclass
+class StepOutput:
+    sampled: Sampled | None = None  # None when no row was sampled this step
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> error (its rows are gone)
+    decoded: int = 0  # rows in the decode forward
+    prefilled: int = 0  # prompt tokens run (counted once per prefilled row)
+
+
+class ModelRunner:
+    """Rows are identified by hashable keys (engine/sampler.row_keys); `running.order[s]` is the key in slot s."""
+
+    def __init__(self, model, max_rows: int, sampler: Sampler | None = None, lora=None, share_prefill: bool = True):
+        self.model, self.max_rows, self.lora = model, max_rows, lora
+        self.sampler = sampler or Sampler(set(), lambda: None)
         self.share_prefill = share_prefill  # prefill identical new rows once (off: the benchmark's baseline)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.order: list[Hashable] = []  # key of each running slot, slot order
-        self.lengths: list[int] = []  # columns filled per running slot (prefix + tokens)
-        self.keys: list[torch.Tensor] = []  # per layer (S, kv_heads, C, head_dim)
-        self.values: list[torch.Tensor] = []
-        self.logits: torch.Tensor | None = None  # (S, V) latest next-token logits per slot
-        self._cache: _SlotCache | None = None
+        shape = prefix_shape(model.config)
+        self.running = SlotKV(shape, max_rows, self.device, self.dtype)
+        self.staging = SlotKV(shape, max_rows, self.device, self.dtype)
+        self.prefilling: dict[Hashable, _Prefill] = {}  # staging rows, by key
+        self.following: dict[Hashable, Hashable] = {}  # follower -> its leader (both staging)
+        self.base: set[Hashable] = set()  # rows run without LoRA
+        self.next_tokens: dict[Hashable, int] = {}  # what each running row is fed at the next decode
+        self.current: _Forward | None = None  # the forward pass in flight
+        self._cache = _SlotCache(self, shape.num_layers)
         # Sliding-window attention (Mistral, Qwen2 with use_sliding_window, Gemma2/3 layers): the 4-D mask we pass
         # is used as is, so it must carry the window itself; mixed models take one mask per layer type.
         config = model.config
@@ -74,163 +116,205 @@ class ModelRunner:
         self.window = window if isinstance(window, int) and window > 0 else None
         types = set(getattr(config, "layer_types", None) or [])
         self.mixed_layers = self.window is not None and "full_attention" in types and len(types) > 1
-        # Set for the duration of one decode step (read by _SlotLayer.update).
-        self.size = 0
-        self.width = 0
-        self.write = torch.zeros(0, dtype=torch.long)
-        self.slot_index = torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.running) + len(self.prefilling) + len(self.following)
 
-    def slot(self, key: Hashable) -> int:
-        return self.order.index(key)
-
-    # ---- storage ---------------------------------------------------------------------------------------
-    def _reserve(self, rows: int, columns: int, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Make room for `rows` slots of `columns` columns (doubling: amortised O(1) per row and column)."""
-        if not self.keys:
-            slots = min(self.max_rows, max(4, rows))
-            cap = max(INITIAL_CAPACITY, columns)
-            for k, _ in like:  # (B, kv_heads, L, head_dim) from a prefill: copy its layout
-                shape = (slots, k.shape[1], cap, k.shape[3])
-                self.keys.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
-                self.values.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
-            self._cache = _SlotCache(self, len(self.keys))
-            return
-        slots, cap = self.keys[0].shape[0], self.keys[0].shape[2]
-        if rows <= slots and columns <= cap:
-            return
-        new_slots = slots if rows <= slots else min(self.max_rows, max(rows, 2 * slots))
-        new_cap = cap if columns <= cap else max(columns, 2 * cap)
-        used, width = len(self.order), max(self.lengths, default=0)
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                grown = old.new_zeros((new_slots, old.shape[1], new_cap, old.shape[3]))  # (S', kv_heads, C', hd)
-                grown[:used, :, :width] = old[:used, :, :width]
-                store[i] = grown
-        if self.logits is not None and new_slots > self.logits.shape[0]:
-            grown = self.logits.new_zeros((new_slots, self.logits.shape[1]))  # (S', V)
-            grown[:used] = self.logits[:used]
-            self.logits = grown
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.running.order or key in self.prefilling or key in self.following
 
     # ---- rows join and leave ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def add(self, keys: Sequence[Hashable], prompts: Sequence[Sequence[int]],
-            prefixes: Sequence[torch.Tensor | None], pad_id: int) -> None:
-        """Prefill new rows together (left-padded), then move each row's own columns into a free slot.
+    def admit(self, joining: Sequence[tuple[Group, Sequence[torch.Tensor | None]]]) -> None:
+        """Requests admitted together start prefilling; each with one prefix per row (2L, kv_heads, P, head_dim)
+        or None. A request identical to an earlier one of the same call (prompt, prefix tensors, kind) follows
+        it row by row, and a beam group's beams follow beam 0, so shared rows finish their prompts together."""
+        first: dict[tuple, Group] = {}
+        for group, prefixes in joining:
+            request, keys = group.request, group.keys
+            guided = request.params.guided
+            for i, key in enumerate(keys):
+                if self.lora is not None and guided and i == 1:
+                    self.base.add(key)  # a guided LoRA row's companion is the base model
+            runs = group.prefill_keys
+            sig = (tuple(request.prompt_ids), tuple(id(p) for p in prefixes[:len(runs)]), guided,
+                   request.params.num_beams)
+            leader = first.get(sig) if self.share_prefill else None
+            for i, key in enumerate(runs):
+                if leader is not None:
+                    self._follow(key, leader.keys[i])
+                else:
+                    kv = prefixes[i]
+                    self.staging.append(key, kv, (0 if kv is None else int(kv.shape[2])) + len(request.prompt_ids))
+                    self.prefilling[key] = _Prefill(list(request.prompt_ids))
+            for key in keys[len(runs):]:  # beams 1.. copy beam 0
+                self._follow(key, keys[0] if leader is None else leader.keys[0])
+            if leader is None:
+                first[sig] = group
 
-        Rows with the same prompt and the same prefix tensor (a request's n choices, a beam group's beams) are
-        prefilled once and its columns copied to each of them (`share_prefill`).
-        """
-        first: dict[tuple, int] = {}  # (prompt, prefix identity) -> index of its prefilled row
-        unique: list[int] = []  # row of each prefilled prompt
-        source: list[int] = []  # prefilled row each new row copies
-        for i, (p, kv) in enumerate(zip(prompts, prefixes)):
-            sig = (tuple(p), id(kv))  # identity: the caller holds every prefix for the whole call
-            if sig not in first or not self.share_prefill:
-                first[sig] = len(unique)
-                unique.append(i)
-            source.append(first[sig])
-        prompts = [prompts[i] for i in unique]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (N, T) left-padded
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (N, T)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        batch, logits = RunningBatch.prefill(self.model, ids.to(self.device), mask.to(self.device),
-                                             [prefixes[i] for i in unique])
-        kv = _cache_tensors(batch.cache)  # per layer (N, kv_heads, Pmax + T, head_dim)
-        real = [row.nonzero().view(-1) for row in batch.mask]  # columns of row i that hold its prefix/tokens
-        start = len(self.order)
-        self._reserve(start + len(keys), max(len(c) for c in real) + 1, kv)
-        if self.logits is None:
-            self.logits = logits.new_zeros((self.keys[0].shape[0], logits.shape[1]))  # (S, V)
-        for u, columns in enumerate(real):
-            slots = torch.tensor([start + i for i, src in enumerate(source) if src == u], device=self.device)
-            n = len(columns)
-            for layer, (k, v) in enumerate(kv):
-                self.keys[layer][slots, :, :n] = k[u].index_select(1, columns)  # (kv_heads, n, head_dim) to each
-                self.values[layer][slots, :, :n] = v[u].index_select(1, columns)  # (kv_heads, n, head_dim) to each
-            self.logits[slots] = logits[u]
-        self.lengths.extend(len(real[u]) for u in source)
-        self.order.extend(keys)
+    def _follow(self, key: Hashable, leader: Hashable) -> None:
+        leader = self.following.get(leader, leader)
+        self.following[key] = leader
+        self.prefilling[leader].followers.append(key)
 
-    @torch.no_grad()
-    def reorder(self, moves: Sequence[tuple[Hashable, Hashable]]) -> None:
-        """For every (dst, src) pair at once, row dst continues from row src's state (a beam forking another).
-
-        All sources are read before any destination is written, so pairs may overlap (beams swapping).
-        """
-        if not moves:
-            return
-        slot = {key: i for i, key in enumerate(self.order)}
-        dst = torch.tensor([slot[d] for d, _ in moves], device=self.device)
-        src = torch.tensor([slot[s] for _, s in moves], device=self.device)
-        n = max(self.lengths[slot[s]] for _, s in moves)  # columns past a row's length are never attended
-        for store in (self.keys, self.values):
-            for t in store:
-                t[dst, :, :n] = t[src, :, :n]  # (M, kv_heads, n, head_dim), gathered before it is written
-        self.logits[dst] = self.logits[src]  # (M, V)
-        lengths = [self.lengths[slot[s]] for _, s in moves]
-        for (d, _), length in zip(moves, lengths):
-            self.lengths[slot[d]] = length
+    def remaining(self, key: Hashable) -> int:
+        """Prompt tokens of a staging row still to run."""
+        row = self.prefilling[key]
+        return len(row.prompt) - row.done
 
     def remove(self, key: Hashable) -> None:
-        """Drop one row; the last slot's row moves into its place (O(one row))."""
-        slot, last = self.slot(key), len(self.order) - 1
-        if slot != last:
-            n = self.lengths[last]
-            for store in (self.keys, self.values):
-                for t in store:
-                    t[slot, :, :n] = t[last, :, :n]  # (kv_heads, n, head_dim)
-            self.logits[slot] = self.logits[last]
-            self.order[slot], self.lengths[slot] = self.order[last], self.lengths[last]
-        self.order.pop()
-        self.lengths.pop()
-        self.release()
+        """Drop a row wherever it is (a leader leaving hands its prompt to its first follower)."""
+        self.base.discard(key)
+        self.next_tokens.pop(key, None)
+        if key in self.following:
+            self.prefilling[self.following.pop(key)].followers.remove(key)
+        elif key in self.prefilling:
+            row = self.prefilling.pop(key)
+            if row.followers:  # a follower takes over the leader's slot and progress
+                heir, *rest = row.followers
+                del self.following[heir]
+                for f in rest:
+                    self.following[f] = heir
+                self.staging.order[self.staging.slot(key)] = heir
+                self.prefilling[heir] = _Prefill(row.prompt, row.done, rest)
+            else:
+                self.staging.remove(key)
+        elif key in self.running.order:
+            self.running.remove(key)
 
     def clear(self) -> None:
-        self.order, self.lengths = [], []
-        self.release()
+        self.running.clear()
+        self.staging.clear()
+        self.prefilling.clear()
+        self.following.clear()
+        self.base.clear()
+        self.next_tokens.clear()
 
-    def release(self) -> None:
-        """Free the buffers when no row runs: one long request must not keep its capacity for ever."""
-        if not self.order:
-            self.keys, self.values, self.logits, self._cache = [], [], None, None
-
-    # ---- decode ----------------------------------------------------------------------------------------
     def current_logits(self) -> torch.Tensor:
-        return self.logits[:len(self.order)]  # (B, V)
+        return self.running.logits[:len(self.running)]  # (B, V)
 
+    # ---- one step --------------------------------------------------------------------------------------
+    def execute(self, prefill: Sequence[tuple[Group, int]], groups: dict[str, Group]) -> StepOutput:
+        """Decode the running rows, run this step's prefill chunks, sample every running row.
+
+        `prefill` is the schedule's (request group, tokens) chunks; `groups` every admitted request by id. A
+        phase that raises fails the requests it ran (their rows are dropped here); the others go on.
+        """
+        out = StepOutput()
+        if len(self.running):
+            order = list(self.running.order)
+            try:
+                self.decode([self.next_tokens[key] for key in order])
+                out.decoded = len(order)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory growing the buffers
+                self._fail({key[0] for key in order}, exc, out)
+        plan = [(key, n) for group, n in prefill for key in group.prefill_keys if key in self.prefilling]
+        if plan:
+            try:
+                self.prefill(plan)
+                out.prefilled = sum(n for _, n in plan)
+            except Exception as exc:  # noqa: BLE001
+                self._fail({key[0] for key, _ in plan}, exc, out)
+        if len(self.running):
+            live = {key[0]: groups[key[0]] for key in self.running.order}
+            try:
+                sampled = self.sampler(self.current_logits(), self.running.order, live)
+                self.running.move(sampled.moves)
+                self.next_tokens = sampled.row_tokens
+                out.sampled = sampled
+            except Exception as exc:  # noqa: BLE001
+                self._fail(set(live), exc, out)
+        return out
+
+    def _fail(self, request_ids: set[str], exc: Exception, out: StepOutput) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        for key in [k for k in (*self.running.order, *self.prefilling, *self.following) if k[0] in request_ids]:
+            if key in self:
+                self.remove(key)
+        for request_id in request_ids:
+            out.failed[request_id] = message
+
+    # ---- forward passes --------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, tokens: Sequence[int]) -> None:
-        """Feed one token per running slot (slot order); refreshes current_logits()."""
-        b = len(self.order)
-        self._reserve(b, max(self.lengths) + 1, [])
-        self.size, self.width = b, max(self.lengths) + 1
-        self.write = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (B,) new column = position
-        self.slot_index = torch.arange(b, device=self.device)
-        columns = torch.arange(self.width, device=self.device).view(1, -1)  # (1, W)
-        visible = columns <= self.write.view(-1, 1)  # (B, W): the row's own columns and its new one
+        """Feed one token per running row (slot order); refreshes current_logits()."""
+        store = self.running
+        b = len(store)
+        columns = torch.tensor(store.lengths, dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
+        real = torch.ones_like(ids, dtype=torch.bool)
+        store.logits[:b] = self._forward(store, list(range(b)), ids, columns, real, store.order)
+        store.lengths = [n + 1 for n in store.lengths]
+
+    @torch.no_grad()
+    def prefill(self, plan: Sequence[tuple[Hashable, int]]) -> None:
+        """Run the next `n` prompt tokens of each staging row in `plan` (one forward, chunks left-padded so every
+        row's last token is the last column); a row whose prompt is done moves to running with its followers."""
+        store, t = self.staging, max(n for _, n in plan)
+        slots = [store.slot(key) for key, _ in plan]
+        ids = torch.zeros((len(plan), t), dtype=torch.long)  # (B, T) left-padded chunks
+        columns = torch.zeros((len(plan), t), dtype=torch.long)  # (B, T)
+        real = torch.zeros((len(plan), t), dtype=torch.bool)  # (B, T)
+        for i, ((key, n), slot) in enumerate(zip(plan, slots)):
+            row = self.prefilling[key]
+            ids[i, t - n:] = torch.tensor(row.prompt[row.done:row.done + n], dtype=torch.long)
+            columns[i, t - n:] = torch.arange(store.lengths[slot], store.lengths[slot] + n)
+            real[i, t - n:] = True
+        logits = self._forward(store, slots, ids.to(self.device), columns.to(self.device), real.to(self.device),
+                               [key for key, _ in plan])
+        done = []
+        for i, ((key, n), slot) in enumerate(zip(plan, slots)):
+            row = self.prefilling[key]
+            row.done += n
+            store.lengths[slot] += n
+            if row.done == len(row.prompt):
+                done.append((key, logits[i]))
+        for key, row_logits in done:  # after the loop: promoting moves staging rows between slots
+            self._promote(key, row_logits)
+
+    def _promote(self, key: Hashable, logits: torch.Tensor) -> None:
+        row = self.prefilling.pop(key)
+        src = self.staging.slot(key)
+        for k in (key, *row.followers):
+            self.following.pop(k, None)
+            self.running.set_logits(self.running.copy_from(self.staging, src, k), logits)
+        self.staging.remove(key)
+
+    def _forward(self, store: SlotKV, slots: list[int], ids: torch.Tensor, columns: torch.Tensor,
+                 real: torch.Tensor, keys: Sequence[Hashable]) -> torch.Tensor:
+        """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`)."""
+        width = int(columns.masked_fill(~real, -1).max()) + 1
+        store.reserve(len(store), width + 1)  # the last column takes the pads' writes, never attended
+        columns = columns.masked_fill(~real, store.capacity - 1)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
+        try:
+            out = self._call(keys, input_ids=ids, attention_mask=self._mask(columns, real, width),
+                             position_ids=columns.masked_fill(~real, 0), past_key_values=self._cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            self.current = None
+        return out.logits[:, -1].float()
+
+    def _call(self, keys: Sequence[Hashable], **inputs):
+        if self.lora is not None and any(key in self.base for key in keys):
+            names = [BASE_ROW if key in self.base else self.lora.active_adapter for key in keys]
+            return self.lora(adapter_names=names, **inputs)  # LoRA rows and base rows in one forward
+        return self.model(**inputs)
+
+    def _mask(self, columns: torch.Tensor, real: torch.Tensor, width: int):
+        """Query (b, t) sees column c iff c <= its own column: its row's prefix, earlier tokens and this chunk up
+        to itself (and, with a window, c > its column - window). Pads see nothing."""
+        c = torch.arange(width, device=self.device).view(1, 1, -1)  # (1, 1, W)
+        q = columns.masked_fill(~real, -1).unsqueeze(-1)  # (B, T, 1)
+        visible = c <= q  # (B, T, W)
         mask = self._additive(visible)
         if self.window is not None:
             # As transformers' sliding overlay: key position > query position - window.
-            sliding = self._additive(visible & (columns > (self.write - self.window).view(-1, 1)))
+            sliding = self._additive(visible & (c > q - self.window))
             mask = {"full_attention": mask, "sliding_attention": sliding} if self.mixed_layers else sliding
-        out = self.model(
-            input_ids=torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(-1, 1),
-            attention_mask=mask,  # 4-D (or per layer type): used as is by transformers
-            position_ids=self.write.view(-1, 1),
-            past_key_values=self._cache,
-            use_cache=True,
-        )
-        self.logits[:b] = out.logits[:, -1].float()
-        self.lengths = [n + 1 for n in self.lengths]
+        return mask
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        """(B, W) bool -> (B, 1, 1, W) additive mask; a finite floor keeps fully masked math NaN-free."""
-        b, w = visible.shape
-        mask = torch.zeros((b, 1, 1, w), dtype=self.dtype, device=self.device)  # (B, 1, q=1, W)
-        return mask.masked_fill_(~visible.view(b, 1, 1, w), torch.finfo(self.dtype).min)
+        """(B, T, W) bool -> (B, 1, T, W) additive mask; a finite floor keeps fully masked math NaN-free."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)  # (B, T, W)
+        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min).unsqueeze(1)  # (B, 1, T, W)

@@ -1,17 +1,18 @@
-"""Serving engine: request queue -> policy -> model runner -> output processor (continuous batching).
+"""The engine (vLLM v1's EngineCore + Scheduler): request queue -> schedule -> model runner -> output processor.
 
-The layout follows vLLM v1. Each iteration of the worker thread:
-  1. the policy (engine/policy.py) decides which requests leave and which join, and returns a Schedule;
-  2. the model runner (engine/runner.py) drops the leaving rows and prefills the joining ones into its
-     per-slot KV buffers (each costs O(its own rows));
-  3. the running rows' logits are combined for guided groups (engine/guidance.py) and sampled in one
-     vectorised call (engine/sampling.py), beam groups advance their searches (engine/beam_group.py), EOS
-     and max_new_tokens are applied, and the token ids go to the output processor (engine/output.py), which
-     detokenizes and matches stop strings on its own thread;
-  4. the runner decodes one step for all running rows.
-`Scheduler` is the facade the server and tests use: submit/cancel/shutdown from any thread, outputs arrive
-via Request.emit on the output thread. Before start() (tests, benchmarks) run_once() does one iteration and
-the outputs are processed inline. No HTTP here: a server bridges Request.emit to its event loop.
+One step (`run_once`):
+  1. `schedule()`: the policy (engine/policy.py) decides which requests leave and which join, and how many
+     prompt tokens of the joining ones run this step within the step's token budget (chunked prefill);
+  2. `runner.execute()` (engine/runner.py): the decode forward of the running rows, the prefill chunks, then
+     the sampler (engine/sampler.py: guidance, per-row sampling, beam steps) over every running row;
+  3. `update_from_output()`: EOS, max_new_tokens, finished beam searches and failed rows become RowEvents for the
+     output processor (engine/output.py), which detokenizes and matches stop strings (on its own thread when
+     the scheduler runs one).
+Every decode path steps this one engine: the server's worker thread (`start()`), the engine process
+(engine/core.py), and offline generation, eval and compare, which step it synchronously in the caller's
+thread (engine/offline.py), as vLLM's `LLM` drives the EngineCore the server uses.
+`Scheduler` is the facade: submit/cancel/shutdown from any thread (they only touch the queue and the abort
+set, under one lock); everything else belongs to the thread that steps. Outputs arrive via Request.emit.
 """
 
 from __future__ import annotations
@@ -21,68 +22,59 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from prefixtune.engine.beam import BeamSearch
-from prefixtune.engine.beam_group import new_search, step_groups
-from prefixtune.engine.guidance import guided_logits
 from prefixtune.engine.output import OutputProcessor, RowEvent
-from prefixtune.engine.policy import MODES, BatchPolicy, rows_of
-from prefixtune.engine.runner import ModelRunner
+from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, rows_of
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
-from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+from prefixtune.engine.runner import ModelRunner
+from prefixtune.engine.sampler import Group, Sampler, new_group
 
 __all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats", "cost"]
 
 
-@dataclass
-class _Running:
-    request: Request
-    sampler: RowSampler
-    search: BeamSearch | None = None  # a beam request's search state (engine/beam_group.py)
-    generated: int = 0  # tokens sampled (EOS not counted)
-
-
 class Scheduler:
-    """Owns the worker thread, the policy, the model runner and the output processor."""
+    """Owns the policy, the model runner and the output processor, and the worker thread when started."""
 
     def __init__(self, lm, max_batch: int = 16, max_queue: int = 256, mode: str = "continuous",
                  max_model_len: int | None = None, start: bool = True, max_inflight_tokens: int = 1 << 19,
-                 output=None):
+                 output=None, max_step_tokens: int | None = None, lora=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if max_batch < 1 or max_queue < 1:  # every request passes through the queue: 0 would refuse all
             raise ValueError("max_batch and max_queue must be >= 1")
         if max_inflight_tokens < 1:
             raise ValueError("max_inflight_tokens must be >= 1")
+        if max_step_tokens is not None and max_step_tokens < 2:
+            raise ValueError("max_step_tokens must be >= 2 (or None: prompts join whole)")
         self.lm = lm
         self.model = lm.model
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
         self.max_model_len = max_model_len
         self.max_inflight_tokens = max_inflight_tokens  # prompt + max_new_tokens over all in-flight rows
+        self.max_step_tokens = max_step_tokens  # decode rows + prefill tokens per step (None: no chunking)
         self.policy = BatchPolicy(max_batch, mode)
-        self.runner = ModelRunner(self.model, max_batch)
-        pad = lm.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (lm.tokenizer.eos_token_id or 0))
         self.eos_ids = set(lm.eos_ids())
+        self.runner = ModelRunner(self.model, max_batch, Sampler(self.eos_ids, self._layout), lora=lora)
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)
         self.stats = SchedulerStats()
-        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the output thread
-        # decodes with its own copy while the server encodes with lm.tokenizer. An engine process passes its own
-        # sink (engine/core.py: RowEvents go to the front end, which detokenizes).
-        self.output = output or OutputProcessor(copy.deepcopy(lm.tokenizer), self.stats, self._on_stop)
-        self._layout_tokenizer = copy.deepcopy(lm.tokenizer)  # the worker's own, for lm.layout_mask()
+        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): a started scheduler's
+        # output thread decodes with its own copy while the server encodes with lm.tokenizer. An engine process
+        # passes its own sink (engine/core.py: RowEvents go to the front end, which detokenizes).
+        tokenizer = copy.deepcopy(lm.tokenizer) if start else lm.tokenizer
+        self.output = output or OutputProcessor(tokenizer, self.stats, self._on_stop)
+        self._layout_tokenizer = None  # the worker thread's own copy, made on first use
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._live: dict[str, Request] = {}  # waiting + running, by request_id
+        self._live: dict[str, Request] = {}  # waiting + admitted, by request_id
         self._inflight_tokens = 0  # sum of cost() over _live
-        self._running: dict[str, _Running] = {}  # worker thread only; insertion = admission order
+        self._aborts: dict[str, str] = {}  # request id -> "cancel" | "stop", applied by the next schedule()
+        self._groups: dict[str, Group] = {}  # admitted requests (prefilling or running); insertion = admission
         self._closed = False  # no new submissions
         self._stop = False  # worker exits after aborting what is left
         self._thread: threading.Thread | None = None
-        self.error: str | None = None  # last worker failure (the worker survives it)
+        self.error: str | None = None  # last step failure (the engine survives it)
         if start:
             self.start()
 
@@ -103,7 +95,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._groups)
 
     @property
     def in_flight(self) -> int:
@@ -149,11 +141,14 @@ class Scheduler:
             request = self._live.get(request_id)
             if request is None:
                 return False
-            request.cancelled = True
-            queued = request in self._waiting
+            queued = request in self._waiting  # identity: Request is eq=False
             if queued:
+                request.cancelled = True
                 self._waiting.remove(request)
                 self._forget(request)
+            else:
+                self._aborts[request_id] = "cancel"
+                self._cv.notify_all()
         if queued:  # its final Output (and the stats) come from the output processor's thread
             self.output.put([RowEvent(request, finish="cancelled")])
         return True
@@ -180,47 +175,132 @@ class Scheduler:
         self.output.close(max(0.0, deadline - time.monotonic()) + 1.0)
         return not self._thread.is_alive()
 
-    def _on_stop(self, request_id: str) -> None:  # output thread: a stop string ended the request
-        request = self._live.get(request_id)
-        if request is not None:
-            request.stopped = True
+    def _on_stop(self, request_id: str, cancel: bool = False) -> None:
+        """The output processor's word: a stop string ended the request (or its consumer broke: cancel it)."""
+        if cancel:
+            self.cancel(request_id)
+            return
+        with self._cv:
+            if request_id in self._live:
+                self._aborts[request_id] = "stop"
 
     # ---- worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._running or self._stop):
+                while not (self._waiting or self._groups or self._aborts or self._stop):
                     self._cv.wait()
                 if self._stop:
                     break
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the server
-                self._fail_running(f"{type(exc).__name__}: {exc}")
+            self.run_once()
         self._abort_all()
 
     def run_once(self) -> bool:
-        """One iteration: release, admit, sample, decode. Returns whether work is left."""
+        """One step: schedule, execute (forward passes and sampling), update. Returns whether work is left.
+
+        Whatever happens, the step's events reach the output processor: a request never waits for an output
+        that a failed step dropped."""
+        events: list[RowEvent] = []
+        schedule = None
+        try:
+            schedule = self.schedule()
+            events += self._apply(schedule)
+            out = self.runner.execute(schedule.prefill, self._groups)
+            events += self.update_from_output(out)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the engine
+            events += self._fail_admitted(f"{type(exc).__name__}: {exc}", schedule)
+        finally:
+            self.output.put(events)
+        return bool(self._groups or self._waiting)
+
+    def schedule(self) -> Schedule:
+        """Which requests leave and join, and this step's prefill chunks (engine/policy.py)."""
         with self._cv:
-            plan = self.policy.schedule(self._waiting, [r.request for r in self._running.values()])
+            aborts, self._aborts = self._aborts, {}
+            for request_id, why in aborts.items():
+                group = self._groups.get(request_id)
+                if group is not None:
+                    setattr(group.request, "stopped" if why == "stop" else "cancelled", True)
+            plan = self.policy.schedule(self._waiting, [g.request for g in self._groups.values()])
             for r in plan.admit:
                 self._waiting.remove(r)
-        events: list[RowEvent] = []
-        for r in plan.release:
+        runner, pending = self.runner, []
+        for group in self._groups.values():
+            key = group.prefill_keys[0]
+            if key in runner.prefilling and not (group.request.cancelled or group.request.stopped):
+                pending.append((group.request, len(group.prefill_keys), runner.remaining(key)))
+        pending += [(r, 2 if r.params.guided else 1, len(r.prompt_ids)) for r in plan.admit]
+        plan.prefill = chunks(pending, self.max_step_tokens, len(runner.running))
+        return plan
+
+    def _apply(self, schedule: Schedule) -> list[RowEvent]:
+        """Release the leaving requests, and make the joining ones groups whose rows start prefilling."""
+        events = []
+        for r in schedule.release:
             self._release(r)
             if r.cancelled and not r.stopped:
                 events.append(RowEvent(r, finish="cancelled"))
-        if plan.admit:
-            events += self._admit(plan.admit)
-        if self._running:
-            events += self._sample_and_decode()
-        self.output.put(events)
-        return bool(self._running or self._waiting)
+        joining = []
+        for r in schedule.admit:
+            try:  # everything that can fail for one request alone happens here, before it takes a row
+                prefix, negative = self._prefixes(r)
+                group = new_group(r, self.eos_ids, self.runner.device)
+            except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
+                with self._cv:
+                    self._forget(r)
+                events.append(RowEvent(r, finish="error", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            self._groups[r.request_id] = group
+            joining.append((group, [prefix, negative] if r.params.guided else [prefix] * rows_of(r)))
+        if joining:
+            self.runner.admit(joining)
+        by_id = {r.request_id: r for r, _ in schedule.prefill}
+        schedule.prefill = [(self._groups[rid], n) for rid, n in
+                            ((r.request_id, n) for r, n in schedule.prefill) if rid in self._groups and rid in by_id]
+        return events
+
+    def update_from_output(self, out) -> list[RowEvent]:
+        """Finish rules (EOS, max_new_tokens, beam searches ending, failed rows) and the step's events."""
+        events, leaving = [], []
+        for request_id, message in out.failed.items():
+            group = self._groups.pop(request_id, None)
+            if group is not None:
+                with self._cv:
+                    self._forget(group.request)
+                events.append(RowEvent(group.request, finish="error", error=message))
+        self.stats.prefills += bool(out.prefilled)
+        self.stats.prompt_tokens += out.prefilled
+        sampled = out.sampled
+        if sampled is None:
+            return events
+        for group in sampled.ended:
+            events.append(RowEvent(group.request, beams=group.search.results[0]))
+            leaving.append(group.request)
+        self.stats.generated_tokens += sampled.beam_steps  # a beam group's step is one token of its request
+        for request_id, token in sampled.tokens.items():
+            group = self._groups.get(request_id)
+            request, params = group.request, group.request.params
+            if request.cancelled or request.stopped or group.search is not None:
+                continue  # leaves at the next step (the token is not emitted), or a beam group (above)
+            if token in self.eos_ids and not params.ignore_eos:
+                events.append(RowEvent(request, finish="stop"))
+                leaving.append(request)
+                continue
+            group.generated += 1
+            self.stats.generated_tokens += 1
+            done = group.generated >= params.max_new_tokens
+            events.append(RowEvent(request, token, "length" if done else None))
+            if done:
+                leaving.append(request)
+        self._record_step(len(sampled.row_tokens), sum(1 for e in events if e.token is not None) + sampled.beam_steps)
+        for request in leaving:
+            self._release(request)
+        return events
 
     def _release(self, request: Request) -> None:
-        self._running.pop(request.request_id, None)
-        for key in _keys(request):
-            if key in self.runner.order:
+        group = self._groups.pop(request.request_id, None)
+        for key in (group.keys if group is not None else []):
+            if key in self.runner:
                 self.runner.remove(key)
         with self._cv:
             self._forget(request)
@@ -228,43 +308,6 @@ class Scheduler:
     def _forget(self, request: Request) -> None:  # holding _cv
         if self._live.pop(request.request_id, None) is not None:
             self._inflight_tokens -= cost(request)
-
-    def _admit(self, requests: list[Request]) -> list[RowEvent]:
-        device = self.runner.device
-        events, keys, prompts, prefixes, joined = [], [], [], [], []
-        for r in requests:
-            try:  # everything that can fail for one request alone happens here, before it joins the batch
-                prefix, negative = self._prefixes(r)
-                state = _Running(r, RowSampler(r.params, device), new_search(r, self.eos_ids, device))
-            except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
-                with self._cv:
-                    self._forget(r)
-                events.append(RowEvent(r, finish="error", error=f"{type(exc).__name__}: {exc}"))
-                continue
-            joined.append(state)
-            # A guided pair's second row is the negative; every beam of a group carries the adapter's prefix.
-            for key, kv in zip(_keys(r), (prefix, negative) if r.params.guided else [prefix] * rows_of(r)):
-                keys.append(key)
-                prompts.append(r.prompt_ids)
-                prefixes.append(kv)
-        if not joined:
-            return events
-        try:
-            self.runner.add(keys, prompts, prefixes, self.pad_id)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: fail the newcomers, keep the batch
-            for key in keys:
-                if key in self.runner.order:
-                    self.runner.remove(key)
-            for state in joined:
-                with self._cv:
-                    self._forget(state.request)
-                events.append(RowEvent(state.request, finish="error", error=f"{type(exc).__name__}: {exc}"))
-            return events
-        self.stats.prefills += 1
-        self.stats.prompt_tokens += sum(len(s.request.prompt_ids) for s in joined)
-        for state in joined:
-            self._running[state.request.request_id] = state
-        return events
 
     def _prefixes(self, r: Request) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         prefix, negative = r.prefix, r.negative_prefix
@@ -278,55 +321,12 @@ class Scheduler:
         self._check_length(r, virtual)
         return prefix, negative
 
-    def _sample_and_decode(self) -> list[RowEvent]:
-        runner = self.runner
-        logits = runner.current_logits()  # (B, V), slot order: sampled in place, no gather of the batch
-        slot = {key: i for i, key in enumerate(runner.order)}
-        guided = [s for s in self._running.values() if s.request.params.guided]
-        if guided:
-            rows = torch.tensor([slot[(s.request.request_id, 0)] for s in guided], device=logits.device)
-            uncond = torch.tensor([slot[(s.request.request_id, 1)] for s in guided], device=logits.device)
-            scale = torch.tensor([s.request.params.guidance_scale for s in guided], device=logits.device)
-            # As offline generation: EOS and layout tokens keep the adapter's own probabilities.
-            with self.lm_lock:
-                layout = self.lm.layout_mask(self._layout_tokenizer)
-            combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
-                                     eos_ids=sorted(self.eos_ids), layout=layout)  # (G, V)
-            logits = logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never used
-        # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
-        samplers = [self._running[key[0]].sampler if key[1] == 0 else _COMPANION for key in runner.order]
-        tokens = sample_rows(logits, samplers)
-        token_of = {key[0]: tokens[i] for i, key in enumerate(runner.order) if key[1] == 0}
-        groups = [s for s in self._running.values() if s.search is not None]
-        beam_tokens, moves, ended = step_groups(groups, logits, slot) if groups else ({}, [], [])
-        events, leaving = [], []
-        for state in ended:
-            events.append(RowEvent(state.request, beams=state.search.results[0]))
-            leaving.append(state.request)
-        live_groups = sum(1 for s in groups if not s.request.cancelled) - len(ended)
-        self.stats.generated_tokens += live_groups  # a beam group's step is one token of its request
-        for state in self._running.values():
-            request, params = state.request, state.request.params
-            if request.cancelled or request.stopped or state.search is not None:
-                continue  # leaves at the next iteration (the token is not emitted), or a beam group (above)
-            token = token_of[request.request_id]
-            if token in self.eos_ids and not params.ignore_eos:
-                events.append(RowEvent(request, finish="stop"))
-                leaving.append(request)
-                continue
-            state.generated += 1
-            self.stats.generated_tokens += 1
-            done = state.generated >= params.max_new_tokens
-            events.append(RowEvent(request, token, "length" if done else None))
-            if done:
-                leaving.append(request)
-        self._record_step(len(runner), sum(1 for e in events if e.token is not None) + live_groups)
-        for request in leaving:
-            self._release(request)
-        if len(runner):
-            runner.reorder(moves)
-            runner.decode([beam_tokens.get(key, token_of[key[0]]) for key in runner.order])
-        return events
+    def _layout(self) -> torch.Tensor:
+        # A worker thread uses its own tokenizer copy: a fast tokenizer shared across threads fails.
+        if self._thread is not None and self._layout_tokenizer is None:
+            self._layout_tokenizer = copy.deepcopy(self.lm.tokenizer)
+        with self.lm_lock:
+            return self.lm.layout_mask(self._layout_tokenizer)
 
     def _record_step(self, rows: int, produced: int) -> None:
         s = self.stats
@@ -334,36 +334,37 @@ class Scheduler:
         s.step_rows += rows
         s.last_batch_size = rows
         s.max_batch_size = max(s.max_batch_size, rows)
-        adapters = {r.request.adapter for r in self._running.values()}
+        adapters = {g.request.adapter for g in self._groups.values()}
         s.max_adapters_in_batch = max(s.max_adapters_in_batch, len(adapters))
         s.mixed_steps += len(adapters) > 1
         s.recent.append((time.monotonic(), produced))
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_admitted(self, message: str, schedule: Schedule | None) -> list[RowEvent]:
+        """A step failed outside the runner's own guard: every admitted request ends with the error."""
         self.error = message
-        states = list(self._running.values())
-        self._running.clear()
+        requests = [g.request for g in self._groups.values()]
+        requests += [r for r in (schedule.admit if schedule is not None else []) if r.request_id not in self._groups]
+        self._groups.clear()
         self.runner.clear()
         events = []
-        for state in states:
+        for request in requests:
             with self._cv:
-                self._forget(state.request)
-            events.append(RowEvent(state.request, finish="error", error=message))
-        self.output.put(events)
+                self._forget(request)
+            events.append(RowEvent(request, finish="error", error=message))
+        return events
 
     def _abort_all(self) -> None:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
             for r in waiting:
                 self._forget(r)
-        states = list(self._running.values())
-        self._running.clear()
+        requests = [g.request for g in self._groups.values()]
+        self._groups.clear()
         self.runner.clear()
-        for state in states:
+        for request in requests:
             with self._cv:
-                self._forget(state.request)
-        self.output.put([RowEvent(r, finish="abort") for r in waiting]
-                        + [RowEvent(s.request, finish="abort") for s in states])
+                self._forget(request)
+        self.output.put([RowEvent(r, finish="abort") for r in waiting + requests])
 
     def _check_length(self, r: Request, prefix_len: int | None = None) -> None:
         if self.max_model_len is None:
@@ -376,15 +377,6 @@ class Scheduler:
                 f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
                 f"{need} > max_model_len {self.max_model_len}"
             )
-
-
-_COMPANION = RowSampler(SamplingParams(), torch.device("cpu"))  # greedy: no generator, any device
-
-
-def _keys(request: Request) -> list[tuple[str, int]]:
-    """Runner row keys of a request: (id, 0) its own row, (id, 1) a guided request's unconditioned row,
-    (id, j) beam j of a beam group."""
-    return [(request.request_id, i) for i in range(rows_of(request))]
 
 
 def cost(request: Request) -> int:

@@ -19,7 +19,6 @@ import torch
 from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.engine.guidance import is_guided
 from prefixtune.eval.judge import Judge, check_judge_labels
-from prefixtune.eval.lora_guided import generate_lora_guided
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
 from prefixtune.eval.quality import quality_report, sample_stats
 from prefixtune.eval.report import fmt
@@ -126,18 +125,16 @@ def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[in
     bar = _bar(len(prompts), desc, settings.progress)
     temp = settings.temperature if temperature is None else temperature
     scale = settings.guidance_scale if guidance_scale is None else guidance_scale
-    lora_guided = lora_base is not None and is_guided(scale)
+    # A LoRA method's base context is its PeftModel's disable_adapter: the engine runs that model's LoRA rows and
+    # their guidance companions (LoRA off) in one batch.
+    lora = getattr(lora_base, "__self__", None) if lora_base is not None and is_guided(scale) else None
     for start in range(0, len(prompts), settings.eval_batch_size):
         stop = start + settings.eval_batch_size
-        if lora_guided:
-            batch = generate_lora_guided(lm, prompts[start:stop], seeds[start:stop], settings.max_new_tokens,
-                                         temp, settings.top_p, scale, lora_base, settings.min_p)
-        else:
-            batch = [o.text for o in lm.generate(
-                prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
-                temperature=temp, top_p=settings.top_p, min_p=settings.min_p, seed=seeds[start:stop],
-                guidance_scale=scale,
-                guidance_negative=settings.guidance_negative)]
+        batch = [o.text for o in lm.generate(
+            prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
+            temperature=temp, top_p=settings.top_p, min_p=settings.min_p, seed=seeds[start:stop],
+            guidance_scale=scale, guidance_negative=None if lora is not None else settings.guidance_negative,
+            lora=lora)]
         texts.extend(t.strip() for t in batch)
         bar.update(len(batch))
     bar.close()

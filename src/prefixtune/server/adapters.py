@@ -168,21 +168,13 @@ class AdapterRegistry:
                     self.lm.register(name, copy)
                 item = self.lm.adapter(name)
             except Exception as err:  # noqa: BLE001 - whatever broke, roll back so no broken name stays listed
-                self.lm.unload(name)
-                if previous is not None:
-                    self.lm.register(name, previous)
-                if copy is not None:
-                    shutil.rmtree(copy, ignore_errors=True)
+                self._restore(name, previous, copy)
                 raise APIError(400, f"cannot load adapter {name!r}: {err}", param="path" if folder else "name",
                                code="adapter_invalid") from err
-            if self.on_change is not None:
-                try:
-                    self.on_change("load", name, None if copy is None else str(copy))
-                except Exception as err:  # noqa: BLE001 - served here but not there would fail every request
-                    self.lm.unload(name)
-                    if copy is not None:
-                        shutil.rmtree(copy, ignore_errors=True)
-                    raise APIError(500, str(err), "server_error", code="adapter_invalid") from err
+        # The engine process mirrors it outside the lock: a stalled or dead core never blocks the requests
+        # that take the lock, and the name is served only once both sides hold it.
+        self._mirror("load", name, None if copy is None else str(copy), lambda: self._restore(name, previous, copy))
+        with self.lock:
             if copy is not None:
                 self._forget_copy(name)
                 self.by_path[name] = copy
@@ -191,15 +183,34 @@ class AdapterRegistry:
         return {"id": name, "object": "model", "num_virtual_tokens": int(item.kv.shape[2]),
                 "load_ms": round(item.load_ms, 2), "source": str(folder or self.lm.store.path(name))}
 
+    def _restore(self, name: str, previous: Path | None, copy: Path | None) -> None:
+        """Undo a load that failed here or in the engine process: the registration before it, no new copy."""
+        with self.lock:
+            self.lm.unload(name)
+            if previous is not None:
+                self.lm.register(name, previous)
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    def _mirror(self, op: str, name: str, path: str | None, undo=None) -> None:
+        """The engine process's side of an admin change (nothing to do in one process); on failure, undo ours."""
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(op, name, path)
+        except Exception as err:  # noqa: BLE001 - served here but not there would fail every request
+            if undo is not None:
+                undo()
+            raise APIError(503, f"adapter {name!r}: {err}", "server_error", code="engine_unavailable") from err
+
     def unload(self, name: str) -> dict:
         if self.stale():
             self.rescan()
+        if name not in self._served:
+            raise APIError(404, f"adapter {name!r} is not served", param="name", code="adapter_not_found")
+        self._mirror("unload", name, None)  # first: a failed unload there leaves both sides as they were
         with self.lock:
-            if name not in self._served:
-                raise APIError(404, f"adapter {name!r} is not served", param="name", code="adapter_not_found")
             self.lm.unload(name)
-            if self.on_change is not None:
-                self.on_change("unload", name)
             self._forget_copy(name)
             if self.lm.store.exists(name):
                 self.hidden = self.hidden | {name}  # still on disk: keep it out of /v1/models until loaded again

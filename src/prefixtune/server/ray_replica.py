@@ -19,6 +19,7 @@ from functools import partial
 import ray
 from ray import serve
 
+from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
 from prefixtune.engine.requests import QueueFull, Request, SchedulerClosed
 from prefixtune.engine.sampling import SamplingParams
 
@@ -37,7 +38,8 @@ class ReplicaConfig:
     dtype: str | None = None  # auto, float32, bfloat16, float16
     force: bool = False  # serve adapters trained on another base of the same shape
     max_batch: int = 16  # rows decoded together on one replica
-    max_queue: int = 256  # waiting rows per replica before 429
+    max_queue: int = 256  # waiting requests per replica before 429
+    max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS  # decode rows + prefill tokens per step (chunked prefill)
     max_model_len: int | None = None  # virtual + prompt + new tokens per row
     max_inflight_tokens: int = 1 << 19  # prompt + max_tokens over a replica's in-flight rows
     mode: str = "continuous"  # engine batching mode
@@ -95,7 +97,7 @@ class ReplicaBase:
         self.lm = PrefixLM.load(cfg.model, store=cfg.store, device=cfg.device, dtype=cfg.dtype, force=cfg.force)
         self.scheduler = Scheduler(self.lm, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.mode,
                                    max_model_len=cfg.max_model_len or model_limit(self.lm.model),
-                                   max_inflight_tokens=cfg.max_inflight_tokens)
+                                   max_inflight_tokens=cfg.max_inflight_tokens, max_step_tokens=cfg.max_step_tokens)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, HeldAdapter] = {}  # what the multiplexed LRU holds, in load order
         self.evictions = 0

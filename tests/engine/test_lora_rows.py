@@ -1,4 +1,5 @@
-"""LoRA guidance: the adapted and the bare model in two forwards per step, combined as for a prefix."""
+"""LoRA rows in the engine: a LoRA model is a runner mode, and a guided LoRA row's companion runs with LoRA off in the
+same forward (PEFT's adapter_names); the result equals two full forwards per step combined as for a prefix."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from peft import LoraConfig, get_peft_model
 
 from prefixtune.engine.guidance import guided_logits
 from prefixtune.engine.lm import PrefixLM
-from prefixtune.eval.lora_guided import generate_lora_guided
 from prefixtune.models import load_base_model
 
 PROMPTS = ["Text: i feel", "Emotion: joy\nText:"]
@@ -33,10 +33,13 @@ def test_lora_guided_greedy_equals_two_full_forwards_and_scale_one_is_plain_lora
     loaded = load_base_model(str(tiny_model_dir), device="cpu", dtype="float32")  # its own copy: LoRA edits it
     torch.manual_seed(0)
     peft_model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                         init_lora_weights=False))
+                                                         init_lora_weights=False)).eval()
     lm = PrefixLM(loaded, tmp_path / "store")
-    got = generate_lora_guided(lm, PROMPTS, [0, 1], 6, 0.0, 1.0, 3.0, peft_model.disable_adapter)
+    got = [g.text for g in lm.generate(PROMPTS, None, max_new_tokens=6, guidance_scale=3.0, lora=peft_model)]
     assert got == [_reference(lm, peft_model, p, 3.0, 6) for p in PROMPTS]
     plain = [g.text for g in lm.generate(PROMPTS, [None, None], max_new_tokens=6)]
-    assert generate_lora_guided(lm, PROMPTS, [0, 1], 6, 0.0, 1.0, 1.0, peft_model.disable_adapter) == plain
+    assert [g.text for g in lm.generate(PROMPTS, None, max_new_tokens=6, guidance_scale=1.0, lora=peft_model)] == plain
     assert got != plain  # the guidance changed something
+    with peft_model.disable_adapter():
+        bare = [g.text for g in lm.generate(PROMPTS, None, max_new_tokens=6)]
+    assert bare != plain  # LoRA changes the model (else the companion's mode would go untested)

@@ -1,0 +1,114 @@
+"""The model runner's sampler: one call per step turns the running rows' logits into each request's next token.
+
+A request is a *group* of rows (engine/policy.rows_of): one row; a guided pair (its adapter row and the
+unconditioned companion, engine/guidance.py), whose logits are combined and whose rows both take the token the
+pair draws; or a beam group of num_beams rows, advanced by its own engine/beam.py BeamSearch (the bookkeeping
+follows transformers' beam search), whose rows are re-pointed at the beams they continue (`moves`). Every
+sampled row keeps its own temperature, top-p, top-k, min-p and random stream (engine/sampling.py), so rows of
+different requests share one vectorised call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from prefixtune.engine.beam import BeamSearch
+from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.policy import rows_of
+from prefixtune.engine.requests import Request
+from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+
+
+@dataclass(eq=False)
+class Group:
+    """One admitted request's sampling state (written by the engine's worker only)."""
+
+    request: Request
+    sampler: RowSampler
+    search: BeamSearch | None = None  # a beam request's search state
+    generated: int = 0  # tokens sampled (EOS not counted)
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """Runner row keys: (id, 0) its own row, (id, 1) a guided request's companion, (id, j) beam j."""
+        return row_keys(self.request)
+
+    @property
+    def prefill_keys(self) -> list[tuple[str, int]]:
+        """Rows that run the prompt: the beams of a group copy beam 0's prompt, a guided pair runs both."""
+        return self.keys[:2] if self.request.params.guided else self.keys[:1]
+
+
+def row_keys(request: Request) -> list[tuple[str, int]]:
+    return [(request.request_id, i) for i in range(rows_of(request))]
+
+
+def new_group(request: Request, eos_ids: set[int], device: torch.device) -> Group:
+    """Raises ValueError for settings beam search refuses (before the request takes any row)."""
+    search = None
+    if request.params.beam:
+        search = BeamSearch([request.prompt_ids], request.params.beam_params(), eos_ids, device)
+    return Group(request, RowSampler(request.params, device), search)
+
+
+@dataclass
+class Sampled:
+    """What one sampling step decided."""
+
+    tokens: dict[str, int] = field(default_factory=dict)  # request id -> token (sampling requests)
+    row_tokens: dict[Hashable, int] = field(default_factory=dict)  # runner key -> token each row is fed next
+    moves: list[tuple[Hashable, Hashable]] = field(default_factory=list)  # beam rows: (dst, src) before the feed
+    ended: list[Group] = field(default_factory=list)  # beam groups whose search ended (results in the search)
+    beam_steps: int = 0  # beam groups that advanced (one token of their request each)
+
+
+_COMPANION = RowSampler(SamplingParams(), torch.device("cpu"))  # greedy: no generator, any device
+
+
+class Sampler:
+    def __init__(self, eos_ids: set[int], layout: Callable[[], torch.Tensor]):
+        self.eos_ids = set(eos_ids)
+        self.layout = layout  # the (V,) layout-token mask guidance leaves to the adapter, built on first use
+
+    def __call__(self, logits: torch.Tensor, order: Sequence[Hashable], groups: dict[str, Group]) -> Sampled:
+        """logits (B, V) of the running rows in slot order `order`; every row belongs to a group in `groups`."""
+        slot = {key: i for i, key in enumerate(order)}
+        logits = self._guide(logits, slot, [g for g in groups.values() if g.request.params.guided])
+        # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
+        samplers = [groups[key[0]].sampler if key[1] == 0 else _COMPANION for key in order]
+        drawn = sample_rows(logits, samplers)
+        out = Sampled()
+        out.tokens = {key[0]: drawn[i] for i, key in enumerate(order) if key[1] == 0}
+        out.row_tokens = {key: out.tokens[key[0]] for key in order}
+        for group in groups.values():
+            if group.search is not None and not group.request.cancelled:
+                self._beam_step(group, logits, slot, out)
+        return out
+
+    def _guide(self, logits: torch.Tensor, slot: dict, guided: list[Group]) -> torch.Tensor:
+        if not guided:
+            return logits
+        rows = torch.tensor([slot[(g.request.request_id, 0)] for g in guided], device=logits.device)
+        uncond = torch.tensor([slot[(g.request.request_id, 1)] for g in guided], device=logits.device)
+        scale = torch.tensor([g.request.params.guidance_scale for g in guided], device=logits.device)
+        # EOS and layout tokens keep the adapter's own probabilities (engine/guidance.py).
+        combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
+                                 eos_ids=sorted(self.eos_ids), layout=self.layout())  # (G, V)
+        return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
+
+    @staticmethod
+    def _beam_step(group: Group, logits: torch.Tensor, slot: dict, out: Sampled) -> None:
+        keys = group.keys
+        rows = torch.tensor([slot[key] for key in keys], device=logits.device)
+        source, chosen = group.search.advance(logits.index_select(0, rows))  # from (num_beams, V)
+        if group.search.done:
+            out.ended.append(group)
+            return
+        out.beam_steps += 1
+        for key, src, token in zip(keys, source, chosen):
+            out.row_tokens[key] = token
+            if keys[src] != key:
+                out.moves.append((key, keys[src]))

@@ -1,0 +1,140 @@
+"""Per-slot KV storage: one (slots, kv_heads, capacity, head_dim) buffer per layer for keys and one for values.
+
+Rows occupy slots 0..n-1 in `order`; row r's prefix sits in columns 0..P_r-1 and its tokens after it, so column c
+is position c (PEFT's placement, no padding between prefix and prompt). A row leaving is replaced by the last
+slot's row (one row's columns copied), so rows 0..n-1 stay a contiguous view and joining or leaving costs
+O(that row), never a copy of the whole batch. The buffers double in slots or capacity when they run out
+(amortised; the only whole-store copy, and a rare one) and are freed when the last row leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+from prefixtune.prefix.shapes import PrefixShape
+
+INITIAL_CAPACITY = 128  # columns per slot before the first doubling
+
+
+class SlotKV:
+    def __init__(self, shape: PrefixShape, max_rows: int, device: torch.device, dtype: torch.dtype):
+        self.shape, self.max_rows, self.device, self.dtype = shape, max_rows, device, dtype
+        self.order: list[Hashable] = []  # key of each slot's row, slot order
+        self.lengths: list[int] = []  # columns filled per slot (prefix + tokens)
+        self.keys: list[torch.Tensor] = []  # per layer (S, kv_heads, C, head_dim)
+        self.values: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None  # (S, V) latest next-token logits per slot
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def slot(self, key: Hashable) -> int:
+        return self.order.index(key)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, rows: int, columns: int) -> None:
+        """Room for `rows` slots of `columns` columns (doubling: amortised O(1) per row and column)."""
+        s = self.shape
+        if not self.keys:
+            slots, cap = min(self.max_rows, max(4, rows)), max(INITIAL_CAPACITY, columns)
+            size = (slots, s.kv_heads, cap, s.head_dim)  # (S, kv_heads, C, head_dim)
+            self.keys = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+            self.values = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+            return
+        slots, cap = self.keys[0].shape[0], self.keys[0].shape[2]
+        if rows <= slots and columns <= cap:
+            return
+        new_slots = slots if rows <= slots else max(rows, min(self.max_rows, 2 * slots))
+        new_cap = cap if columns <= cap else max(columns, 2 * cap)
+        used, width = len(self.order), max(self.lengths, default=0)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros((new_slots, old.shape[1], new_cap, old.shape[3]))  # (S', kv_heads, C', hd)
+                grown[:used, :, :width] = old[:used, :, :width]
+                store[i] = grown
+        if self.logits is not None and new_slots > self.logits.shape[0]:
+            grown = self.logits.new_zeros((new_slots, self.logits.shape[1]))  # (S', V)
+            grown[:used] = self.logits[:used]
+            self.logits = grown
+
+    def append(self, key: Hashable, prefix: torch.Tensor | None, columns: int) -> int:
+        """A new last row holding `prefix` (2L, kv_heads, P, head_dim) or nothing; room for `columns` columns."""
+        slot, p = len(self.order), 0 if prefix is None else int(prefix.shape[2])
+        self.reserve(slot + 1, max(columns, p) + 1)
+        if prefix is not None:
+            for layer in range(self.shape.num_layers):
+                self.keys[layer][slot, :, :p] = prefix[2 * layer]  # (kv_heads, P, head_dim)
+                self.values[layer][slot, :, :p] = prefix[2 * layer + 1]  # (kv_heads, P, head_dim)
+        self.order.append(key)
+        self.lengths.append(p)
+        return slot
+
+    def copy_from(self, other: SlotKV, src: int, key: Hashable) -> int:
+        """Append a row continuing `other`'s slot `src` (its columns and its logits)."""
+        n, slot = other.lengths[src], len(self.order)
+        self.reserve(slot + 1, n + 1)
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for t, o in zip(mine, theirs):
+                t[slot, :, :n] = o[src, :, :n]  # (kv_heads, n, head_dim)
+        if other.logits is not None:
+            self.set_logits(slot, other.logits[src])
+        self.order.append(key)
+        self.lengths.append(n)
+        return slot
+
+    def set_logits(self, slot: int, logits: torch.Tensor) -> None:
+        if self.logits is None or self.logits.shape[0] < self.keys[0].shape[0]:
+            grown = logits.new_zeros((self.keys[0].shape[0], logits.shape[-1]))  # (S, V)
+            if self.logits is not None:
+                grown[:self.logits.shape[0]] = self.logits
+            self.logits = grown
+        self.logits[slot] = logits
+
+    def remove(self, key: Hashable) -> None:
+        """Drop one row; the last slot's row moves into its place (O(one row))."""
+        slot, last = self.slot(key), len(self.order) - 1
+        if slot != last:
+            n = self.lengths[last]
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[slot, :, :n] = t[last, :, :n]  # (kv_heads, n, head_dim)
+            if self.logits is not None:
+                self.logits[slot] = self.logits[last]
+            self.order[slot], self.lengths[slot] = self.order[last], self.lengths[last]
+        self.order.pop()
+        self.lengths.pop()
+        self.release()
+
+    def move(self, moves: list[tuple[Hashable, Hashable]]) -> None:
+        """For every (dst, src) pair at once, row dst continues from row src's state (a beam forking another).
+
+        All sources are read before any destination is written, so pairs may overlap (beams swapping).
+        """
+        if not moves:
+            return
+        slot = {key: i for i, key in enumerate(self.order)}
+        dst = torch.tensor([slot[d] for d, _ in moves], device=self.device)
+        src = torch.tensor([slot[s] for _, s in moves], device=self.device)
+        n = max(self.lengths[slot[s]] for _, s in moves)  # columns past a row's length are never attended
+        for store in (self.keys, self.values):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]  # (M, kv_heads, n, head_dim), gathered before it is written
+        if self.logits is not None:
+            self.logits[dst] = self.logits[src]  # (M, V)
+        lengths = [self.lengths[slot[s]] for _, s in moves]
+        for (d, _), length in zip(moves, lengths):
+            self.lengths[slot[d]] = length
+
+    def clear(self) -> None:
+        self.order, self.lengths = [], []
+        self.release()
+
+    def release(self) -> None:
+        """Free the buffers when no row is left: one long request must not keep its capacity for ever."""
+        if not self.order:
+            self.keys, self.values, self.logits = [], [], None
