@@ -24,7 +24,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     from prefixtune.models import load_base_model
     from prefixtune.store import AdapterStore
     from prefixtune.train.config import FAMILY_RECIPE, TrainConfig
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     console = Console()
     started = time.perf_counter()

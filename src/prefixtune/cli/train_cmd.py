@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             flags["progress"] = False
         cfg = build_config(config, flags)
-        from prefixtune.train.loop import train
+        from prefixtune.train.run import train
 
         result = train(cfg)
         if result.interrupted:

@@ -55,7 +55,7 @@ class ServerSettings:
 
 
 def model_limit(model) -> int | None:
-    from prefixtune.engine.lm import max_positions
+    from prefixtune.models import max_positions
 
     return max_positions(model.config)
 
