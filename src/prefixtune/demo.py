@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in README "Control quality"
+MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in docs/BENCHMARKS.md "Control quality"
 
 
 def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | None = None) -> None:

@@ -1,6 +1,6 @@
 """`prefixtune serve --backend ray`: N engine replicas on Ray Serve behind the same OpenAI-compatible API.
 
-Imported only for --backend ray, so the plain server never imports ray. Layout (docs/SERVING.md, "Ray Serve"):
+Imported only for --backend ray, so the plain server never imports ray. Layout (docs/ARCHITECTURE.md, "Ray Serve"):
   ingress (ray_ingress.py)  the FastAPI app of `prefixtune serve`; `model` -> multiplexed model id
   replicas (ray_replica.py) one base model each, prefixtune's engine, an LRU of K adapters (serve.multiplexed)
   PlacementBoard (here)     what each live replica holds and runs, for GET /v1/adapters/placement
