@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in README "Control quality"
+MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in docs/BENCHMARKS.md "Control quality"
 
 
 def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | None = None) -> None:
@@ -24,7 +24,7 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     from prefixtune.models import load_base_model
     from prefixtune.store import AdapterStore
     from prefixtune.train.config import FAMILY_RECIPE, TrainConfig
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     console = Console()
     started = time.perf_counter()

@@ -1,17 +1,16 @@
-"""The errors a user can cause and fix; the CLI prints them as one line instead of a stack trace."""
+"""The errors a user can cause and fix; the CLI prints them as one line instead of a stack trace.
+
+A leaf module: it imports nothing of prefixtune, so every layer (data, models, prefix, store, train, eval)
+can subclass `UserError` without the server or the CLI depending on the training code.
+"""
 
 from __future__ import annotations
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    # Imported lazily: the CLI must start fast, before torch/transformers are needed.
-    from prefixtune.data import DataError
-    from prefixtune.models import ModelLoadError
-    from prefixtune.prefix.peft_io import AdapterFormatError
-    from prefixtune.prefix.shapes import ShapeMismatchError, UnsupportedModelError
-    from prefixtune.store import StoreError
-    from prefixtune.train.checkpoint import CheckpointError
-    from prefixtune.train.config import ConfigError
+class UserError(Exception):
+    """A failure the user caused and can fix (a bad flag, file, name or model); the message says how."""
 
-    return (DataError, ModelLoadError, AdapterFormatError, ShapeMismatchError, UnsupportedModelError, StoreError,
-            ConfigError, CheckpointError)
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types to report as one line (kept as a tuple so callers can extend it)."""
+    return (UserError,)

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from prefixtune.fileio import atomic_write_text
+from prefixtune.paths import prefixtune_home
+
 
 # Keys that change with how a model was loaded rather than what its weights compute. `architectures` is
 # dropped because a GGUF load leaves it None while save_pretrained fills it in; the loaded class name is
@@ -115,8 +118,6 @@ def cached_fingerprints(model: Any, location: str, gguf_file: str | None, dtype:
             stat = None
         if stat is not None:
             key = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, str(dtype), stat]).encode()).hexdigest()[:32]
-            from prefixtune.models import prefixtune_home
-
             path = prefixtune_home() / "fingerprints" / f"{key}.json"
             try:
                 hit = json.loads(path.read_text())
@@ -126,8 +127,6 @@ def cached_fingerprints(model: Any, location: str, gguf_file: str | None, dtype:
     found = model_fingerprint(model), legacy_fingerprint(model)
     if path is not None:
         try:
-            from prefixtune.prefix.peft_io import atomic_write_text
-
             atomic_write_text(path, json.dumps({"fingerprint": found[0], "legacy": found[1]}))
         except OSError:  # a read-only home only costs the next load the hashing again
             pass

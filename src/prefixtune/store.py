@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prefixtune.errors import UserError
 from prefixtune.fingerprint import (  # noqa: F401 - LegacyFingerprintWarning is part of the store's API
     FINGERPRINT_VERSION,
     LegacyFingerprintWarning,
@@ -28,18 +29,18 @@ from prefixtune.fingerprint import (  # noqa: F401 - LegacyFingerprintWarning is
     warn_legacy,
 )
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
+from prefixtune.fileio import atomic_folder, atomic_write_text, current_umask, swap_in
+from prefixtune.paths import prefixtune_home
 from prefixtune.prefix.peft_io import (
-    _umask,
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoadedAdapter,
-    atomic_folder,
-    atomic_write_text,
     load_adapter,
     read_peft_config,
     save_adapter,
 )
 from prefixtune.prefix.shapes import PrefixShape
+from prefixtune.version import __version__
 
 MANIFEST_FILE = "prefixtune.json"
 SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim")  # what a manifest records of PrefixShape
@@ -49,7 +50,7 @@ _HIDDEN_LEFTOVERS = (".*.tmp-*", ".*.old-*", ".*.rm-*")  # what an interrupted w
 _STALE_S = 3600  # leftovers older than this belong to dead processes
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A bad adapter name, a missing adapter, or an adapter that does not fit the base model."""
 
 
@@ -92,9 +93,7 @@ def versions() -> dict[str, str]:
     """Installed versions from package metadata (importing peft just to ask would cost every save ~0.5 s)."""
     from importlib import metadata
 
-    import prefixtune
-
-    found = {"prefixtune": prefixtune.__version__, "torch": torch.__version__}
+    found = {"prefixtune": __version__, "torch": torch.__version__}
     for name in ("transformers", "peft"):
         try:
             found[name] = metadata.version(name)
@@ -356,7 +355,6 @@ class AdapterStore:
 
         A failure while staging leaves the store untouched; only the final renames run one after another.
         """
-        from prefixtune.prefix.peft_io import swap_in
 
         staged: dict[str, Path] = {}
         try:
@@ -365,7 +363,7 @@ class AdapterStore:
                 self.root.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{name}.tmp-"))
                 shutil.copytree(folder, tmp, dirs_exist_ok=True)
-                tmp.chmod(0o777 & ~_umask())
+                tmp.chmod(0o777 & ~current_umask())
                 staged[name] = tmp
             return {name: swap_in(tmp, self.path(name)) for name, tmp in staged.items()}
         finally:
@@ -394,6 +392,4 @@ def _valid(name: str) -> bool:
 
 
 def default_store() -> Path:
-    from prefixtune.models import prefixtune_home
-
     return prefixtune_home() / "adapters"

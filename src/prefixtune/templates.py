@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from prefixtune.errors import UserError
+
 LABEL = "label"
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template that cannot be filled (a field it names is missing); the message names it and the fix."""
 
 

@@ -113,7 +113,7 @@ def test_text_output_stop_sampling_and_chat(tiny_model_dir, store):
 def test_trained_adapter_with_label(tiny_model_dir, tmp_path):
     """The whole path: train a tiny adapter into a store, list it, generate with its own template."""
     from prefixtune.train import TrainConfig
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     rows = [{"text": f"sample text number {i} about feelings", "label": ("joy", "anger")[i % 2]} for i in range(24)]
     data = tmp_path / "train.jsonl"

@@ -53,7 +53,7 @@ def test_empty_file_is_refused_even_when_skipping(tmp_path):
 
 def test_train_skips_bad_rows_and_says_how_many(tmp_path, tiny_model_dir, tiny_lm):
     from prefixtune.train.config import TrainConfig
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     rows = [_j({"text": f"row {i} is fine", "label": "joy" if i % 2 else "sadness"}) for i in range(20)]
     rows[4] = b'{"text": 7, "label": "joy"}'

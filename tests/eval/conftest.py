@@ -26,7 +26,7 @@ def eval_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def trained_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """A store with a per-label family emotion-<label> and one label-in-prompt adapter `single`."""
     from prefixtune.train.config import TrainConfig
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     root = tmp_path_factory.mktemp("eval-store")
     data = write_data(root / "data", reference=True)

@@ -16,7 +16,7 @@ from prefixtune.cli import app
 from prefixtune.models import load_base_model
 from prefixtune.testing import make_tiny_model, make_tiny_tokenizer
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.loop import train
+from prefixtune.train.run import train
 
 TEMPLATE = "Color: {color}; size: {size}\n"
 COLORS, SIZES = ("red", "blue"), ("big", "small")

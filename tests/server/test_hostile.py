@@ -9,7 +9,7 @@ import openai
 import pytest
 from serve_helpers import live_server, write_adapter
 
-from prefixtune.prefix import peft_io
+from prefixtune import fileio
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,6 @@ def test_umask_is_read_without_being_set(monkeypatch):
     def refuse(_mask):
         raise AssertionError("os.umask changes the process umask for every thread")
 
-    expected = peft_io._umask()
+    expected = fileio.current_umask()
     monkeypatch.setattr(os, "umask", refuse)
-    assert peft_io._umask() == expected
+    assert fileio.current_umask() == expected

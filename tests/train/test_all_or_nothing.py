@@ -14,7 +14,8 @@ import torch
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.train.checkpoint import CheckpointError
 from prefixtune.train.config import ConfigError, TrainConfig
-from prefixtune.train.loop import Trainer, train
+from prefixtune.train.loop import Trainer
+from prefixtune.train.run import train
 
 
 def _cfg(tmp_path, model_dir, data, **kw):

@@ -13,7 +13,7 @@ from prefixtune.store import read_manifest
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.contrastive import contrastive_forward
 from prefixtune.train.examples import Tokenized, collate
-from prefixtune.train.loop import train
+from prefixtune.train.run import train
 from prefixtune.testing import make_tiny_model
 
 

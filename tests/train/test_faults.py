@@ -19,7 +19,7 @@ import torch
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.store import AdapterStore
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.loop import train
+from prefixtune.train.run import train
 
 # Independent runs, each killed up to KILLS times at random moments before it may finish. The default keeps
 # the suite quick; PREFIXTUNE_FAULT_TRIALS=20 is what docs/RELIABILITY.md reports.

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.loop import Trainer, train
+from prefixtune.train.loop import Trainer
+from prefixtune.train.run import train
 
 
 def _cfg(tmp_path, model_dir, data, **kw):

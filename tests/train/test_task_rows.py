@@ -9,7 +9,7 @@ import pytest
 from prefixtune.data import DataError, Example, load_data
 from prefixtune.store import read_manifest
 from prefixtune.train.config import TrainConfig
-from prefixtune.train.loop import train
+from prefixtune.train.run import train
 from prefixtune.train.task_rows import tokenize_task
 
 TEMPLATE = "Record: {mr}\nArea: {area}\nSentence:"

@@ -17,7 +17,8 @@ from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import read_manifest
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.examples import tokenize
-from prefixtune.train.loop import Trainer, train
+from prefixtune.train.loop import Trainer
+from prefixtune.train.run import train
 
 
 def _cfg(tmp_path, model_dir, data, **kw):

@@ -12,7 +12,7 @@ from prefixtune.data import DataBundle, Example
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.label_words import distinctive_words
-from prefixtune.train.loop import train
+from prefixtune.train.run import train
 from prefixtune.train.plan import plan_run
 from prefixtune.train.word_weights import WordWeights, word_token_ids
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from prefixtune.prefix.peft_io import atomic_write, atomic_write_text
+from prefixtune.fileio import atomic_write, atomic_write_text
 
 
 def bar_chart(path: Path, title: str, labels: list[str], values: list[float], unit: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune.eval.reference import DecodeSettings, score_methods, scores_table
-from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.fileio import atomic_write_text
 
 BASE = "base (no prefix)"
 

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         import json
         from pathlib import Path
 
-        from prefixtune.prefix.peft_io import atomic_write_text
+        from prefixtune.fileio import atomic_write_text
 
         if not (http or ray):
             from prefixtune.bench.run import run_bench

@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         eval_examples: Optional[int] = Opt(None, help="Validation rows per eval."),
         early_stopping: Optional[int] = Opt(None, help="Evals without gain before stopping (0 = off)."),
         save_every: Optional[int] = Opt(None, help="Steps between checkpoints."),
+        loss_check_steps: Optional[int] = Opt(None, help="Warn if the loss has not fallen after this many steps "
+                                                         "(default 40)."),
         gradient_checkpointing: Optional[bool] = Opt(None, "--gradient-checkpointing", help="Save memory."),
         device: Optional[str] = Opt(None, help="cpu | cuda | auto"),
         dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
@@ -98,7 +100,7 @@ def register(app: typer.Typer) -> None:
         if no_progress:
             flags["progress"] = False
         cfg = build_config(config, flags)
-        from prefixtune.train.loop import train
+        from prefixtune.train.run import train
 
         result = train(cfg)
         if result.interrupted:

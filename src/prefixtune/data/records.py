@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefixtune.errors import UserError
+
 SPLIT_ALIASES: dict[str, str] = {"train": "train", "validation": "validation", "val": "validation",
                                  "valid": "validation", "dev": "validation", "test": "test"}
 SPLIT_ORDER = ("train", "validation", "test")
@@ -13,7 +15,7 @@ MISSING: Any = object()  # sentinel: a row without a label (distinct from any re
 MAX_TEXT_CHARS = 1_000_000  # one example this long is a runaway line (a missing newline), not a text
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data; the message names the file, the row and the fix."""
 
     def __init__(self, message: str, *, path: str | None = None, row: int | None = None) -> None:

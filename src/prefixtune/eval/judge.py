@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from prefixtune.errors import UserError
 from prefixtune.data import DataBundle, DataError
-from prefixtune.prefix.peft_io import atomic_write
+from prefixtune.fileio import atomic_write
+from prefixtune.paths import prefixtune_home
 
 __all__ = ["Judge", "JudgeError", "TfidfJudge", "judge_accuracy", "load_judge", "tfidf_judge"]
 
@@ -24,7 +26,7 @@ __all__ = ["Judge", "JudgeError", "TfidfJudge", "judge_accuracy", "load_judge", 
 _JUDGE_VERSION = 1
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """A judge that cannot be built or loaded (bad --judge spec, data without labels)."""
 
 
@@ -122,7 +124,6 @@ def tfidf_judge(data: DataBundle, say=print) -> TfidfJudge:
 def judge_cache_path(data: DataBundle, home: Path | None = None) -> Path:
     import sklearn
 
-    from prefixtune.models import prefixtune_home
 
     # No pickle: the fitted numbers go into a safetensors file (vocabulary and settings in its JSON metadata);
     # the sklearn version stays in the key because its TF-IDF details may change between releases.

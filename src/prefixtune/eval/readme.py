@@ -34,7 +34,7 @@ def compare_command(cfg: dict[str, Any]) -> str:
     """The `prefixtune compare` command line that reproduces the headline settings of a run."""
     from dataclasses import fields
 
-    from prefixtune.eval.compare import CompareConfig
+    from prefixtune.eval.compare_setup import CompareConfig
 
     defaults = {f.name: getattr(CompareConfig(), f.name) for f in fields(CompareConfig)}
     parts = ["prefixtune compare", f"--data {cfg['data']}", f"--methods {','.join(cfg['methods'])}",

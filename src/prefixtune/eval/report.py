@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefixtune.prefix.peft_io import atomic_write, atomic_write_text
+from prefixtune.fileio import atomic_write, atomic_write_text
 
 # (key in a compare row, column header, format) in table order.
 COMPARE_COLUMNS: list[tuple[str, str, str]] = [

@@ -13,7 +13,7 @@ from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
 from prefixtune.eval.quality import choose_scale, plot_sweep
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
-from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.fileio import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
 from prefixtune.templates import fill_template, is_task_template
 

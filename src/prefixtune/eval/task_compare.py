@@ -15,7 +15,7 @@ from typing import Any
 
 from prefixtune.eval.reference import DecodeSettings, score_methods, scores_table
 from prefixtune.eval.report import write_json
-from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.fileio import atomic_write_text
 
 
 def run_task_compare(cfg, say=print) -> dict[str, Any]:
@@ -23,13 +23,13 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
     from contextlib import contextmanager
 
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.eval.compare import _row, train_method
+    from prefixtune.eval.compare_setup import result_row, train_method
     from prefixtune.train.methods import lora_applied
     from prefixtune.eval.task_eval import load_task_items
     from prefixtune.models import load_base_model
     from prefixtune.runtime import configure_threads
 
-    from prefixtune.eval.compare import CompareConfigError
+    from prefixtune.eval.compare_setup import CompareConfigError
 
     if cfg.per_label:
         raise CompareConfigError("--per-label trains one adapter per label; a task template conditions on the "
@@ -66,7 +66,7 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
     settings = DecodeSettings(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.eval_batch_size, progress=cfg.progress)
     scores = score_methods(lm, methods, cfg.template, items, settings, say)
-    rows = [_row(m, trained.get(m), {k: v for k, v in scores[m].items() if k != "outputs"}, base_params)
+    rows = [result_row(m, trained.get(m), {k: v for k, v in scores[m].items() if k != "outputs"}, base_params)
             for m in cfg.methods]
     results = {"task": True, "config": asdict(cfg), "device": str(loaded.device), "template": cfg.template,
                "reference_field": ref_field, "test_rows": n_rows, "test_inputs": n_items,

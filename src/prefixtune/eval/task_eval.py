@@ -14,7 +14,7 @@ from typing import Any
 from prefixtune.data import DataError
 from prefixtune.eval.reference import DecodeSettings, group_items, sample_items, score_methods, scores_table
 from prefixtune.eval.report import write_json
-from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.fileio import atomic_write_text
 from prefixtune.store import StoreError
 from prefixtune.templates import input_fields
 

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from prefixtune.prefix.peft_io import atomic_write_text
+from prefixtune.fileio import atomic_write_text
 
 
 def _history(run: Path) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ def run_training(spec: dict[str, Any], loaded=None, data=None, say=print) -> dic
         torch.cuda.reset_peak_memory_stats()
     if spec["method"] not in ("prefix", "lora"):
         raise ValueError(f"unknown method {spec['method']!r}")
-    from prefixtune.train.loop import train
+    from prefixtune.train.run import train
 
     cfg.method = spec["method"]
     result = train(cfg, loaded, data, say)  # one engine: LoRA gets the same loop as prefix tuning

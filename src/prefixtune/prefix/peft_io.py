@@ -8,12 +8,6 @@ embedding + MLP beside them (`prefix_trainable.safetensors`) so training can res
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefixtune.errors import UserError
+from prefixtune.fileio import atomic_folder, atomic_write, atomic_write_text, swap_in  # noqa: F401 - re-exported
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
 from prefixtune.prefix.shapes import PrefixShape, ShapeMismatchError, check_size
 
@@ -31,7 +27,7 @@ TRAINABLE_FILE = "prefix_trainable.safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError, ValueError):
     """An adapter folder that is not a readable prefix-tuning adapter."""
 
 
@@ -45,93 +41,6 @@ class LoadedAdapter:
     @property
     def num_virtual_tokens(self) -> int:
         return int(self.flat.shape[0])
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_umask() -> int | None:
-    """The process umask without changing it (Linux: /proc/self/status), or None where that is unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _probe_umask() -> int:
-    # os.umask can only be read by setting it; done once at import, before a server or trainer starts its
-    # threads, so no other thread can create a file while the mask is briefly 0.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_IMPORT_UMASK = _read_umask()
-if _IMPORT_UMASK is None:
-    _IMPORT_UMASK = _probe_umask()
-
-
-def _umask() -> int:
-    """Never sets the umask at runtime: another thread may be creating files at that moment."""
-    mask = _read_umask()
-    return _IMPORT_UMASK if mask is None else mask
-
-
-def swap_in(tmp: Path, target: Path, overwrite: bool = True) -> Path:
-    """Rename the finished folder `tmp` to `target`; an old `target` is moved aside first and put back if the
-    rename fails. Between the two renames the name is briefly absent, never half-written."""
-    old = None
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} appeared while writing; choose another name or pass --overwrite")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-@contextmanager
-def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; when the block succeeds it becomes `target`, whole (swap_in).
-
-    On failure the temp folder goes and `target` stays.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp is owner-only; the result should read like any other folder
-    try:
-        yield tmp
-        swap_in(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def peft_config_dict(shape: PrefixShape, config: PrefixConfig, base_model: str) -> dict[str, Any]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prefixtune.errors import UserError
+
 # Architectures the test matrix covers; others load with a warning if their structure is plain.
 TESTED_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"})
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The model's attention layout cannot take a per-layer key/value prefix."""
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(UserError, ValueError):
     """A user-given or stored size disagrees with the base model."""
 
 

@@ -1,6 +1,6 @@
 """`prefixtune serve --backend ray`: N engine replicas on Ray Serve behind the same OpenAI-compatible API.
 
-Imported only for --backend ray, so the plain server never imports ray. Layout (docs/SERVING.md, "Ray Serve"):
+Imported only for --backend ray, so the plain server never imports ray. Layout (docs/ARCHITECTURE.md, "Ray Serve"):
   ingress (ray_ingress.py)  the FastAPI app of `prefixtune serve`; `model` -> multiplexed model id
   replicas (ray_replica.py) one base model each, prefixtune's engine, an LRU of K adapters (serve.multiplexed)
   PlacementBoard (here)     what each live replica holds and runs, for GET /v1/adapters/placement
@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -71,12 +72,12 @@ def connect(opts: RayOptions) -> None:
         # then starve; Serve's 5 s proxy readiness check failed here on a loaded 2-core machine.
         os.environ.setdefault("RAY_worker_niceness", "0")
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    import prefixtune
-
-    # The replicas run this very prefixtune (shipped with the job), not whatever version a node has installed.
+    # The replicas run this very prefixtune (its package folder shipped with the job), not whatever version a
+    # node has installed.
+    package = str(Path(__file__).resolve().parents[1])
     ray.init(address=opts.address, num_cpus=opts.local_cpus if opts.address is None else None,
              include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"py_modules": [prefixtune]})
+             runtime_env={"py_modules": [package]})
 
 
 def free_port(host: str) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefixtune.prefix.peft_io import atomic_folder
+from prefixtune.errors import UserError
+from prefixtune.fileio import atomic_folder
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -56,7 +57,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message says what is kept and what to do."""
 
 

@@ -1,4 +1,4 @@
-"""`prefixtune train`: one pass trains one adapter, or one adapter per label on mixed batches."""
+"""The Trainer: one pass trains one adapter, or one adapter per label on mixed batches (train/run.py starts it)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,15 @@ from typing import Any
 
 import torch
 
-from prefixtune.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.contrastive import contrastive_forward, negatives_for
-from prefixtune.train.distributed import (
-    DDP, SHARD, ghost_share, make_accelerator, rank_share, split_mode, sum_over_ranks,
-)
+from prefixtune.train.distributed import ghost_share, rank_share, sum_over_ranks
 from prefixtune.train.evaluation import eval_loss
 from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
-from prefixtune.train.preflight import check_out, check_paths, claim_out, resume_command
+from prefixtune.train.preflight import check_out, claim_out, resume_command
 from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
 from prefixtune.train.saving import publish
 from prefixtune.train.word_weights import WordWeights
@@ -351,24 +349,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: TrainConfig, loaded=None, data=None, say=print) -> TrainResult:
-    """Train as `cfg` says; `loaded` (a LoadedModel) and `data` (a DataBundle) may be passed in to reuse them.
-
-    All or nothing: settings, paths and OUT are checked before the model loads, OUT is claimed only after the
-    data and adapters are planned, and the store sees the adapters only when the run completes. Under
-    `accelerate launch` a family's adapters are sharded over the ranks or trained with DDP (train/distributed.py).
-    """
-    cfg.validate()
-    check_paths(cfg)
-    accelerator = make_accelerator(cfg, loaded)  # first: it picks this rank's device, which the model loads onto
-    mode = split_mode(cfg, accelerator.num_processes, say if accelerator.is_main_process else (lambda *_: None))
-    if mode == SHARD:
-        from prefixtune.train.sharded import train_sharded
-
-        return train_sharded(cfg, accelerator, loaded, data, say)
-    return train_one(cfg, accelerator, loaded, data, say, ddp=mode == DDP)
-
-
 def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool, resume_hint: str | None = None
               ) -> TrainResult:
     """One pass that trains all of cfg's adapters together: in this process alone, or as a rank of DDP."""
@@ -383,8 +363,6 @@ def train_one(cfg: TrainConfig, accelerator, loaded, data, say, ddp: bool, resum
         if ddp:
             accelerator.wait_for_everyone()
         if not main:  # resume whatever checkpoint rank 0 kept (it clears OUT when there was none)
-            from prefixtune.train.checkpoint import has_checkpoint
-
             resume = cfg.resume and has_checkpoint(Path(cfg.out))
         return Trainer(cfg, plan, say, resume=resume, resume_hint=resume_hint).run()
     finally:

@@ -118,7 +118,7 @@ class LoraMethod(TrainMethod):
                 p.copy_(state[n])
 
     def save(self, trainer, root, metrics):
-        from prefixtune.prefix.peft_io import atomic_folder
+        from prefixtune.fileio import atomic_folder
 
         target = Path(root) / self.cfg.name
         with atomic_folder(target) as tmp:

@@ -165,7 +165,7 @@ def _word_tokens(cfg: TrainConfig, words: dict[str, list[str]], adapter_labels: 
 
 def _task_rows(examples, loaded, template, adapter_of, cfg: TrainConfig, say, what: str = "training"):
     """Task rows and how many were changed (shortened inputs or cut targets), reported through `say`."""
-    from prefixtune.engine.lm import max_positions
+    from prefixtune.models import max_positions
     from prefixtune.train.task_rows import tokenize_task
 
     limit = max_positions(loaded.model.config)

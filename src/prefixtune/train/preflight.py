@@ -12,20 +12,11 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from prefixtune.train.config import ConfigError
-
-if TYPE_CHECKING:
-    from prefixtune.train.config import TrainConfig
+from prefixtune.train.config import ConfigError, TrainConfig
 
 RUN_FILE = "run.json"  # the run's settings, written before the first step; marks a folder as a run
 SHARDS_DIR = "shards"  # a sharded run's adapters, one run folder each (train/sharded.py)
-STORAGE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-                   "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-METHODS = ("prefix", "lora")
-DISTRIBUTED = ("auto", "shard", "ddp")
-SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may differ between a run and its --resume without changing what it computes.
 # (`distributed`: both ways give the one-process result; check_out refuses the switch between layouts.)
 _RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_every", "device", "distributed"})
@@ -34,64 +25,6 @@ _RESUME_FREE = frozenset({"resume", "overwrite", "progress", "store", "save_ever
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def _finite(value, name: str) -> None:
-    _need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
-
-
-def check_settings(cfg: TrainConfig) -> None:
-    """Value checks for every field (no I/O). Normalises storage_dtype aliases (fp16 -> float16)."""
-    from prefixtune.prefix.encoder import INIT_CHOICES
-    from prefixtune.store import StoreError, validate_name
-
-    key = str(cfg.storage_dtype).strip().lower().removeprefix("torch.")
-    _need(key in STORAGE_ALIASES, f"--storage-dtype {cfg.storage_dtype!r}: use float32, bfloat16 or float16 "
-                                  "(fp32/bf16/fp16 are accepted too)")
-    cfg.storage_dtype = STORAGE_ALIASES[key]
-    _need(cfg.method in METHODS, f"--method {cfg.method!r}: use one of {', '.join(METHODS)}")
-    _need(cfg.distributed in DISTRIBUTED,
-          f"--distributed {cfg.distributed!r}: use one of {', '.join(DISTRIBUTED)} (docs/DISTRIBUTED.md)")
-    _need(cfg.schedule in SCHEDULES, f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
-    for name in ("lr", "weight_decay", "warmup_ratio", "grad_clip", "epochs", "lora_dropout"):
-        _finite(getattr(cfg, name), f"--{name.replace('_', '-')}")
-    _need(0 <= cfg.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    _need(cfg.grad_clip > 0, f"--grad-clip must be > 0, got {cfg.grad_clip}")
-    _need(cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}")
-    _need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
-    for name in ("num_virtual_tokens", "max_length"):
-        _need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1,
-              f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(cfg, name)!r}")
-    _need(cfg.max_length >= 2, f"--max-length must be >= 2 (a prompt token and a scored one), got {cfg.max_length}")
-    _need(cfg.num_virtual_tokens <= 4096, f"--num-virtual-tokens {cfg.num_virtual_tokens} is absurd; use <= 4096")
-    for name in ("eval_every", "eval_examples", "early_stopping", "save_every", "loss_check_steps"):
-        _need(isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 0,
-              f"--{name.replace('_', '-')} must be a whole number >= 0, got {getattr(cfg, name)!r}")
-    if cfg.max_examples is not None:
-        _need(cfg.max_examples >= 1, f"--max-examples must be >= 1, got {cfg.max_examples}")
-    if cfg.encoder_hidden_size is not None:
-        _need(cfg.encoder_hidden_size >= 1, f"--encoder-hidden-size must be >= 1, got {cfg.encoder_hidden_size}")
-    _need(cfg.init in INIT_CHOICES, f"--init {cfg.init!r}: use one of {', '.join(INIT_CHOICES)}")
-    _need(cfg.init != "text" or bool(cfg.init_text),
-          "--init text needs --init-text (the text whose keys/values start the prefix)")
-    _need(cfg.lora_r >= 1, f"--lora-r must be >= 1, got {cfg.lora_r}")
-    _need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.method == "lora":
-        _need(not cfg.per_label, "--per-label is prefix-only: LoRA trains one adapter with the label in the prompt")
-        _need(cfg.init_from is None, "--init-from continues a prefix adapter; it does not apply to --method lora")
-        _need(not cfg.store, "--store holds prefix adapters; a LoRA run keeps its adapter in OUT (drop --store)")
-    _need(not (cfg.resume and cfg.overwrite), "--resume continues OUT and --overwrite replaces it: pick one")
-    try:
-        validate_name(cfg.name)
-    except StoreError as err:
-        raise ConfigError(f"--name: {err}") from None
-    if cfg.device is not None or cfg.dtype is not None:
-        from prefixtune.models import resolve_device_dtype
-
-        try:
-            resolve_device_dtype(cfg.device, cfg.dtype)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
 
 def _writable(folder: Path, what: str, fix: str) -> None:
@@ -155,7 +88,7 @@ def check_out(cfg: TrainConfig, sharded: bool = False) -> bool:
 
 def claim_out(cfg: TrainConfig, resume: bool, say=print) -> None:
     """Make OUT this run's (after every check passed): clear what a fresh run must not inherit, record it."""
-    from prefixtune.prefix.peft_io import atomic_write_text
+    from prefixtune.fileio import atomic_write_text
 
     out = Path(cfg.out).expanduser()
     if resume:

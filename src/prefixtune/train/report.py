@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prefixtune.prefix.peft_io import atomic_write, atomic_write_text
+from prefixtune.fileio import atomic_write, atomic_write_text
 
 
 def write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -50,7 +50,7 @@ def _guidance(cfg, plan, label: str | None) -> dict[str, Any]:
 
     The family adapter (NAME-all) writes in the data's style without a label, so guidance against it
     sharpens only the label; against the base model it also sharpens the style ("i feel angry i feel
-    angry ..." where the base model would put a comma), which costs diversity. README "Control quality".
+    angry ..." where the base model would put a comma), which costs diversity. docs/BENCHMARKS.md "Control quality".
     """
     if label is None or cfg.guidance_scale is None:
         return {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune.data import DataBundle, DataError
-from prefixtune.prefix.peft_io import atomic_folder, atomic_write_text
+from prefixtune.fileio import atomic_folder, atomic_write_text
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.distributed import deal, load_device
 from prefixtune.train.interrupt import Interrupted

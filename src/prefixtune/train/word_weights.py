@@ -5,7 +5,7 @@ adapter learns to say its label's words (`train/label_words.py`: "angry, mad, ir
 times as readily as its texts do, where they fit, and every other token keeps its relative probability. It
 costs no extra forward. Without it a 150-step family learns the data's style fast and its labels slowly:
 sampled unguided with min-p 0.05 the unweighted demo family scored 0.53 with the judge, at weight 10 0.83
-(README "Control quality"). Only the first token of each word is weighted, where the word is chosen, and
+(docs/BENCHMARKS.md "Control quality"). Only the first token of each word is weighted, where the word is chosen, and
 only the row's first label word: weighting every occurrence gave 0.52 at plain T=1 (the shipped variant:
 0.35) but taught "funny funny funny" loops (the texts have one or two).
 The family's unconditional adapter (NAME-all) stays unweighted: it is the guidance negative and must keep

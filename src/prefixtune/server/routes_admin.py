@@ -1,0 +1,62 @@
+"""Health and metrics (operations), the model list, and the admin endpoints that load and unload adapters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from prefixtune.server import protocol as P
+from prefixtune.server.metrics import CONTENT_TYPE
+from prefixtune.server.protocol import APIError
+from prefixtune.server.state import AppState, app_state
+
+health_router = APIRouter()
+admin_router = APIRouter()
+
+
+@health_router.get("/health")
+async def health(state: AppState = Depends(app_state)):
+    scheduler = state.scheduler
+    ok = scheduler.alive
+    body = {"status": "ok" if ok else "unavailable", "model": state.settings.model_name,
+            "waiting": scheduler.waiting, "running": scheduler.running}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@health_router.get("/metrics")
+async def metrics_endpoint(state: AppState = Depends(app_state)):
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@admin_router.get("/v1/models")
+async def list_models(state: AppState = Depends(app_state)):
+    await state.registry.refresh()
+    base = state.settings.model_name
+    cards = [P.model_card(base)] + [P.model_card(name, parent=base) for name in state.registry.names()]
+    return {"object": "list", "data": cards}
+
+
+@admin_router.get("/v1/models/{model:path}")
+async def get_model(model: str, state: AppState = Depends(app_state)):
+    adapter = await state.registry.resolve(model)
+    base = state.settings.model_name
+    return P.model_card(base) if adapter is None else P.model_card(adapter, base)
+
+
+def _require_admin(state: AppState) -> None:
+    if not state.settings.admin:
+        raise APIError(403, "admin endpoints are disabled on this server (--no-admin)", "permission_error",
+                       code="admin_disabled")
+
+
+@admin_router.post("/v1/adapters")
+async def load_adapter(body: P.LoadAdapterRequest, state: AppState = Depends(app_state)):
+    _require_admin(state)
+    return await run_in_threadpool(state.registry.load, body.name, body.path)
+
+
+@admin_router.delete("/v1/adapters/{name}")
+async def unload_adapter(name: str, state: AppState = Depends(app_state)):
+    _require_admin(state)
+    return await run_in_threadpool(state.registry.unload, name)
