@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from prefixtune.bench.serve_http import ServerProcess, _pct, _tiny_model_dir
 
@@ -88,7 +89,7 @@ def run_prefill_bench(model: str, tiny: bool, budgets: list[int], streams: int =
 
     scratch = Path(tempfile.mkdtemp(prefix="prefixtune-bench-prefill-"))
     model = _tiny_model_dir(scratch) if tiny else model
-    tokenizer = load_shell(model, None, fingerprint="").tokenizer
+    tokenizer = load_shell(model, torch.float32, fingerprint="").tokenizer
     long_prompt = _long_prompt(tokenizer, prompt_tokens)
     (scratch / "store").mkdir()
     report: dict = {"model": model, "streams": streams, "prompt tokens": prompt_tokens, "runs": {}}
@@ -105,7 +106,7 @@ def run_prefill_bench(model: str, tiny: bool, budgets: list[int], streams: int =
 
 
 def save(report: dict, out: str) -> None:
-    from prefixtune.prefix.peft_io import atomic_write_text
+    from prefixtune.fileio import atomic_write_text
 
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "prefill.json", json.dumps(report, indent=2))

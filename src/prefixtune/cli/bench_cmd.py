@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from prefixtune.cli.common import parse_csv, user_errors
+from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
 
 
 def register(app: typer.Typer) -> None:
@@ -98,5 +99,25 @@ def register(app: typer.Typer) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out) / "results.json", json.dumps(report, indent=2, default=str))
         typer.echo(f"results in {out}/results.json")
+
+    @bench_app.command("prefill")
+    @user_errors
+    def bench_prefill(
+        model: str = typer.Option("smollm2-135m", "--model", help="Base model."),
+        tiny: bool = typer.Option(False, "--tiny", help="A tiny random Llama instead."),
+        budgets: str = typer.Option(f"0,32,{DEFAULT_MAX_STEP_TOKENS},128", "--budgets",
+                                    help="Comma-separated --max-step-tokens values to compare (0 = prompts join whole)."),
+        streams: int = typer.Option(8, "--streams", min=1, help="Streams decoding when the long prompt joins."),
+        prompt_tokens: int = typer.Option(1500, "--prompt-tokens", min=1, help="Tokens of the joining prompt."),
+        repeats: int = typer.Option(1, "--repeats", min=1, help="Joins per setting (the least disturbed counts)."),
+        out: str = typer.Option("runs/bench-prefill", "--out", help="Where prefill.json goes."),
+    ) -> None:
+        """Chunked prefill: the running streams' inter-token gaps while a long prompt joins, per step budget."""
+        from prefixtune.bench.chunked_prefill import run_prefill_bench, save
+
+        values = [int(b) for b in parse_csv(budgets) or ["0"]]
+        report = run_prefill_bench(model, tiny, values, streams, prompt_tokens, repeats=repeats, say=typer.echo)
+        save(report, out)
+        typer.echo(f"results in {out}/prefill.json")
 
     app.add_typer(bench_app, name="bench")

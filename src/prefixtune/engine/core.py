@@ -98,7 +98,8 @@ def main(conn, spec: EngineSpec) -> None:
             from prefixtune.runtime import THREADS_ENV
 
             os.environ[THREADS_ENV] = str(spec.threads)
-        from prefixtune.engine.lm import PrefixLM, max_positions
+        from prefixtune.engine.lm import PrefixLM
+        from prefixtune.models import max_positions
         from prefixtune.engine.scheduler import Scheduler
 
         lm = PrefixLM.load(spec.model, store=spec.store, device=spec.device, dtype=spec.dtype, force=spec.force)

@@ -23,6 +23,7 @@ from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
+from prefixtune.models import max_positions
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
@@ -377,15 +378,6 @@ class PrefixLM:
                 f"{need} positions needed (virtual tokens + prompt + max_new_tokens) but {self.loaded.name} has "
                 f"{limit}; shorten the prompt or lower max_new_tokens"
             )
-
-
-def max_positions(config: Any) -> int | None:
-    """The model's context length in positions, when its config says."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _stamp(folder: Path) -> tuple[int, ...]:

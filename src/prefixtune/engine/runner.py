@@ -241,8 +241,8 @@ class ModelRunner:
         b = len(store)
         columns = torch.tensor(store.lengths, dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
-        real = torch.ones_like(ids, dtype=torch.bool)
-        store.logits[:b] = self._forward(store, list(range(b)), ids, columns, real, store.order)
+        store.logits[:b] = self._forward(store, list(range(b)), ids, columns, None, max(store.lengths) + 1,
+                                         store.order)
         store.lengths = [n + 1 for n in store.lengths]
 
     @torch.no_grad()
@@ -259,8 +259,9 @@ class ModelRunner:
             ids[i, t - n:] = torch.tensor(row.prompt[row.done:row.done + n], dtype=torch.long)
             columns[i, t - n:] = torch.arange(store.lengths[slot], store.lengths[slot] + n)
             real[i, t - n:] = True
+        width = max(store.lengths[slot] + n for (_, n), slot in zip(plan, slots))
         logits = self._forward(store, slots, ids.to(self.device), columns.to(self.device), real.to(self.device),
-                               [key for key, _ in plan])
+                               width, [key for key, _ in plan])
         done = []
         for i, ((key, n), slot) in enumerate(zip(plan, slots)):
             row = self.prefilling[key]
@@ -280,17 +281,19 @@ class ModelRunner:
         self.staging.remove(key)
 
     def _forward(self, store: SlotKV, slots: list[int], ids: torch.Tensor, columns: torch.Tensor,
-                 real: torch.Tensor, keys: Sequence[Hashable]) -> torch.Tensor:
-        """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`)."""
-        width = int(columns.masked_fill(~real, -1).max()) + 1
+                 real: torch.Tensor | None, width: int, keys: Sequence[Hashable]) -> torch.Tensor:
+        """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`; None:
+        every token is real), attending over `width` columns."""
         store.reserve(len(store), width + 1)  # the last column takes the pads' writes, never attended
-        columns = columns.masked_fill(~real, store.capacity - 1)
+        positions = columns
+        if real is not None:
+            columns = columns.masked_fill(~real, store.capacity - 1)
+            positions = positions.masked_fill(~real, 0)
         rows = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
         try:
-            out = self._call(keys, input_ids=ids, attention_mask=self._mask(columns, real, width),
-                             position_ids=columns.masked_fill(~real, 0), past_key_values=self._cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self._call(keys, input_ids=ids, attention_mask=self._mask(positions, real, width),
+                             position_ids=positions, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
         finally:
             self.current = None
         return out.logits[:, -1].float()
@@ -301,11 +304,11 @@ class ModelRunner:
             return self.lora(adapter_names=names, **inputs)  # LoRA rows and base rows in one forward
         return self.model(**inputs)
 
-    def _mask(self, columns: torch.Tensor, real: torch.Tensor, width: int):
-        """Query (b, t) sees column c iff c <= its own column: its row's prefix, earlier tokens and this chunk up
-        to itself (and, with a window, c > its column - window). Pads see nothing."""
+    def _mask(self, positions: torch.Tensor, real: torch.Tensor | None, width: int):
+        """Query (b, t) sees column c iff c <= its own position: its row's prefix, earlier tokens and this chunk
+        up to itself (and, with a window, c > its position - window). Pads see nothing."""
         c = torch.arange(width, device=self.device).view(1, 1, -1)  # (1, 1, W)
-        q = columns.masked_fill(~real, -1).unsqueeze(-1)  # (B, T, 1)
+        q = (positions if real is None else positions.masked_fill(~real, -1)).unsqueeze(-1)  # (B, T, 1)
         visible = c <= q  # (B, T, W)
         mask = self._additive(visible)
         if self.window is not None:
