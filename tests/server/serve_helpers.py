@@ -13,6 +13,7 @@ import openai
 import uvicorn
 
 from prefixtune.engine.client import EngineClient, EngineSpec
+from prefixtune.engine.supervisor import SupervisedEngine
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.models import LoadedModel
@@ -33,11 +34,13 @@ def write_adapter(folder: Path, loaded: LoadedModel, name: str, num_virtual_toke
 class LiveServer:
     """uvicorn in a background thread on 127.0.0.1:<free port>."""
 
-    def __init__(self, lm: PrefixLM, settings: ServerSettings, engine_process: bool = False, **scheduler_kwargs):
+    def __init__(self, lm: PrefixLM, settings: ServerSettings, engine_process: bool = False,
+                 supervised: int | None = None, **scheduler_kwargs):
         if engine_process:  # as `prefixtune serve` runs by default: the model in its own process, lm a shell here
             spec = EngineSpec(str(lm.loaded.path), str(lm.store.root), device="cpu", dtype="float32",
                               **scheduler_kwargs)
-            self.scheduler = EngineClient(spec)
+            # supervised=N: restarted up to N times when it dies, as `prefixtune serve --engine-restarts N`
+            self.scheduler = EngineClient(spec) if supervised is None else SupervisedEngine(spec, supervised)
             lm = self.scheduler.lm
         else:
             self.scheduler = Scheduler(lm, start=False, **scheduler_kwargs)
@@ -80,8 +83,9 @@ def live_server(lm: PrefixLM, **kwargs) -> Iterator[LiveServer]:
     """Settings fields and Scheduler kwargs (max_batch, max_queue, mode, max_inflight_tokens) mixed, for brevity."""
     sched = {k: kwargs.pop(k) for k in ("max_batch", "max_queue", "mode", "max_inflight_tokens") if k in kwargs}
     engine_process = kwargs.pop("engine_process", False)
+    supervised = kwargs.pop("supervised", None)
     settings = ServerSettings(model_name="tiny-base", **kwargs)
-    server = LiveServer(lm, settings, engine_process, **sched).start()
+    server = LiveServer(lm, settings, engine_process, supervised, **sched).start()
     try:
         yield server
     finally:

@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("local", "--backend", help="local (this machine) or ray (Ray Serve replicas)."),
         engine_process: bool = typer.Option(True, "--engine-process/--no-engine-process",
                                             help="local: run the model in its own process (HTTP and text off its GIL)."),
+        engine_restarts: int = typer.Option(3, "--engine-restarts", min=0,
+                                            help="local: restarts of a dead engine process within 5 minutes; one more "
+                                                 "death and the server exits with status 1."),
         replicas: int = typer.Option(1, "--replicas", min=1, help="ray: engine replicas (one per GPU)."),
         max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1,
                                                    help="ray: autoscale from --replicas up to this many."),
@@ -108,10 +111,12 @@ def register(app: typer.Typer) -> None:
             run_ray(settings, engine, placement)
             return
         if engine_process:
-            from prefixtune.engine.client import EngineClient, EngineSpec
+            from prefixtune.engine.client import EngineSpec
+            from prefixtune.engine.supervisor import SupervisedEngine
 
-            scheduler = EngineClient(EngineSpec(model, str(store) if store else None, device, dtype, force, max_batch,
-                                                max_queue, mode, max_model_len, max_inflight_tokens, step_tokens))
+            scheduler = SupervisedEngine(EngineSpec(model, str(store) if store else None, device, dtype, force,
+                                                    max_batch, max_queue, mode, max_model_len, max_inflight_tokens,
+                                                    step_tokens), max_restarts=engine_restarts)
             lm = scheduler.lm  # tokenizer and adapter checks over the model on the meta device
         else:
             lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
@@ -129,3 +134,6 @@ def register(app: typer.Typer) -> None:
             scheduler.shutdown(timeout=0.0, drain=False)
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        if getattr(scheduler, "failed", False):  # for an orchestrator: this server cannot serve any more
+            typer.echo(f"error: {scheduler.reason}", err=True)
+            raise typer.Exit(1)

@@ -52,7 +52,8 @@ def _openai_errors(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_req, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, err: RequestValidationError):

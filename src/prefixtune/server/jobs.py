@@ -112,7 +112,9 @@ class Job:
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}; retry later", "rate_limit_error", None, "queue_full") from err
         except SchedulerClosed as err:
-            raise APIError(503, str(err), "server_error", None, "shutting_down") from err
+            retry = getattr(err, "retry_after", None)  # an engine process restarting (engine/supervisor.py)
+            raise APIError(503, str(err), "server_error", None, "engine_restarting" if retry else "shutting_down",
+                           retry_after=retry) from err
         except ValueError as err:
             param = "guidance_scale" if "guided" in str(err) else "max_tokens"
             raise APIError(400, str(err), param=param) from err

@@ -43,6 +43,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("prefixtune_loaded_adapters", "Adapters whose prefix is in memory",
                                 value=self.loaded())
         yield GaugeMetricFamily("prefixtune_served_adapters", "Adapters listed by /v1/models", value=self.served())
+        if hasattr(s, "restarts"):  # a supervised engine process
+            yield CounterMetricFamily("prefixtune_engine_restarts", "Engine processes started again after one died",
+                                      value=s.restarts)
 
 
 class ServerMetrics:

@@ -19,9 +19,16 @@ admin_router = APIRouter()
 async def health(state: AppState = Depends(app_state)):
     scheduler = state.scheduler
     ok = scheduler.alive
-    body = {"status": "ok" if ok else "unavailable", "model": state.settings.model_name,
+    # A supervised engine process (engine/supervisor.py) says "restarting" or "failed" and why.
+    status = "ok" if ok else getattr(scheduler, "state", "unavailable")
+    body = {"status": "unavailable" if status == "ok" and not ok else status, "model": state.settings.model_name,
             "waiting": scheduler.waiting, "running": scheduler.running}
-    return JSONResponse(body, status_code=200 if ok else 503)
+    if getattr(scheduler, "reason", None):
+        body["reason"] = scheduler.reason
+    if hasattr(scheduler, "restarts"):
+        body["engine_restarts"] = scheduler.restarts
+    headers = {"Retry-After": "5"} if status == "restarting" else None
+    return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
 
 @health_router.get("/metrics")

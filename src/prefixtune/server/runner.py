@@ -31,6 +31,12 @@ class GracefulServer(uvicorn.Server):
         self.scheduler = scheduler
         self.timeout = timeout
 
+    async def on_tick(self, counter: int) -> bool:
+        # A supervised engine that gave up (engine/supervisor.py): stop, so the process exits non-zero.
+        if getattr(self.scheduler, "failed", False):
+            return True
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets=None) -> None:
         await asyncio.to_thread(self.scheduler.shutdown, self.timeout)
         await super().shutdown(sockets)
