@@ -217,3 +217,46 @@ def test_runner_matches_plain_forwards_on_every_architecture(arch):
     runner.remove(("a", 0))
     runner.remove(("b", 0))
     assert runner.running.keys == [] and runner.running.logits is None  # an idle runner holds no KV memory
+
+
+@torch.no_grad()
+def test_grown_buffers_are_never_read_before_they_are_written_or_zeroed(serve_lm, monkeypatch):
+    """Buffers grow uninitialised (engine/slots.py): fill every grown buffer with NaN, the worst garbage, and the
+    logits must still equal plain forwards through growth, a long prompt's join and a row leaving."""
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: real(self, *a, **k).fill_(float("nan")))
+    model, kv = serve_lm.model, serve_lm.adapter("alpha").kv
+    long = _ids(serve_lm, " ".join(PROMPTS * 10))[:180]
+    runner = ModelRunner(model, 4)
+    _admit(runner, [("a", _ids(serve_lm, PROMPTS[0]), None), ("b", _ids(serve_lm, PROMPTS[1]), kv)])
+    runner.prefill([(("a", 0), len(_ids(serve_lm, PROMPTS[0]))), (("b", 0), len(_ids(serve_lm, PROMPTS[1])))])
+    seqs = {("a", 0): list(_ids(serve_lm, PROMPTS[0])), ("b", 0): list(_ids(serve_lm, PROMPTS[1]))}
+    prefixes = {("a", 0): None, ("b", 0): kv, ("long", 0): kv}
+    _admit(runner, [("long", long, kv)])
+    done = 0
+    while done < len(long):  # the running store grows ahead of the long prompt while it is prefilled
+        runner._grow_ahead()
+        tokens = runner.current_logits().argmax(-1).tolist()
+        order = list(runner.running.order)
+        runner.decode(tokens)
+        for key, token in zip(order, tokens):
+            seqs[key].append(token)
+        take = min(50, len(long) - done)
+        runner.prefill([(("long", 0), take)])
+        done += take
+    seqs[("long", 0)] = list(long)
+    runner.remove(("a", 0))  # the last row moves into slot 0 with its tail
+    del seqs[("a", 0)]
+    short = {("c", 0): _ids(serve_lm, PROMPTS[2]), ("d", 0): _ids(serve_lm, PROMPTS[3])}
+    _admit(runner, [(k[0], ids, None) for k, ids in short.items()])  # into slots never written since growth
+    runner.prefill([(k, len(ids)) for k, ids in short.items()])
+    seqs.update({k: list(ids) for k, ids in short.items()})
+    prefixes.update(dict.fromkeys(short))
+    for step in range(3):
+        ref = torch.stack([_plain(model, seqs[k], prefixes[k]) for k in runner.running.order])
+        got = runner.current_logits()
+        assert torch.isfinite(got).all() and torch.allclose(got, ref, atol=1e-4), step
+        tokens = ref.argmax(-1).tolist()
+        runner.decode(tokens)
+        for key, token in zip(runner.running.order, tokens):
+            seqs[key].append(token)

@@ -76,7 +76,7 @@ def measure(url: str, long_prompt: str, streams: int, max_tokens: int, warm_s: f
     produced = sum(len(a) for a in arrivals)
     span = max(max(a) for a in arrivals if a) - min(min(a) for a in arrivals if a)
     median = statistics.median(before)
-    p99 = _pct(during, 0.99) if during else 0.0
+    p99 = _pct(during, 0.99) / 1000 if during else 0.0  # _pct answers in ms
     return {"median gap before (ms)": round(1000 * median, 1), "p99 gap during join (ms)": round(1000 * p99, 1),
             "max gap during join (ms)": round(1000 * max(during, default=0.0), 1),
             "p99 during / median before": round(p99 / median, 2), "long prompt ttft (ms)": round(1000 * (first - joined), 1),

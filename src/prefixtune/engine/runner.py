@@ -30,6 +30,7 @@ from prefixtune.engine.slots import SlotKV
 from prefixtune.prefix.shapes import prefix_shape
 
 BASE_ROW = "__base__"  # PEFT's adapter name for rows that run without any LoRA adapter
+GROW_SLAB = 64  # columns of the running store zeroed per step ahead of a joining long prompt
 
 
 @dataclass
@@ -200,6 +201,7 @@ class ModelRunner:
         phase that raises fails the requests it ran (their rows are dropped here); the others go on.
         """
         out = StepOutput()
+        self._grow_ahead()
         if len(self.running):
             order = list(self.running.order)
             try:
@@ -224,6 +226,19 @@ class ModelRunner:
             except Exception as exc:  # noqa: BLE001
                 self._fail(set(live), exc, out)
         return out
+
+    def _grow_ahead(self) -> None:
+        """Make room in `running` for the prompts being prefilled before they finish, zeroing a slab of columns
+        per step: growing and zeroing at once for a long prompt stalled every running stream (engine/slots.py)."""
+        if not len(self.running) or not self.prefilling:
+            return
+        target = max(self.staging.lengths[self.staging.slot(k)] + self.remaining(k) for k in self.prefilling) + 2
+        rows = len(self.running) + len(self.prefilling) + len(self.following)
+        try:
+            self.running.reserve(rows, target)
+            self.running.ensure(target, slab=GROW_SLAB)
+        except Exception:  # noqa: BLE001 - only a head start: the forward that needs the room reserves it itself
+            return
 
     def _fail(self, request_ids: set[str], exc: Exception, out: StepOutput) -> None:
         message = f"{type(exc).__name__}: {exc}"
@@ -285,6 +300,7 @@ class ModelRunner:
         """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`; None:
         every token is real), attending over `width` columns."""
         store.reserve(len(store), width + 1)  # the last column takes the pads' writes, never attended
+        store.ensure(width)
         positions = columns
         if real is not None:
             columns = columns.masked_fill(~real, store.capacity - 1)
