@@ -41,6 +41,7 @@ class ServerSettings:
     max_stop_strings: int = 4  # OpenAI's limit
     max_stop_chars: int = 256  # characters per stop string (matching cost per token grows with it)
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
+    docs: bool = True  # GET /openapi.json and /docs (the API described; --no-docs turns them off)
 
 
 def model_limit(model) -> int | None:
