@@ -110,8 +110,11 @@ BODY = {400: _error("invalid request: the field is named in `param`"),
         413: _error("request body over --max-body-bytes")}
 ADMIN = {403: _error("admin endpoints disabled (--no-admin), or a path outside --adapter-root"),
          503: _error("the engine process did not take the change")}
-# SSE chunks (`stream: true`) are data lines of the chunk objects, ending with `data: [DONE]`.
-_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# `stream: true`: server-sent events; before OpenAPI 3.2 `schema` describes one event. Each event's data is a
+# JSON chunk (OpenAI's chunk format), the last one `[DONE]`.
+_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}}}}}
 
 
 def generation(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
