@@ -177,7 +177,8 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path, shape):
     _write(tmp_path, "a", shape)
     (tmp_path / "a" / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(StoreError, match="not a valid prefixtune manifest"):
-        store.info("a")
+        store.manifest("a")
+    assert "not a valid prefixtune manifest" in store.info("a").problem
 
 
 def test_default_store_follows_prefixtune_home(tmp_path, monkeypatch):

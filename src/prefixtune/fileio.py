@@ -6,6 +6,7 @@ write through it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -101,3 +102,33 @@ def atomic_folder(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     """atomic_write for a text file."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# What to do when a write fails for a reason outside the program: the disk, not the data, must change.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk (or point the command at another disk)",
+    errno.EDQUOT: "free space within your disk quota (or point the command at another disk)",
+    errno.EROFS: "the file system is mounted read-only: point the command at a writable folder",
+    errno.EACCES: "make the folder writable for this user, or point the command at another folder",
+    errno.EPERM: "make the folder writable for this user, or point the command at another folder",
+}
+
+
+def write_failure(err: OSError, what: str) -> str:
+    """'cannot WHAT: No space left on device (ENOSPC); free space ...': a failed write as one clear sentence."""
+    code = errno.errorcode.get(err.errno or 0)
+    reason = f"{err.strerror or err}" + (f" ({code})" if code else "")
+    fix = _WRITE_FIXES.get(err.errno or 0, "check the disk and the folder's permissions")
+    return f"cannot {what}: {reason}; {fix}"
+
+
+def copy_tree(src: str | Path, dst: str | Path) -> None:
+    """Copy the folder src into dst (created if absent), stopping at the first failure and raising it as is:
+    shutil.copytree folds every failure into one shutil.Error of strings, so a full disk loses its errno."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        if item.is_dir() and not item.is_symlink():
+            copy_tree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name, follow_symlinks=False)

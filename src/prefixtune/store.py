@@ -14,6 +14,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,13 @@ from prefixtune.fingerprint import (  # noqa: F401 - LegacyFingerprintWarning is
     warn_legacy,
 )
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
-from prefixtune.fileio import atomic_folder, atomic_write_text, current_umask, swap_in
+from prefixtune.fileio import atomic_folder, atomic_write_text, copy_tree, current_umask, swap_in, write_failure
 from prefixtune.paths import prefixtune_home
 from prefixtune.prefix.peft_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     LoadedAdapter,
+    files_problem,
     load_adapter,
     read_peft_config,
     save_adapter,
@@ -52,6 +55,21 @@ _STALE_S = 3600  # leftovers older than this belong to dead processes
 
 class StoreError(UserError, ValueError):
     """A bad adapter name, a missing adapter, or an adapter that does not fit the base model."""
+
+
+class ManifestError(StoreError):
+    """A prefixtune.json that is not a manifest (a damaged file, not a wrong model)."""
+
+
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """A failed write (full disk, read-only store) as a StoreError naming what failed and the fix."""
+    try:
+        yield
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise StoreError(write_failure(err, what) + "; no adapter was left half-written") from err
 
 
 @dataclass
@@ -136,7 +154,7 @@ def write_adapter_folder(
     manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest.versions = manifest.versions or versions()
     try:
-        with atomic_folder(folder, overwrite) as tmp:
+        with writing(f"write the adapter folder {folder}"), atomic_folder(folder, overwrite) as tmp:
             save_adapter(tmp, flat, shape, config, manifest.base_model, encoder, storage_dtype)
             atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
     except FileExistsError as err:
@@ -165,8 +183,8 @@ def read_manifest(folder: Path) -> Manifest | None:
         if not isinstance(data, dict):
             raise TypeError("expected a JSON object")
         return Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise StoreError(f"{path} is not a valid prefixtune manifest ({err}); re-import or retrain the adapter")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise ManifestError(f"{path} is not a valid prefixtune manifest ({err}); re-import or retrain the adapter")
 
 
 def check_compatible(
@@ -210,6 +228,7 @@ class StoredAdapter:
     manifest: Manifest | None  # None for a bare PEFT folder copied in by hand
     size_bytes: int  # bytes of all files in the folder
     num_virtual_tokens: int | None  # from the PEFT config
+    problem: str | None = None  # why it cannot load (a damaged manifest, config or weights file); None = fine
 
 
 def key_metric(manifest: Manifest | None) -> tuple[str, float] | None:
@@ -247,13 +266,18 @@ class AdapterStore:
         return [self.info(n) for n in self.names()]
 
     def info(self, name: str) -> StoredAdapter:
+        """One adapter's entry; a damaged one is returned with its `problem` (listing never fails on it)."""
         folder = self._existing(name)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         try:
             tokens = int(read_peft_config(folder).get("num_virtual_tokens"))
         except (ValueError, TypeError):
             tokens = None
-        return StoredAdapter(name, folder, self.manifest(name), size, tokens)
+        try:
+            manifest, problem = self.manifest(name), None
+        except ManifestError as err:
+            manifest, problem = None, str(err)
+        return StoredAdapter(name, folder, manifest, size, tokens, problem or files_problem(folder))
 
     def manifest(self, name: str) -> Manifest | None:
         manifest = read_manifest(self._existing(name))
@@ -268,7 +292,8 @@ class AdapterStore:
         if manifest is None:
             raise StoreError(f"{folder} has no {MANIFEST_FILE} to record guidance in (an imported PEFT adapter?)")
         manifest.guidance = dict(guidance)
-        atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+        with writing(f"record guidance in {folder / MANIFEST_FILE}"):
+            atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
         return manifest
 
     def folder(self, name: str) -> Path:
@@ -296,7 +321,8 @@ class AdapterStore:
     def remove(self, name: str) -> None:
         folder = self._existing(name)
         trash = folder.with_name(f".{name}.rm-{time.time_ns()}")
-        os.rename(folder, trash)  # invisible at once, even if the delete below is interrupted
+        with writing(f"remove adapter {name!r} from the store {self.root}"):
+            os.rename(folder, trash)  # invisible at once, even if the delete below is interrupted
         shutil.rmtree(trash, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> None:
@@ -305,10 +331,11 @@ class AdapterStore:
         if target.exists():
             raise StoreError(f"adapter {new!r} already exists in {self.root}; remove it first or pick another name")
         manifest = read_manifest(folder)
-        os.rename(folder, target)  # one atomic step; the manifest's name below is cosmetic
-        if manifest is not None:
-            manifest.name = new
-            atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
+        with writing(f"rename adapter {old!r} in the store {self.root}"):
+            os.rename(folder, target)  # one atomic step; the manifest's name below is cosmetic
+            if manifest is not None:
+                manifest.name = new
+                atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2, default=str))
 
     def import_adapter(self, source: str | Path, name: str, shape: PrefixShape, base_model: str,
                        fingerprint: str, force: bool = False, overwrite: bool = False) -> tuple[Path, str | None]:
@@ -346,8 +373,8 @@ class AdapterStore:
     def put(self, name: str, folder: str | Path) -> Path:
         """Copy a finished adapter folder in as `name`, replacing one of that name, atomically."""
         target = self.path(name)
-        with atomic_folder(target) as tmp:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        with writing(f"copy adapter {name!r} into the store {self.root}"), atomic_folder(target) as tmp:
+            copy_tree(folder, tmp)
         return target
 
     def put_all(self, folders: dict[str, str | Path]) -> dict[str, Path]:
@@ -355,17 +382,17 @@ class AdapterStore:
 
         A failure while staging leaves the store untouched; only the final renames run one after another.
         """
-
         staged: dict[str, Path] = {}
         try:
-            for name, folder in folders.items():
-                target = self.path(name)
-                self.root.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{name}.tmp-"))
-                shutil.copytree(folder, tmp, dirs_exist_ok=True)
-                tmp.chmod(0o777 & ~current_umask())
-                staged[name] = tmp
-            return {name: swap_in(tmp, self.path(name)) for name, tmp in staged.items()}
+            with writing(f"publish adapters {', '.join(folders)} into the store {self.root}"):
+                for name, folder in folders.items():
+                    self.path(name)  # a bad name fails before anything is written
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    # Recorded before the copy: a copy that fails half-way (a full disk) is removed below too.
+                    staged[name] = tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{name}.tmp-"))
+                    copy_tree(folder, tmp)
+                    tmp.chmod(0o777 & ~current_umask())
+                return {name: swap_in(tmp, self.path(name)) for name, tmp in staged.items()}
         finally:
             for tmp in staged.values():
                 shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
@@ -376,7 +403,7 @@ class AdapterStore:
         target = Path(target).expanduser()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise StoreError(f"{target} exists and is not an empty folder; export into a new folder")
-        with atomic_folder(target) as tmp:  # an empty target folder is replaced
+        with writing(f"export adapter {name!r} to {target}"), atomic_folder(target) as tmp:  # empty: replaced
             for item in folder.iterdir():
                 if item.is_file() and (not peft_only or item.name in (CONFIG_FILE, WEIGHTS_FILE)):
                     shutil.copy2(item, tmp / item.name)

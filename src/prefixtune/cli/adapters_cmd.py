@@ -47,7 +47,8 @@ def list_adapters(
     store: Optional[Path] = StoreOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List adapters: name, base model, virtual tokens, size on disk, created, key metric."""
+    """List adapters: name, base model, virtual tokens, size on disk, created, key metric; damaged ones marked
+    BROKEN with the reason below the table."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -65,6 +66,7 @@ def list_adapters(
                 "name": a.name, "base_model": m.base_model if m else None, "virtual_tokens": a.num_virtual_tokens,
                 "size_bytes": a.size_bytes, "created": m.created if m else None,
                 "metric": {metric[0]: metric[1]} if metric else None, "path": str(a.path),
+                "broken": a.problem,  # why it cannot load, or null
             })
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -91,9 +93,12 @@ def list_adapters(
             str(a.num_virtual_tokens) if a.num_virtual_tokens is not None else "?",
             human_size(a.size_bytes),
             (m.created or "-")[:10] if m else "-",  # the date; `adapters show` has the time
-            _metric_text(key_metric(m)),
+            "BROKEN" if a.problem else _metric_text(key_metric(m)),
         )
     Console(soft_wrap=False).print(table)
+    for a in items:
+        if a.problem:  # plain echo: the path in the reason must never be cropped by the table
+            typer.echo(f"broken: {a.name}: {a.problem}")
 
 
 @app.command("show")
@@ -110,6 +115,7 @@ def show(name: str = typer.Argument(..., help="Adapter name."), store: Optional[
         "size_bytes": info.size_bytes,
         "files": sorted(p.name for p in info.path.iterdir() if p.is_file()),
         "manifest": info.manifest.to_dict() if info.manifest else None,
+        "broken": info.problem,
         "peft_config": read_peft_config(info.path),
     }
     typer.echo(json.dumps(out, indent=2, default=str))

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
                                                 help="Prompt + max_tokens summed over in-flight rows (beyond: 429)."),
         mode: str = typer.Option("continuous", "--batching", help="continuous (rows join/leave every step) or grouped."),
         admin: bool = typer.Option(True, "--admin/--no-admin", help="Enable POST/DELETE /v1/adapters."),
+        docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve the API's description: /openapi.json and /docs."),
         adapter_root: Optional[list[Path]] = typer.Option(None, "--adapter-root",
                                                           help="Folder POST /v1/adapters may load adapters from by path (repeatable)."),
         max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Larger request bodies get 413."),
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
             model_name=served_model_name or default_id, host=host, port=port, api_key=api_key or None, admin=admin,
             adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes, max_model_len=max_model_len,
             max_tokens=max_tokens, shutdown_timeout=shutdown_timeout, max_prompt_tokens=max_prompt_tokens,
-            max_n=max_n, max_stop_chars=max_stop_chars, max_num_beams=max_num_beams,
+            max_n=max_n, max_stop_chars=max_stop_chars, max_num_beams=max_num_beams, docs=docs,
         )
         if backend == "ray":
             from prefixtune.cli.serve_ray import run_ray

@@ -121,6 +121,33 @@ def _config_int(folder: Path, cfg: dict[str, Any], key: str, default: int | None
     return value
 
 
+def files_problem(folder: str | Path) -> str | None:
+    """Why the adapter files in `folder` cannot load, checked cheaply (no tensor is read), or None.
+
+    Reads the config and each safetensors header: safetensors refuses a header whose tensors run past the end
+    of the file, so a truncated or overwritten weights file shows here without loading it.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        read_peft_config(folder)
+    except AdapterFormatError as err:
+        return str(err)
+    if not (folder / WEIGHTS_FILE).is_file():
+        return None if (folder / LEGACY_WEIGHTS_FILE).is_file() else f"{folder} has no {WEIGHTS_FILE}"
+    for name in (WEIGHTS_FILE, TRAINABLE_FILE):
+        path = folder / name
+        if name == TRAINABLE_FILE and not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{path} is unreadable ({type(err).__name__}: {err}); re-export or retrain the adapter"
+    return None
+
+
 def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> LoadedAdapter:
     """Read a folder written by prefixtune or by `peft`; with `shape`, check it fits that model."""
     folder = Path(folder)
@@ -135,7 +162,8 @@ def load_adapter(folder: str | Path, shape: PrefixShape | None = None) -> Loaded
     except AdapterFormatError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors/pickle errors have no common base class
-        raise AdapterFormatError(f"{folder}: the weights file is unreadable ({type(err).__name__}: {err}); "
+        name = WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else LEGACY_WEIGHTS_FILE
+        raise AdapterFormatError(f"{folder}/{name}: the weights file is unreadable ({type(err).__name__}: {err}); "
                                  "re-export or retrain the adapter") from err
     key = next((k for k in weights if k.endswith("prompt_embeddings")), None)
     if key is None:

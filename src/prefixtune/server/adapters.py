@@ -26,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from prefixtune.errors import user_error_types
 from prefixtune.server.protocol import APIError
 from prefixtune.server.security import snapshot_adapter
-from prefixtune.store import StoreError, validate_name
+from prefixtune.prefix.peft_io import AdapterFormatError
+from prefixtune.store import ManifestError, StoreError, validate_name
 
 RESCAN_S = 5.0  # at most this stale when the folder's mtime cannot tell (e.g. a file rewritten in place)
 
@@ -125,6 +126,11 @@ class AdapterRegistry:
         try:
             with self.lock:
                 return self.lm.adapter(name).kv
+        except (AdapterFormatError, ManifestError) as err:
+            # A damaged file in the store is the server's fault, not the request's: a 5xx that monitoring
+            # counts, naming the file so the operator can replace it. Other adapters are unaffected.
+            raise APIError(500, f"adapter {name!r} is damaged on the server: {err}", "server_error", param=param,
+                           code="adapter_damaged") from err
         except user_error_types() as err:
             raise APIError(400, f"adapter {name!r} cannot be used: {err}", param=param,
                            code="adapter_incompatible") from err

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.server import protocol as P
+from prefixtune.server import schemas as S
 from prefixtune.server.adapters import AdapterRegistry
 from prefixtune.server.metrics import RequestMetricsMiddleware, ServerMetrics
 from prefixtune.server.protocol import APIError
@@ -25,6 +26,7 @@ from prefixtune.server.routes_admin import admin_router, health_router
 from prefixtune.server.routes_generate import chat_router, completions_router
 from prefixtune.server.security import ApiKeyMiddleware, BodyLimitMiddleware
 from prefixtune.server.state import AppState, ServerSettings
+from prefixtune.version import __version__
 
 __all__ = ["AppState", "ServerSettings", "create_app", "model_limit"]
 
@@ -69,6 +71,21 @@ def _openai_errors(app: FastAPI) -> None:
                             status_code=500)
 
 
+def _describe(app: FastAPI) -> None:
+    """The schema FastAPI generates from the routes' request models and schemas.py's responses, built once."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = S.without_422(get_openapi(
+                title=app.title, version=app.version, routes=app.routes,
+                description="OpenAI-compatible completions and chat over a base model and its prefix adapters "
+                            "(model = adapter name); extension fields are marked in docs/SERVING.md."))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     registry = AdapterRegistry(lm, scheduler.lm_lock, {settings.model_name, lm.loaded.name},
                                settings.adapter_roots, getattr(scheduler, "adapter_changed", None))
@@ -84,7 +101,10 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
         registry.close()
         state.text_pool.shutdown(wait=False)
 
-    app = FastAPI(title="prefixtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    docs = settings.docs  # /openapi.json and /docs, as vLLM serves them (`--no-docs` turns both off)
+    app = FastAPI(title="prefixtune", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    _describe(app)
     app.state.prefixtune = state
     app.state.registry, app.state.metrics, app.state.scheduler = registry, metrics, scheduler
     _openai_errors(app)

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from prefixtune.server import protocol as P
+from prefixtune.server import schemas as S
 from prefixtune.server.metrics import CONTENT_TYPE
 from prefixtune.server.protocol import APIError
 from prefixtune.server.state import AppState, app_state
@@ -15,7 +16,7 @@ health_router = APIRouter()
 admin_router = APIRouter()
 
 
-@health_router.get("/health")
+@health_router.get("/health", responses=S.HEALTH)
 async def health(state: AppState = Depends(app_state)):
     scheduler = state.scheduler
     ok = scheduler.alive
@@ -31,12 +32,12 @@ async def health(state: AppState = Depends(app_state)):
     return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
 
-@health_router.get("/metrics")
+@health_router.get("/metrics", responses=S.METRICS)
 async def metrics_endpoint(state: AppState = Depends(app_state)):
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@admin_router.get("/v1/models")
+@admin_router.get("/v1/models", responses=S.MODELS)
 async def list_models(state: AppState = Depends(app_state)):
     await state.registry.refresh()
     base = state.settings.model_name
@@ -44,7 +45,7 @@ async def list_models(state: AppState = Depends(app_state)):
     return {"object": "list", "data": cards}
 
 
-@admin_router.get("/v1/models/{model:path}")
+@admin_router.get("/v1/models/{model:path}", responses=S.MODEL)
 async def get_model(model: str, state: AppState = Depends(app_state)):
     adapter = await state.registry.resolve(model)
     base = state.settings.model_name
@@ -57,13 +58,13 @@ def _require_admin(state: AppState) -> None:
                        code="admin_disabled")
 
 
-@admin_router.post("/v1/adapters")
+@admin_router.post("/v1/adapters", responses=S.LOAD)
 async def load_adapter(body: P.LoadAdapterRequest, state: AppState = Depends(app_state)):
     _require_admin(state)
     return await run_in_threadpool(state.registry.load, body.name, body.path)
 
 
-@admin_router.delete("/v1/adapters/{name}")
+@admin_router.delete("/v1/adapters/{name}", responses=S.UNLOAD)
 async def unload_adapter(name: str, state: AppState = Depends(app_state)):
     _require_admin(state)
     return await run_in_threadpool(state.registry.unload, name)

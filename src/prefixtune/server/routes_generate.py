@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
 from prefixtune.server import protocol as P
+from prefixtune.server import schemas as S
 from prefixtune.server.jobs import EventStream, check_errors
 from prefixtune.server.protocol import APIError
 from prefixtune.server.state import AppState, app_state
@@ -39,7 +40,7 @@ async def _prompt_ids(state: AppState, body: P.CompletionRequest) -> list[list[i
     return prompts
 
 
-@completions_router.post("/v1/completions")
+@completions_router.post("/v1/completions", responses=S.generation(S.CompletionResponse))
 async def completions(body: P.CompletionRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
@@ -55,7 +56,7 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest, state: AppSt
     return P.envelope("text_completion", rid, created, body.model, out, use)
 
 
-@chat_router.post("/v1/chat/completions")
+@chat_router.post("/v1/chat/completions", responses=S.generation(S.ChatCompletionResponse))
 async def chat(body: P.ChatRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):

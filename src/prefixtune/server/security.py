@@ -17,7 +17,9 @@ from pathlib import Path
 
 from prefixtune.server.protocol import APIError, error_body
 
-OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancers, probes)
+# Reachable without the API key: probes, and the API's description (the same for every prefixtune server: no
+# adapter names, no data), so /docs works in a browser that holds no key.
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
 async def send_error(send, status: int, message: str, type: str, code: str | None = None,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from prefixtune.errors import UserError
-from prefixtune.fileio import atomic_folder
+from prefixtune.fileio import atomic_folder, write_failure
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -80,9 +80,9 @@ def save_checkpoint(run_dir: Path, trainable: dict[str, torch.Tensor], optimizer
     except OSError as err:
         kept = _saved_step(target)
         raise CheckpointError(
-            f"cannot write a checkpoint into {run_dir} ({err.strerror or err}); "
-            + (f"the last good checkpoint (step {kept}) is kept: fix the folder and rerun with --resume"
-               if kept is not None else "no checkpoint was kept: fix the folder and rerun")
+            write_failure(err, f"write a checkpoint into {run_dir}") + "; "
+            + (f"the last good checkpoint (step {kept}) is kept: then rerun with --resume"
+               if kept is not None else "no checkpoint was kept: then rerun")
         ) from None
     return target
 
@@ -127,6 +127,11 @@ def recover_checkpoint(run_dir: Path) -> None:
                   if (step := _saved_step(p)) is not None and (p / "state.pt").is_file()]
     if candidates:
         max(candidates, key=lambda c: c[0])[1].rename(run_dir / CHECKPOINT_DIR)
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of run_dir's checkpoint, or None when it has none."""
+    return _saved_step(run_dir / CHECKPOINT_DIR) if has_checkpoint(run_dir) else None
 
 
 def has_checkpoint(run_dir: Path) -> bool:

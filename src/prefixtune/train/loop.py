@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from prefixtune.train.checkpoint import Progress, has_checkpoint, load_checkpoint, save_checkpoint
+from prefixtune.store import StoreError
+from prefixtune.train.checkpoint import (
+    Progress,
+    checkpoint_step,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.contrastive import contrastive_forward, negatives_for
 from prefixtune.train.distributed import ghost_share, rank_share, sum_over_ranks
@@ -282,7 +290,8 @@ class Trainer:
             progress.best_eval = metrics["eval_loss"]
             progress.evals_without_gain = 0
             if self.is_main:
-                self.method.save(self, self.run_dir / "best", metrics)
+                with self._resumable():
+                    self.method.save(self, self.run_dir / "best", metrics)
         else:
             progress.evals_without_gain += 1
         if self.is_main:
@@ -291,6 +300,17 @@ class Trainer:
             self.say(f"early stopping at step {progress.step}: no eval gain in {self.cfg.early_stopping} evals")
             return True
         return False
+
+    @contextmanager
+    def _resumable(self) -> Iterator[None]:
+        """An adapter write or store publish that fails (a full disk) loses no training: say how to go on."""
+        try:
+            yield
+        except StoreError as err:
+            step = checkpoint_step(self.run_dir)
+            kept = (f"the checkpoint in {self.run_dir / 'checkpoint'} (step {step}) is kept" if step is not None
+                    else "no checkpoint was written yet")
+            raise StoreError(f"{err}. {kept}; once that is fixed, continue with: {self.resume_hint}") from err
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; prove it before rank 0 saves what it alone holds."""
@@ -314,7 +334,8 @@ class Trainer:
         last_metrics = next((r for r in reversed(progress.history) if r.get("kind") == "eval"), {})
         write_log(self.run_dir, progress.history)
         plot_losses(progress.history, self.run_dir / "loss_curve.png")
-        last = self.method.save(self, self.run_dir / "last", last_metrics)
+        with self._resumable():
+            last = self.method.save(self, self.run_dir / "last", last_metrics)
         # best/ is this run's own (a fresh run starts in an empty OUT); without an eval there is no best.
         best_root = self.run_dir / "best"
         use_best = progress.best_eval is not None
@@ -338,7 +359,8 @@ class Trainer:
             "truncated examples": plan.truncated,
         }
         if self.cfg.store:
-            result_dirs = publish(self.cfg.store, result_dirs, self.say)
+            with self._resumable():
+                result_dirs = publish(self.cfg.store, result_dirs, self.say)
         self.say(format_summary(summary))
         return TrainResult(self.run_dir, result_dirs, summary, stopped, self.warnings)
 

@@ -1,0 +1,78 @@
+"""A full disk (ENOSPC, simulated) while a checkpoint or the store publish is written (issue #24): the previous
+checkpoint and the store stay valid, the error says what failed and how to go on, and --resume finishes the
+run with nothing lost (its adapters equal an uninterrupted run's)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fault_injection import fill_disk_after
+
+from prefixtune.prefix.peft_io import load_adapter
+from prefixtune.store import AdapterStore, StoreError
+from prefixtune.train import checkpoint
+from prefixtune.train.checkpoint import CheckpointError
+from prefixtune.train.config import TrainConfig
+from prefixtune.train.run import train
+
+
+def _cfg(tmp_path: Path, model_dir, data, **kw) -> TrainConfig:
+    base = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "run"), max_examples=32, eval_examples=8,
+                max_steps=4, eval_every=0, save_every=2, batch_size=8, num_virtual_tokens=2, lr=1e-2,
+                progress=False, device="cpu", dtype="float32", name="emo")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, tiny_lm, emotion_dir) -> torch.Tensor:
+    out = tmp_path_factory.mktemp("whole")
+    return load_adapter(train(_cfg(out, tiny_model_dir, emotion_dir), loaded=tiny_lm).out / "last" / "emo").flat
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch, uninterrupted):
+    fill_disk_after(monkeypatch, checkpoint.torch, "save", calls_ok=1)  # step 2 saved, step 4 half-written
+    with pytest.raises(CheckpointError) as caught:
+        train(_cfg(tmp_path, tiny_model_dir, emotion_dir), loaded=tiny_lm)
+    message = str(caught.value)
+    assert f"cannot write a checkpoint into {tmp_path / 'run'}" in message
+    assert "No space left on device (ENOSPC); free space" in message
+    assert "the last good checkpoint (step 2) is kept: then rerun with --resume" in message
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint" / "progress.json").read_text())["step"] == 2
+    torch.load(run / "checkpoint" / "state.pt", weights_only=True)  # whole, not the half-written one
+    assert not list(run.glob(".checkpoint.*")), "the failed attempt is cleaned up"
+    assert not (run / "last").exists()
+    monkeypatch.undo()
+    result = train(_cfg(tmp_path, tiny_model_dir, emotion_dir, resume=True), loaded=tiny_lm)
+    torch.testing.assert_close(load_adapter(result.out / "last" / "emo").flat, uninterrupted)
+
+
+def test_disk_full_while_publishing_to_the_store(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch,
+                                                 uninterrupted):
+    store = tmp_path / "store"
+    older = train(_cfg(tmp_path / "older", tiny_model_dir, emotion_dir, max_steps=1, save_every=0),
+                  loaded=tiny_lm).out / "last" / "emo"
+    AdapterStore(store).put("emo", older)
+    before = _tree(store)
+    fill_disk_after(monkeypatch, shutil, "copyfile", calls_ok=1)  # the publish is the run's only file copy
+    with pytest.raises(StoreError) as caught:
+        train(_cfg(tmp_path, tiny_model_dir, emotion_dir, store=str(store)), loaded=tiny_lm)
+    message = str(caught.value)
+    assert f"cannot publish adapters emo into the store {store}" in message
+    assert "No space left on device (ENOSPC); free space" in message
+    assert f"the checkpoint in {tmp_path / 'run' / 'checkpoint'} (step 4) is kept" in message
+    assert f"continue with: prefixtune train --config {tmp_path / 'run' / 'run.json'} --resume" in message
+    assert _tree(store) == before, "the store still holds exactly the older adapter"
+    monkeypatch.undo()
+    result = train(_cfg(tmp_path, tiny_model_dir, emotion_dir, store=str(store), resume=True), loaded=tiny_lm)
+    torch.testing.assert_close(load_adapter(store / "emo").flat, uninterrupted)
+    assert result.adapters["emo"] == store / "emo"
