@@ -223,8 +223,9 @@ def test_runner_matches_plain_forwards_on_every_architecture(arch):
 def test_grown_buffers_are_never_read_before_they_are_written_or_zeroed(serve_lm, monkeypatch):
     """Buffers grow uninitialised (engine/slots.py): fill every grown buffer with NaN, the worst garbage, and the
     logits must still equal plain forwards through growth, a long prompt's join and a row leaving."""
-    real = torch.Tensor.new_empty
+    real, empty = torch.Tensor.new_empty, torch.empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: real(self, *a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     model, kv = serve_lm.model, serve_lm.adapter("alpha").kv
     long = _ids(serve_lm, " ".join(PROMPTS * 10))[:180]
     runner = ModelRunner(model, 4)
@@ -260,3 +261,9 @@ def test_grown_buffers_are_never_read_before_they_are_written_or_zeroed(serve_lm
         runner.decode(tokens)
         for key, token in zip(runner.running.order, tokens):
             seqs[key].append(token)
+
+
+def test_a_top_p_below_float32_precision_keeps_the_top_token():
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(1))
+    samplers = [RowSampler(SamplingParams(temperature=1.0, top_p=5e-324, seed=s), torch.device("cpu")) for s in (0, 1)]
+    assert sample_rows(logits, samplers) == logits.argmax(-1).tolist()

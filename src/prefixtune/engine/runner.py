@@ -236,7 +236,7 @@ class ModelRunner:
         rows = len(self.running) + len(self.prefilling) + len(self.following)
         try:
             self.running.reserve(rows, target)
-            self.running.ensure(target, slab=GROW_SLAB)
+            self.running.ensure(target, limit=GROW_SLAB)
         except Exception:  # noqa: BLE001 - only a head start: the forward that needs the room reserves it itself
             return
 

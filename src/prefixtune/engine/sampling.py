@@ -129,8 +129,11 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         short = (top.sum(-1) < torch.tensor([params[j].top_p for j in nucleus], device=device)).tolist()
         for n, j in enumerate(nucleus):
             t, o = (torch.sort(probs[j], descending=True) if short[n] else (top[n], order[n]))
-            # Keep the smallest set whose mass reaches top_p (always at least the top token).
-            candidates[j] = (t.masked_fill(t.cumsum(-1) - t >= params[j].top_p, 0.0), o)
+            # Keep the smallest set whose mass reaches top_p, always the top token (a top_p below float32's
+            # smallest normal compares as 0 and would otherwise mask every token).
+            drop = t.cumsum(-1) - t >= params[j].top_p
+            drop[0] = False
+            candidates[j] = (t.masked_fill(drop, 0.0), o)
     draws = []
     for j, i in enumerate(sampled):
         generator = samplers[i].generator

@@ -10,8 +10,9 @@ Every row attends over the store's first `width` columns, its own unwritten ones
 enters the weighted sum (0 x NaN is NaN), so those columns must hold finite values. Zeroing a grown buffer whole
 cost 400 ms for SmolLM2 at 9 x 1502 columns (the page faults of 600 MB), a stall for every running stream when a
 long prompt joined. So buffers grow uninitialised and `clean` tracks the columns known finite in every used
-slot: a row placed in a slot zeroes its own tail up to `clean`, and `ensure(width)` zeroes the new columns of
-the used slots before a forward reaches them, a slab at a time when the runner grows the store ahead of need.
+slot (every row's data lies below it): a row placed in a slot zeroes its own tail up to `clean`, and `ensure`
+zeroes new columns of the used slots before a forward reaches them, 64 at a time, or a slab per step when the
+runner grows the store ahead of a long prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from prefixtune.prefix.shapes import PrefixShape
 
 INITIAL_CAPACITY = 128  # columns per slot before the first doubling
+ZERO_AHEAD = 64  # columns zeroed at once when the attended width passes `clean`
 
 
 class SlotKV:
@@ -51,16 +53,16 @@ class SlotKV:
         if not self.keys:
             slots, cap = min(self.max_rows, max(4, rows)), max(INITIAL_CAPACITY, columns)
             size = (slots, s.kv_heads, cap, s.head_dim)  # (S, kv_heads, C, head_dim)
-            self.keys = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
-            self.values = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
-            self.clean = cap
+            self.keys = [torch.empty(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+            self.values = [torch.empty(size, dtype=self.dtype, device=self.device) for _ in range(s.num_layers)]
+            self.clean = 0
             return
         slots, cap = self.keys[0].shape[0], self.keys[0].shape[2]
         if rows <= slots and columns <= cap:
             return
         new_slots = slots if rows <= slots else max(rows, min(self.max_rows, 2 * slots))
         new_cap = cap if columns <= cap else max(columns, 2 * cap)
-        used, keep = len(self.order), max(self.clean, max(self.lengths, default=0))
+        used, keep = len(self.order), self.clean
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 grown = old.new_empty((new_slots, old.shape[1], new_cap, old.shape[3]))  # (S', kv_heads, C', hd)
@@ -71,16 +73,19 @@ class SlotKV:
             grown[:used] = self.logits[:used]
             self.logits = grown
 
-    def ensure(self, width: int, slab: int | None = None) -> None:
-        """Columns [0, width) finite in every used slot (zeroing at most `slab` new columns when given)."""
-        width = min(width, self.capacity, self.clean + slab if slab is not None else width)
+    def ensure(self, width: int, limit: int | None = None) -> None:
+        """Columns [0, width) finite in every used slot. Zeroes ZERO_AHEAD columns at a time (a decode step widens
+        by one); `limit` caps the new columns of this call (the runner's growth ahead of a long prompt)."""
         if width <= self.clean:
             return
-        used = len(self.order)
+        stop = min(self.capacity, max(width, self.clean + ZERO_AHEAD))
+        if limit is not None:
+            stop = min(stop, self.clean + limit)
+        used = len(self.order)  # every used row's data lies in [0, clean): nothing of it is zeroed
         for store in (self.keys, self.values):
             for t in store:
-                t[:used, :, self.clean:width] = 0  # (B, kv_heads, new columns, head_dim)
-        self.clean = width
+                t[:used, :, self.clean:stop] = 0  # (B, kv_heads, new columns, head_dim)
+        self.clean = stop
 
     def _tail(self, slot: int, n: int) -> None:
         """A row placed in `slot` holding n columns: zero its columns [n, clean) (O(that row))."""
@@ -93,6 +98,7 @@ class SlotKV:
         """A new last row holding `prefix` (2L, kv_heads, P, head_dim) or nothing; room for `columns` columns."""
         slot, p = len(self.order), 0 if prefix is None else int(prefix.shape[2])
         self.reserve(slot + 1, max(columns, p) + 1)
+        self.ensure(p)  # the other rows' columns up to p first: a row's data never lies beyond `clean`
         if prefix is not None:
             for layer in range(self.shape.num_layers):
                 self.keys[layer][slot, :, :p] = prefix[2 * layer]  # (kv_heads, P, head_dim)
@@ -106,6 +112,7 @@ class SlotKV:
         """Append a row continuing `other`'s slot `src` (its columns and its logits)."""
         n, slot = other.lengths[src], len(self.order)
         self.reserve(slot + 1, n + 1)
+        self.ensure(n)
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             for t, o in zip(mine, theirs):
                 t[slot, :, :n] = o[src, :, :n]  # (kv_heads, n, head_dim)

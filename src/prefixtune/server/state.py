@@ -50,12 +50,6 @@ def model_limit(model) -> int | None:
     return max_positions(model.config)
 
 
-# The sampler compares top_p in float32, where a top_p under float32's smallest normal (5e-324 from schemathesis)
-# is 0 and masks every token (a 500). Any top_p below 1/vocab already keeps only the top token, so raising it
-# to this changes no output. (To be fixed in engine/sampling.py; then this goes.)
-_TINY_TOP_P = 1.1754943508222875e-38
-
-
 def _refuse(param: str, message: str) -> None:
     raise APIError(400, message, param=param, code="limit_exceeded")
 
@@ -138,7 +132,7 @@ class AppState:
             seed = None if body.seed is None else body.seed + p * body.n + j
             params = SamplingParams(
                 max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else max(body.top_p, _TINY_TOP_P), top_k=max(body.top_k or 0, 0),
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
                 min_p=body.min_p or 0.0, seed=seed,
                 stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
             )
