@@ -61,10 +61,11 @@ def test_soak_mixed_clients_with_disconnects(serve_lm):
         assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
         wait_for(lambda: srv.scheduler.in_flight == 0 and srv.scheduler.running == 0, 30, "every slot freed")
         assert srv.scheduler.error is None
-        # New threads may only be pooled workers (anyio's thread pool has a fixed limit, the tokenizer one thread):
+        # New threads may only be pooled workers (anyio's thread pool has a fixed limit, the tokenizer and the
+        # runner's prefill one thread each):
         # nothing is started per request or per stream.
         new = [t.name for t in threading.enumerate() if t.ident not in before]
-        assert all(n.startswith(("AnyIO worker", "prefixtune-tokenize")) for n in new), new
+        assert all(n.startswith(("AnyIO worker", "prefixtune-tokenize", "prefixtune-prefill")) for n in new), new
         assert len(new) <= 41, new
         assert _rss_mb() - rss_before < 300, "memory grew during the soak"
         finished = srv.scheduler.stats.finished

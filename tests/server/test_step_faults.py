@@ -46,7 +46,7 @@ def _fail_once(target, name, after: int):
     return calls
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill", "sampler"])
+@pytest.mark.parametrize("phase", ["decode", "_prefill_forward", "sampler"])
 def test_a_failing_phase_ends_its_requests_with_an_error_and_the_engine_goes_on(serve_lm, phase):
     s = Scheduler(serve_lm, max_batch=8)  # started: worker + output threads, as the server runs it
     try:
@@ -55,13 +55,13 @@ def test_a_failing_phase_ends_its_requests_with_an_error_and_the_engine_goes_on(
         s.submit_many([_request(serve_lm, "Hello there", sinks[0], n=2, ignore_eos=True),
                        _request(serve_lm, "I feel", sinks[1], n=30, adapter="alpha", ignore_eos=True)])
         assert sinks[0].done.wait(30)
-        _fail_once(s.runner, phase, after=0)  # the runner's decode / prefill forward, or its sampler
+        _fail_once(s.runner, phase, after=0)  # the decode or prefill forward, or the sampler
         s.submit_many([_request(serve_lm, "The cat sat", sinks[2], n=30, ignore_eos=True),
                        _request(serve_lm, "x y", sinks[3], n=30, adapter="beta", ignore_eos=True)])
         assert all(sink.done.wait(30) for sink in sinks), "a request never got its final output"
         finishes = [sink.finish for sink in sinks]
         assert finishes[0] == "length"
-        if phase == "prefill":  # only the joining requests ran in the failed forward
+        if phase == "_prefill_forward":  # only the joining requests ran in the failed forward
             assert finishes[1:] == ["length", "error", "error"]
         else:  # the decode forward / the sampler ran every running row
             assert "error" in finishes[1:] and set(finishes[1:]) <= {"error", "length"}

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from prefixtune.cli.common import parse_csv, user_errors
-from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
+from prefixtune.engine.policy import STEP_TOKENS
 
 
 def register(app: typer.Typer) -> None:
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
     def bench_prefill(
         model: str = typer.Option("smollm2-135m", "--model", help="Base model."),
         tiny: bool = typer.Option(False, "--tiny", help="A tiny random Llama instead."),
-        budgets: str = typer.Option(f"0,32,{DEFAULT_MAX_STEP_TOKENS},128", "--budgets",
+        budgets: str = typer.Option(f"0,16,{STEP_TOKENS['cpu']},32,64", "--budgets",
                                     help="Comma-separated --max-step-tokens values to compare (0 = prompts join whole)."),
         streams: int = typer.Option(8, "--streams", min=1, help="Streams decoding when the long prompt joins."),
         prompt_tokens: int = typer.Option(1500, "--prompt-tokens", min=1, help="Tokens of the joining prompt."),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from prefixtune.cli.common import user_errors
-from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
+from prefixtune.engine.policy import step_tokens as check_step_tokens
 
 
 def register(app: typer.Typer) -> None:
@@ -23,9 +23,10 @@ def register(app: typer.Typer) -> None:
                                               help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
         max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together."),
         max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before new ones get HTTP 429."),
-        max_step_tokens: int = typer.Option(DEFAULT_MAX_STEP_TOKENS, "--max-step-tokens", min=0,
+        max_step_tokens: str = typer.Option("auto", "--max-step-tokens",
                                             help="Tokens per engine step: one per decoding row plus prompt tokens of "
-                                                 "joining requests (chunked prefill; 0 = prompts join whole)."),
+                                                 "joining requests (chunked prefill). auto: 24 on CPU, 2048 on CUDA; "
+                                                 "0: prompts join whole."),
         max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
                                                     help="Virtual + prompt + new tokens per row (default: the model's limit)."),
         max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Cap on max_tokens per choice."),
@@ -78,10 +79,13 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--batching")
-        if max_step_tokens == 1:
-            raise typer.BadParameter("a step needs at least 2 tokens (or 0: prompts join whole)",
-                                     param_hint="--max-step-tokens")
-        step_tokens = max_step_tokens or None
+        try:
+            step_tokens = max_step_tokens if max_step_tokens == "auto" else int(max_step_tokens)
+            check_step_tokens(step_tokens, "cpu")
+        except ValueError:
+            raise typer.BadParameter("an integer >= 2, 0 (prompts join whole) or auto",
+                                     param_hint="--max-step-tokens") from None
+        step_tokens = step_tokens or None
         ray_flags = {"--replicas": replicas != 1, "--max-replicas": max_replicas is not None,
                      "--max-adapters-per-replica": max_adapters != 8, "--address": address is not None,
                      "--replica-cpus": replica_cpus != 1.0, "--replica-gpus": replica_gpus is not None,

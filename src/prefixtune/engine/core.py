@@ -16,6 +16,7 @@ Messages (pickled tuples over one duplex multiprocessing Connection):
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ class EngineSpec:
     mode: str = "continuous"  # batching mode (engine/policy.py)
     max_model_len: int | None = None  # virtual + prompt + new tokens per row (None = the model's limit)
     max_inflight_tokens: int = 1 << 19  # prompt + max_new_tokens over in-flight rows
-    max_step_tokens: int | None = None  # decode rows + prefill tokens per step (None: prompts join whole)
+    max_step_tokens: int | str | None = "auto"  # decode rows + prefill tokens per step ("auto": by device; None: whole)
     threads: int | None = None  # torch CPU threads in the engine process (None: runtime.configure_threads' policy)
 
 
@@ -93,8 +94,6 @@ def main(conn, spec: EngineSpec) -> None:
     """The child process: load, say ready (or why not), then serve commands until shutdown."""
     try:
         if spec.threads is not None:  # read by runtime.configure_threads when the model loads
-            import os
-
             from prefixtune.runtime import THREADS_ENV
 
             os.environ[THREADS_ENV] = str(spec.threads)
@@ -103,6 +102,13 @@ def main(conn, spec: EngineSpec) -> None:
         from prefixtune.engine.scheduler import Scheduler
 
         lm = PrefixLM.load(spec.model, store=spec.store, device=spec.device, dtype=spec.dtype, force=spec.force)
+        if lm.device.type == "cpu":
+            # With our 4-D mask transformers repeats the GQA key/value heads before SDPA on CPU (it only lets SDPA
+            # share them where the kernel stays fast without a mask, on CUDA); torch's CPU kernel takes the mask
+            # and the shared heads. Measured on SmolLM2 (3 kv heads for 9): the copies were 18 of 200 ms of an
+            # 8-token chunk at 1400 columns, and grow with every row a long row widens. Inference only: this
+            # process trains nothing.
+            os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
         sink = EventSink(conn)
         scheduler = Scheduler(lm, max_batch=spec.max_batch, max_queue=spec.max_queue, mode=spec.mode,
                               max_model_len=spec.max_model_len or max_positions(lm.model.config), start=False,

@@ -18,8 +18,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MODES = ("continuous", "grouped")
-# The server's per-step token budget (decode rows + prefill tokens); see docs/BENCHMARKS.md for the measurement.
-DEFAULT_MAX_STEP_TOKENS = 64
+AUTO = "auto"
+# The server's per-step token budget (decode rows + prefill tokens) by device. CPU: measured with `prefixtune bench
+# prefill` (docs/BENCHMARKS.md): 8 SmolLM2 streams and a 1500-token prompt joining. CUDA: vLLM's default for
+# chunked prefill (not measured here: a GPU prefills thousands of tokens in the time of a decode step).
+STEP_TOKENS = {"cpu": 24, "cuda": 2048}
+
+
+def step_tokens(setting: int | str | None, device_type: str) -> int | None:
+    """The budget a setting means on a device: "auto" = STEP_TOKENS, None or 0 = prompts join whole."""
+    if setting == AUTO:
+        return STEP_TOKENS.get(device_type, STEP_TOKENS["cuda"])
+    if setting is not None and (not isinstance(setting, int) or isinstance(setting, bool)):
+        raise ValueError(f"max_step_tokens must be an integer >= 2, 0 (prompts join whole) or {AUTO!r}; got "
+                         f"{setting!r}")
+    if setting is not None and (setting == 1 or setting < 0):
+        raise ValueError("max_step_tokens must be >= 2 (or 0: prompts join whole)")
+    return setting or None
 
 
 def rows_of(request) -> int:

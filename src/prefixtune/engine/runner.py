@@ -19,7 +19,9 @@ marked `base` (a guided LoRA row's companion) run without it in the same forward
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -45,13 +47,13 @@ class _Forward:
 
 
 class _SlotLayer(DynamicLayer):
-    def __init__(self, runner: ModelRunner, index: int):
+    def __init__(self, cache: _SlotCache, index: int):
         super().__init__()
-        self.runner, self.index = runner, index
+        self.cache, self.index = cache, index
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        f = self.runner.current
+        f = self.cache.current
         keys, values = f.store.keys[self.index], f.store.values[self.index]  # (S, kv_heads, C, head_dim)
         rows = f.rows.view(-1, 1).expand_as(f.columns)  # (B, T)
         keys[rows, :, f.columns] = key_states.transpose(1, 2).to(keys.dtype)  # (B, T, kv_heads, head_dim)
@@ -63,16 +65,19 @@ class _SlotLayer(DynamicLayer):
                 values.index_select(0, f.rows)[:, :, :f.width])
 
     def get_seq_length(self) -> int:
-        f = self.runner.current
+        f = self.cache.current
         return f.width - f.columns.shape[1]
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.runner.current.width, 0
+        return self.cache.current.width, 0
 
 
 class _SlotCache(Cache):
-    def __init__(self, runner: ModelRunner, layers: int):
-        super().__init__(layers=[_SlotLayer(runner, i) for i in range(layers)])
+    """The cache one store's forward passes see; `current` is the pass in flight (one per store at a time)."""
+
+    def __init__(self, layers: int):
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(layers)])
+        self.current: _Forward | None = None
 
 
 @dataclass(eq=False)
@@ -108,8 +113,11 @@ class ModelRunner:
         self.following: dict[Hashable, Hashable] = {}  # follower -> its leader (both staging)
         self.base: set[Hashable] = set()  # rows run without LoRA
         self.next_tokens: dict[Hashable, int] = {}  # what each running row is fed at the next decode
-        self.current: _Forward | None = None  # the forward pass in flight
-        self._cache = _SlotCache(self, shape.num_layers)
+        self._caches = {id(store): _SlotCache(shape.num_layers) for store in (self.running, self.staging)}
+        # On a CPU with a core to spare, the prefill chunk runs on a second thread while the decode step runs:
+        # a chunk then costs the running streams max(decode, chunk) per step instead of their sum.
+        self.overlap = self.device.type == "cpu" and (os.cpu_count() or 1) > 1
+        self._pool: ThreadPoolExecutor | None = None
         # Sliding-window attention (Mistral, Qwen2 with use_sliding_window, Gemma2/3 layers): the 4-D mask we pass
         # is used as is, so it must carry the window itself; mixed models take one mask per layer type.
         config = model.config
@@ -202,17 +210,23 @@ class ModelRunner:
         """
         out = StepOutput()
         self._grow_ahead()
-        if len(self.running):
-            order = list(self.running.order)
+        plan = [(key, n) for group, n in prefill for key in group.prefill_keys if key in self.prefilling]
+        order = list(self.running.order)
+        chunk = None
+        if plan and order and self.overlap:  # staging and running are disjoint stores: both passes at once
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="prefixtune-prefill")
+            chunk = self._pool.submit(self._prefill_forward, plan)
+        if order:
             try:
                 self.decode([self.next_tokens[key] for key in order])
                 out.decoded = len(order)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory growing the buffers
                 self._fail({key[0] for key in order}, exc, out)
-        plan = [(key, n) for group, n in prefill for key in group.prefill_keys if key in self.prefilling]
         if plan:
             try:
-                self.prefill(plan)
+                done = chunk.result() if chunk is not None else self._prefill_forward(plan)
+                for key, row_logits in done:  # after the decode: promoting writes the running store
+                    self._promote(key, row_logits)
                 out.prefilled = sum(n for _, n in plan)
             except Exception as exc:  # noqa: BLE001
                 self._fail({key[0] for key, _ in plan}, exc, out)
@@ -260,10 +274,16 @@ class ModelRunner:
                                          store.order)
         store.lengths = [n + 1 for n in store.lengths]
 
-    @torch.no_grad()
     def prefill(self, plan: Sequence[tuple[Hashable, int]]) -> None:
-        """Run the next `n` prompt tokens of each staging row in `plan` (one forward, chunks left-padded so every
-        row's last token is the last column); a row whose prompt is done moves to running with its followers."""
+        """Run the next `n` prompt tokens of each staging row in `plan`; a row whose prompt is done moves to
+        running with its followers."""
+        for key, row_logits in self._prefill_forward(plan):
+            self._promote(key, row_logits)
+
+    @torch.no_grad()
+    def _prefill_forward(self, plan: Sequence[tuple[Hashable, int]]) -> list[tuple[Hashable, torch.Tensor]]:
+        """One forward of the chunks (left-padded so every row's last token is the last column), touching only
+        the staging store; returns the rows whose prompts are done, with their last logits."""
         store, t = self.staging, max(n for _, n in plan)
         slots = [store.slot(key) for key, _ in plan]
         ids = torch.zeros((len(plan), t), dtype=torch.long)  # (B, T) left-padded chunks
@@ -284,8 +304,7 @@ class ModelRunner:
             store.lengths[slot] += n
             if row.done == len(row.prompt):
                 done.append((key, logits[i]))
-        for key, row_logits in done:  # after the loop: promoting moves staging rows between slots
-            self._promote(key, row_logits)
+        return done
 
     def _promote(self, key: Hashable, logits: torch.Tensor) -> None:
         row = self.prefilling.pop(key)
@@ -306,12 +325,13 @@ class ModelRunner:
             columns = columns.masked_fill(~real, store.capacity - 1)
             positions = positions.masked_fill(~real, 0)
         rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
+        cache = self._caches[id(store)]
+        cache.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
         try:
             out = self._call(keys, input_ids=ids, attention_mask=self._mask(positions, real, width),
-                             position_ids=positions, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                             position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
-            self.current = None
+            cache.current = None
         return out.logits[:, -1].float()
 
     def _call(self, keys: Sequence[Hashable], **inputs):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from prefixtune.engine.output import OutputProcessor, RowEvent
-from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, rows_of
+from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, rows_of, step_tokens
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.sampler import Group, Sampler, new_group
@@ -39,24 +39,23 @@ class Scheduler:
 
     def __init__(self, lm, max_batch: int = 16, max_queue: int = 256, mode: str = "continuous",
                  max_model_len: int | None = None, start: bool = True, max_inflight_tokens: int = 1 << 19,
-                 output=None, max_step_tokens: int | None = None, lora=None):
+                 output=None, max_step_tokens: int | str | None = None, lora=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if max_batch < 1 or max_queue < 1:  # every request passes through the queue: 0 would refuse all
             raise ValueError("max_batch and max_queue must be >= 1")
         if max_inflight_tokens < 1:
             raise ValueError("max_inflight_tokens must be >= 1")
-        if max_step_tokens is not None and max_step_tokens < 2:
-            raise ValueError("max_step_tokens must be >= 2 (or None: prompts join whole)")
         self.lm = lm
         self.model = lm.model
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
         self.max_model_len = max_model_len
         self.max_inflight_tokens = max_inflight_tokens  # prompt + max_new_tokens over all in-flight rows
-        self.max_step_tokens = max_step_tokens  # decode rows + prefill tokens per step (None: no chunking)
         self.policy = BatchPolicy(max_batch, mode)
         self.eos_ids = set(lm.eos_ids())
         self.runner = ModelRunner(self.model, max_batch, Sampler(self.eos_ids, self._layout), lora=lora)
+        # decode rows + prefill tokens per step ("auto": by device, engine/policy.py; None: prompts join whole)
+        self.max_step_tokens = step_tokens(max_step_tokens, self.runner.device.type)
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)
         self.stats = SchedulerStats()
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): a started scheduler's

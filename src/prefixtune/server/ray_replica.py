@@ -19,7 +19,7 @@ from functools import partial
 import ray
 from ray import serve
 
-from prefixtune.engine.policy import DEFAULT_MAX_STEP_TOKENS
+from prefixtune.engine.policy import AUTO
 from prefixtune.engine.requests import QueueFull, Request, SchedulerClosed
 from prefixtune.engine.sampling import SamplingParams
 
@@ -39,7 +39,7 @@ class ReplicaConfig:
     force: bool = False  # serve adapters trained on another base of the same shape
     max_batch: int = 16  # rows decoded together on one replica
     max_queue: int = 256  # waiting requests per replica before 429
-    max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS  # decode rows + prefill tokens per step (chunked prefill)
+    max_step_tokens: int | str | None = AUTO  # decode rows + prefill tokens per step ("auto": by device)
     max_model_len: int | None = None  # virtual + prompt + new tokens per row
     max_inflight_tokens: int = 1 << 19  # prompt + max_tokens over a replica's in-flight rows
     mode: str = "continuous"  # engine batching mode
