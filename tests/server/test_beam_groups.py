@@ -1,4 +1,4 @@
-"""Beam groups in the serving scheduler (engine/beam_group.py): the same beams as offline search, alone or in a
+"""Beam groups in the engine (engine/sampler.py): the same beams as offline search, alone or in a
 mixed continuous batch, the prompt prefilled once, cancellation frees every row of the group."""
 
 from __future__ import annotations

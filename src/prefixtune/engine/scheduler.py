@@ -204,7 +204,8 @@ class Scheduler:
         try:
             schedule = self.schedule()
             events += self._apply(schedule)
-            out = self.runner.execute(schedule.prefill, self._groups)
+            prefill = [(self._groups[r.request_id], n) for r, n in schedule.prefill if r.request_id in self._groups]
+            out = self.runner.execute(prefill, self._groups)
             events += self.update_from_output(out)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, never the engine
             events += self._fail_admitted(f"{type(exc).__name__}: {exc}", schedule)
@@ -253,9 +254,6 @@ class Scheduler:
             joining.append((group, [prefix, negative] if r.params.guided else [prefix] * rows_of(r)))
         if joining:
             self.runner.admit(joining)
-        by_id = {r.request_id: r for r, _ in schedule.prefill}
-        schedule.prefill = [(self._groups[rid], n) for rid, n in
-                            ((r.request_id, n) for r, n in schedule.prefill) if rid in self._groups and rid in by_id]
         return events
 
     def update_from_output(self, out) -> list[RowEvent]:

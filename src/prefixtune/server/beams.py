@@ -1,7 +1,7 @@
 """The beam-search extension fields of /v1/completions and /v1/chat/completions, checked strictly.
 
 `{"num_beams": 4, "n": 2, "length_penalty": 0.8, "no_repeat_ngram_size": 3, "early_stopping": true}` runs
-each prompt as one group of num_beams rows in the continuous batch (engine/beam_group.py) and returns its n
+each prompt as one group of num_beams rows in the continuous batch (engine/sampler.py) and returns its n
 best beams as choices, best first. Beam search is deterministic: sampling settings are refused, not ignored
 (a seed is accepted and changes nothing). With `stream`, each choice arrives whole when the search ends:
 beams are only ranked then, so there is nothing correct to send earlier.
