@@ -18,16 +18,26 @@ def test_bench_serve_http_reports_every_ratio(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())
     assert {r["scenario"] for r in report["runs"]} == {"mixed 6 adapters", "base only"}
-    assert all(r["errors"] == 0 and r["tokens"] > 0 for r in report["runs"])
-    assert report["mixed / base"]["2"] > 0 and report["max_tokens=1 requests/s"]["ratio"] > 0
+    for row in report["runs"]:  # 4 requests (at least 2x the concurrency) of exactly 2 tokens (EOS ignored)
+        assert row["errors"] == 0 and row["requests"] == 4 and row["tokens"] == 8
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"], rel=0.01, abs=0.1)
+    rate = {r["scenario"]: r["tokens"] / r["seconds"] for r in report["runs"]}
+    assert report["mixed / base"]["2"] == pytest.approx(rate["mixed 6 adapters"] / rate["base only"], abs=2e-3)
+    rps = report["max_tokens=1 requests/s"]
+    assert rps["ratio"] == pytest.approx(rps["8 in store"] / rps["6 in store"])
     assert report["stop strings"]["4x20KB status"] == [400] and report["stop strings"]["4x256 status"] == [200]
     over_http = report["engine over HTTP vs bare loop"]
-    assert over_http["engine / bare"] > 0
     for server in ("engine process", "single process"):  # the default server and the in-process one, same run
         for how in ("streamed", "not streamed"):
-            assert over_http[f"{server} {how} / bare"] > 0 and over_http[f"{server} {how} / bare (CPU)"] > 0
+            ratio = over_http[f"{server} {how} tokens/s"] / over_http["bare loop tokens/s"]
+            assert over_http[f"{server} {how} / bare"] == pytest.approx(ratio)
+            cpu = over_http[f"{server} {how} tokens per CPU s"] / over_http["bare tokens per CPU s"]
+            assert over_http[f"{server} {how} / bare (CPU)"] == pytest.approx(cpu)
+    assert over_http["engine / bare"] == over_http["engine process streamed / bare"]
     engine = report["engine vs bare loop"]
-    assert engine["engine / bare"] > 0 and engine["engine in this process / bare"] > 0
+    assert engine["engine / bare"] == pytest.approx(engine["engine tokens/s"] / engine["bare loop tokens/s"])
+    assert engine["engine in this process / bare"] == pytest.approx(
+        engine["engine in this process tokens/s"] / engine["bare loop tokens/s"])
 
 
 def test_serve_refuses_a_zero_queue_as_a_usage_error():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
 
-from prefixtune.engine.sampling import SamplingParams
 from prefixtune.bench.serve_speed import bench_scheduler
+from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.scheduler import QueueFull, Request, Scheduler, SchedulerClosed
 from prefixtune.engine.text import TextTracker
 
@@ -159,8 +160,10 @@ def test_text_tracker_holds_back_a_possible_stop():
     assert t.flush() == "\ufffd"
 
 
-def test_bench_scheduler_measures_both_modes(serve_lm):
-    for mode in ("continuous", "grouped"):
+def test_bench_scheduler_measures_both_modes_and_refuses_an_incomplete_run(serve_lm):
+    for mode in ("continuous", "grouped"):  # raises unless every request finished with all its tokens
         rate = bench_scheduler(serve_lm, PROMPTS * 2, ADAPTER_ROWS * 2, mode, max_new_tokens=[2, 6, 3, 4] * 2,
                                max_batch=4)
-        assert rate > 0
+        assert math.isfinite(rate)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        bench_scheduler(serve_lm, PROMPTS, ADAPTER_ROWS, max_new_tokens=200, max_batch=4, timeout=0.0)

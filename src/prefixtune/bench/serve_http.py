@@ -359,6 +359,7 @@ def _engine_vs_bare_over_http(servers: dict[str, ServerProcess], loaded, say, re
     for name in servers:
         for how in ("streamed", "not streamed"):
             ours, cpu = best_of[f"{name} {how}"], best_of[f"{name} {how} per CPU s"]
+            report[f"{name} {how} tokens/s"], report[f"{name} {how} tokens per CPU s"] = ours, cpu
             report[f"{name} {how} / bare"] = ours / best_of["bare"]
             report[f"{name} {how} / bare (CPU)"] = cpu / best_of["bare per CPU s"]
             say(f"tiny model over HTTP, batch {batch}, {name}, {how}: {ours:.0f} tok/s vs bare transformers loop "

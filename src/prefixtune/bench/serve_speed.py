@@ -77,13 +77,14 @@ def bench_scheduler(lm, prompts: Sequence[str], adapters: Sequence[str | None], 
     scheduler.submit_many(requests)
     start = time.perf_counter()
     scheduler.start()
-    for _ in requests:
-        if not done.acquire(timeout=timeout):
-            break
+    finished = sum(done.acquire(timeout=max(0.0, start + timeout - time.perf_counter())) for _ in requests)
     elapsed = time.perf_counter() - start
     scheduler.shutdown(timeout=1.0, drain=False)
     if scheduler.error:
         raise RuntimeError(f"benchmark failed: {scheduler.error}")
+    if finished < len(requests) or scheduler.stats.generated_tokens != sum(lengths):
+        raise RuntimeError(f"benchmark incomplete after {timeout:.0f} s: {finished} of {len(requests)} requests, "
+                           f"{scheduler.stats.generated_tokens} of {sum(lengths)} tokens")
     return scheduler.stats.generated_tokens / max(elapsed, 1e-9)
 
 
