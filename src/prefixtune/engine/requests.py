@@ -75,7 +75,7 @@ class SchedulerStats:
     max_adapters_in_batch: int = 0  # most distinct adapters (None counted) ever sharing one step
     mixed_steps: int = 0  # decode steps whose rows used more than one adapter (None counted)
     prefills: int = 0  # prefill forwards (each runs a chunk of one or more joining requests' prompts)
-    prompt_tokens: int = 0  # prompt tokens prefilled (a guided request's companion counted once)
+    prompt_tokens: int = 0  # prompt tokens run through the model (per prefilled row; rows sharing a prefill once)
     generated_tokens: int = 0  # tokens sampled (EOS excluded)
     # Finished requests by finish_reason (written by the output processor only); every key exists from the
     # start, so a reader on another thread never iterates while a key is inserted.
