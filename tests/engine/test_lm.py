@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prefixtune.bench.serve_speed import measure_swap_ms
-from prefixtune.engine.lm import AdapterCache, CachedAdapter, Generation, PrefixLM, cut_at_stop
+from prefixtune.engine.lm import AdapterCache, CachedAdapter, Generation, PrefixLM
+from prefixtune.engine.text import cut_at_stop
 from prefixtune.models import model_fingerprint
 from prefixtune.prefix.peft_io import WEIGHTS_FILE
 from prefixtune.prefix.shapes import prefix_shape

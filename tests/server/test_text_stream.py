@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixtune.engine.lm import cut_at_stop
+from prefixtune.engine.text import cut_at_stop
 from prefixtune.engine.text import StopMatcher, TextTracker
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,39 +324,48 @@ class PrefixLM:
             prompts = [p for p in prompts for _ in range(num_samples)]
             adapters = [a for a in adapters for _ in range(num_samples)]
             seeds = [None if s is None else s + i for s in seeds for i in range(num_samples)]
+        if chat:
+            prompts = [self.chat_prompt(p) for p in prompts]
+        guide = (1.0, None) if beam else (guidance_scale, guidance_negative)
+        base = SamplingParams(max_new_tokens, temperature, top_p, top_k, None, list(stop or []), ignore_eos, 1.0,
+                              num_beams, length_penalty, no_repeat_ngram_size, early_stopping, num_return_sequences,
+                              min_p)
+        requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat)
+        results = []
+        for f, r in zip(run_requests(self, requests, lora), requests):
+            n, a = len(r.prompt_ids), r.adapter
+            if num_return_sequences == 1:
+                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", n, a, f.score))
+                continue
+            for i in range(num_return_sequences):
+                c = f.choices[i]
+                results.append(Generation(c.text, c.token_ids, c.finish_reason, n, a, c.score))
+        return results
+
+    def _requests(self, prompts: Sequence[str], adapters: Sequence[str | None], seeds: Sequence[int | None],
+                  base: SamplingParams, guide: tuple[float | None, str | None], lora, add_special_tokens: bool
+                  ) -> list[Request]:
+        """One engine Request per row: its tokens, prefix, seed and guidance (`guide`: what the caller gave)."""
         # One lookup per distinct adapter: the same tensor object on many rows is shared (prefilled once), and a
         # small cache cannot evict a row's adapter between its rows.
         kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None}
-        guides = {a: (1.0, None) if beam else self.guidance(a, guidance_scale, guidance_negative) for a in kv}
-        guides[None] = self._base_guidance(guidance_scale, lora) if not beam else (1.0, None)
+        guides = {a: self.guidance(a, *guide) if base.num_beams == 1 else (1.0, None) for a in kv}
+        guides[None] = self._base_guidance(guide[0], lora) if base.num_beams == 1 else (1.0, None)
         negative_kv = {n: self.adapter(n).kv for n in {g[1] for g in guides.values()} if n is not None}
-        if chat:
-            prompts = [self.chat_prompt(p) for p in prompts]
-        ids = self.tokenizer(list(prompts), add_special_tokens=not chat).input_ids
-        lengths = [len(i) for i in ids]
-        if not all(lengths):
-            raise ValueError(f"prompt(s) {[i for i, n in enumerate(lengths) if not n]} tokenize to nothing; give "
+        ids = self.tokenizer(list(prompts), add_special_tokens=add_special_tokens).input_ids
+        if not all(ids):
+            raise ValueError(f"prompt(s) {[i for i, row in enumerate(ids) if not row]} tokenize to nothing; give "
                              "each row some text")
         requests = []
-        for prompt_ids, a, s in zip(ids, adapters, seeds):
+        for prompt_ids, a, seed in zip(ids, adapters, seeds):
             scale, negative = guides[a]
-            params = SamplingParams(max_new_tokens, temperature, top_p, top_k, s, list(stop or []), ignore_eos,
-                                    scale, num_beams, length_penalty, no_repeat_ngram_size, early_stopping,
-                                    num_return_sequences, min_p)
+            params = replace(base, seed=seed, guidance_scale=scale, stop=list(base.stop))
             params.validate()
             requests.append(Request(list(prompt_ids), a, params, prefix=kv.get(a), negative=negative,
                                     negative_prefix=negative_kv.get(negative) if params.guided else None))
         virtual = [max(0 if x is None else int(x.shape[2]) for x in (r.prefix, r.negative_prefix)) for r in requests]
-        self._check_positions(lengths, virtual, max_new_tokens)
-        results = []
-        for f, n, a in zip(run_requests(self, requests, lora), lengths, adapters):
-            if num_return_sequences == 1:
-                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", int(n), a, f.score))
-                continue
-            for i in range(num_return_sequences):
-                c = f.choices[i]
-                results.append(Generation(c.text, c.token_ids, c.finish_reason, int(n), a, c.score))
-        return results
+        self._check_positions([len(r.prompt_ids) for r in requests], virtual, base.max_new_tokens)
+        return requests
 
     @staticmethod
     def _base_guidance(scale: float | None, lora) -> tuple[float, None]:
@@ -389,10 +398,4 @@ def _stamp(folder: Path) -> tuple[int, ...]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM", "cut_at_stop"]
+__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM"]

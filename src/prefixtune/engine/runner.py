@@ -116,7 +116,8 @@ class ModelRunner:
         self._caches = {id(store): _SlotCache(shape.num_layers) for store in (self.running, self.staging)}
         # On a CPU with a core to spare, the prefill chunk runs on a second thread while the decode step runs:
         # a chunk then costs the running streams max(decode, chunk) per step instead of their sum.
-        self.overlap = self.device.type == "cpu" and (os.cpu_count() or 1) > 1
+        # Not with LoRA: PEFT routes a mixed batch through hooks it installs on the shared modules per forward.
+        self.overlap = self.device.type == "cpu" and (os.cpu_count() or 1) > 1 and lora is None
         self._pool: ThreadPoolExecutor | None = None
         # Sliding-window attention (Mistral, Qwen2 with use_sliding_window, Gemma2/3 layers): the 4-D mask we pass
         # is used as is, so it must carry the window itself; mixed models take one mask per layer type.
