@@ -120,4 +120,25 @@ def register(app: typer.Typer) -> None:
         save(report, out)
         typer.echo(f"results in {out}/prefill.json")
 
+    @bench_app.command("soak")
+    @user_errors
+    def bench_soak(
+        minutes: float = typer.Option(1.0, "--minutes", min=0.1, help="How long the mixed traffic runs."),
+        out: str = typer.Option("runs/bench-soak", "--out", help="Where soak.json goes."),
+    ) -> None:
+        """The real server (tiny model) under mixed traffic, hang-ups, cancels, admin loads and 429 bursts;
+        requests by outcome, latency and memory per minute, and no row or request left at the end."""
+        import json
+        from pathlib import Path
+
+        from prefixtune.bench.soak import run_soak
+        from prefixtune.fileio import atomic_write_text
+
+        report = run_soak(minutes, say=typer.echo)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "soak.json", json.dumps(report, indent=2))
+        typer.echo(f"results in {out}/soak.json")
+        if report["5xx"] or report["running"] or report["waiting"]:
+            raise typer.Exit(1)
+
     app.add_typer(bench_app, name="bench")
