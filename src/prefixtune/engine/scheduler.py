@@ -58,11 +58,10 @@ class Scheduler:
         self.max_step_tokens = step_tokens(max_step_tokens, self.runner.device.type)
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)
         self.stats = SchedulerStats()
-        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): a started scheduler's
-        # output thread decodes with its own copy while the server encodes with lm.tokenizer. An engine process
-        # passes its own sink (engine/core.py: RowEvents go to the front end, which detokenizes).
-        tokenizer = copy.deepcopy(lm.tokenizer) if start else lm.tokenizer
-        self.output = output or OutputProcessor(tokenizer, self.stats, self._on_stop)
+        # An engine process passes its own sink (engine/core.py: RowEvents go to the front end, which detokenizes).
+        # Stepped in the caller's thread (offline), the output processor shares lm.tokenizer; start() gives its
+        # thread a copy.
+        self.output = output or OutputProcessor(lm.tokenizer, self.stats, self._on_stop)
         self._layout_tokenizer = None  # the worker thread's own copy, made on first use
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -80,6 +79,10 @@ class Scheduler:
     # ---- client side (any thread) -------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the output thread
+            # decodes with its own copy while the server encodes with lm.tokenizer.
+            if getattr(self.output, "tokenizer", None) is self.lm.tokenizer:
+                self.output.tokenizer = copy.deepcopy(self.lm.tokenizer)
             self.output.start()
             self._thread = threading.Thread(target=self._loop, name="prefixtune-scheduler", daemon=True)
             self._thread.start()

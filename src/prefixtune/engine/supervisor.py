@@ -51,10 +51,13 @@ class SupervisedEngine:
             raise AttributeError(name)
         return getattr(self.client, name)
 
-    def __setattr__(self, name: str, value) -> None:
-        if name == "max_model_len" and "client" in self.__dict__:  # the server settles it after start-up
-            self.client.max_model_len = value
-        object.__setattr__(self, name, value)
+    @property
+    def max_model_len(self) -> int | None:
+        return self.client.max_model_len
+
+    @max_model_len.setter
+    def max_model_len(self, value: int | None) -> None:  # the server settles it after start-up
+        self.client.max_model_len = value
 
     def start(self) -> None:
         self.client.start()
