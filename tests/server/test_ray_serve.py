@@ -1,10 +1,14 @@
 """`serve --backend ray`: a local Ray cluster, 2 CPU replicas of the tiny model, K=2 adapters per replica,
 the real `openai` client against the Serve HTTP ingress, compared with the single-process server.
 
-One cluster for the module; the tests run in order (the first fills both replicas, the last evicts)."""
+One cluster for the module; the tests run in order (the first fills both replicas, the third evicts, the last
+kills a replica)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -163,3 +167,86 @@ def test_a_third_adapter_evicts_one_without_breaking_in_flight_rows(cluster, cli
     assert len(lands["adapters"]) == 2 and set(lands["adapters"]) < set(held[lands["id"]]) | {"r5"}
     # Each replica ran its two adapters' rows together: one decode step mixed both.
     assert all(r["mixed_steps"] > mixed[r["id"]] for r in after), after
+
+
+def exclusive(url: str) -> dict[str, list[str]]:
+    """Replica id -> the adapters that replica alone holds (their requests can only land there)."""
+    replicas = placement(url)
+    return {r["id"]: [a for a in r["adapters"] if all(a not in o["adapters"] for o in replicas if o is not r)]
+            for r in replicas}
+
+
+def read_stream(url: str, model: str, n: int, into: dict) -> None:
+    """A streamed completion read as raw server-sent events: into["events"] (parsed), ["first"], ["end"]."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
+    into["events"] = []
+    with httpx.stream("POST", url + "/completions", json=body, timeout=90,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                into["events"].append(data if data == "[DONE]" else json.loads(data))
+                into.setdefault("first", time.monotonic())
+    into["end"] = time.monotonic()
+
+
+def post_completion(url: str, model: str, n: int, into: dict) -> None:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    into["response"] = httpx.post(url + "/completions", json=body, timeout=90,
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
+    into["end"] = time.monotonic()
+
+
+def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(cluster, client, reference):
+    for name in NAMES:  # every replica needs an adapter no other holds (placed one at a time, as above)
+        if all(exclusive(cluster).values()):
+            break
+        if not holders(cluster, name):
+            complete(client, name)
+            wait_for(lambda: holders(cluster, name), 10, f"{name} placed")  # noqa: B023
+            time.sleep(0.5)
+    only = exclusive(cluster)
+    assert len(only) == 2 and all(only.values()), placement(cluster)
+    (victim, doomed), (survivor, spared) = sorted(only.items(), key=lambda kv: kv[0])
+    pid = {r["id"]: r["pid"] for r in placement(cluster)}[victim]
+    results = {key: {} for key in ("v0", "v1", "v_plain", "s0", "s1")}
+    jobs = [(read_stream, doomed[0], "v0"), (read_stream, doomed[-1], "v1"), (post_completion, doomed[0], "v_plain"),
+            (read_stream, spared[0], "s0"), (read_stream, spared[-1], "s1")]
+    threads = [threading.Thread(target=fn, args=(cluster, name, LONG, results[key])) for fn, name, key in jobs]
+    for t in threads:
+        t.start()
+    running = lambda: {r["id"]: r["running"] for r in placement(cluster)}  # noqa: E731
+    wait_for(lambda: all("first" in results[k] for k in ("v0", "v1", "s0", "s1"))
+             and running() == {victim: 3, survivor: 2}, 30, "3 rows running on the victim, 2 on the other")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), f"a request hangs after the kill: {results}"
+    for key in ("v0", "v1"):  # the killed replica's streams: an error event, then [DONE]
+        events = results[key]["events"]
+        assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+        assert events[-2]["error"]["code"] == "replica_lost" and "retry" in events[-2]["error"]["message"], events
+        assert all("error" not in e for e in events[:-2]), events
+    plain = results["v_plain"]["response"]
+    assert plain.status_code == 503 and plain.headers.get("Retry-After"), (plain.status_code, plain.text)
+    assert plain.json()["error"]["code"] == "replica_lost", plain.text
+    errored = max(results[k]["end"] for k in ("v0", "v1", "v_plain")) - killed
+    for key, name in (("s0", spared[0]), ("s1", spared[-1])):  # the other replica's streams finished intact
+        events = results[key]["events"]
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events[-3:]
+        assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == reference[name, LONG], name
+        assert results[key]["end"] > killed, "the other replica's stream must still run at the kill"
+    # Serve starts a replacement; the dead replica drops off the placement board (it stops reporting).
+    wait_for(lambda: len(ids := {r["id"] for r in placement(cluster)}) == 2 and victim not in ids, 180,
+             "a replacement replica on the placement board")
+    replaced = time.monotonic() - killed
+    (new,) = [r for r in placement(cluster) if r["id"] != survivor]
+    assert new["pid"] != pid and new["running"] == 0 and new["pinned"] == [PINNED], new
+    for name in doomed:  # the killed replica's adapters are served again, by whichever replica Serve picks
+        assert complete(client, name) == reference[name, 12], name
+        wait_for(lambda: holders(cluster, name), 10, f"{name} placed again")  # noqa: B023
+    served = time.monotonic() - killed
+    print(f"\nreplica killed mid-stream: its requests ended {errored:.2f} s after the kill; a replacement reported "
+          f"{replaced:.1f} s after it; its adapters served again {served:.1f} s after it "
+          f"(held by {[holders(cluster, n) for n in doomed]}, new replica {new['id']}, survivor {survivor})")

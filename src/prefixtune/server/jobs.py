@@ -113,8 +113,8 @@ class Job:
             raise APIError(429, f"server busy: {err}; retry later", "rate_limit_error", None, "queue_full") from err
         except SchedulerClosed as err:
             retry = getattr(err, "retry_after", None)  # an engine process restarting (engine/supervisor.py)
-            raise APIError(503, str(err), "server_error", None, "engine_restarting" if retry else "shutting_down",
-                           retry_after=retry) from err
+            code = getattr(err, "code", None) or ("engine_restarting" if retry else "shutting_down")
+            raise APIError(503, str(err), "server_error", None, code, retry_after=retry) from err
         except ValueError as err:
             param = "guidance_scale" if "guided" in str(err) else "max_tokens"
             raise APIError(400, str(err), param=param) from err
@@ -203,6 +203,9 @@ class Job:
 def check_errors(choices: list[Choice]) -> None:
     failed = next((c for c in choices if c.error), None)
     if failed is not None:
+        retry = getattr(failed.error, "retry_after", None)  # a lost Ray replica (ray_ingress.ReplicaLostError)
+        if retry is not None:
+            raise APIError(503, str(failed.error), "server_error", None, failed.error.code, retry_after=retry)
         raise APIError(500, f"generation failed: {failed.error}", "server_error", None, "generation_failed")
     if all(c.finish_reason == "abort" and c.tokens == 0 for c in choices):
         raise APIError(503, "the request was aborted (server shutting down)", "server_error", None, "aborted")

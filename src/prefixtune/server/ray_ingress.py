@@ -5,6 +5,10 @@ The ingress never runs the model: it holds the tokenizer and the model on the me
 checked against the base model's fingerprint, which a replica reports), and sends token ids. A request's
 `model` becomes the multiplexed model id of the replica call, so Serve's router picks a replica that already
 holds the adapter, and another one when those are busy (their max_ongoing_requests reached).
+
+A replica that dies (killed, out of memory, its node lost) fails only its own requests: a stream gets an error
+event then [DONE], a plain request a 503 with Retry-After (code replica_lost); Serve starts a replacement and
+routes the retry to a live replica. Requests on the other replicas are not touched.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import threading
 import time
 
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import ReplicaUnavailableError
 
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.server.app import ServerSettings, create_app
@@ -22,6 +28,28 @@ from prefixtune.server.ray_replica import choices_of
 
 SNAPSHOT_S = 0.5  # how often the ingress reads the placement board (health, metrics)
 STALE_S = 3.0  # a replica silent this long is not listed (it reports every ray_replica.REPORT_S)
+RETRY_S = 5  # Retry-After for requests a dead replica dropped (Serve sends the retry to a live replica)
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
+
+
+class ReplicaLostError(str):
+    """The error of rows whose replica died: jobs.check_errors answers it 503 + Retry-After, not 500."""
+
+    retry_after = RETRY_S
+    code = "replica_lost"
+
+
+class ReplicaLost(SchedulerClosed):
+    """The replica Serve picked died before it took the rows (HTTP 503 + Retry-After)."""
+
+    retry_after = RETRY_S
+    code = "replica_lost"
+
+
+def lost_message(err: BaseException) -> str:
+    # Ray's own text is a paragraph about OOM killers; the client needs what happened and what to do.
+    return (f"the replica serving this request died ({type(err).__name__}); Serve is starting a new one: "
+            f"retry in a few seconds")
 
 
 class ClusterStats(SchedulerStats):
@@ -104,8 +132,10 @@ class RemoteScheduler:
             first.adapter, first.negative, rows)
         try:
             answer = await stream.__anext__()
-        except BaseException:  # the client left (or the replica died) before the answer: free the rows there
+        except BaseException as err:  # the client left (or the replica died) before the answer: free the rows
             stream.cancel()
+            if isinstance(err, REPLICA_LOST):
+                raise ReplicaLost(lost_message(err)) from err
             raise
         if answer[0] == "refused":
             kind, message = answer[1], answer[2]
@@ -135,7 +165,9 @@ class RemoteScheduler:
         except asyncio.CancelledError:
             stream.cancel()  # the replica's generator gets CancelledError and frees the batch slots
             finish = "cancelled"
-        except Exception as err:  # noqa: BLE001 - a replica died mid-stream: fail its rows, keep serving
+        except REPLICA_LOST as err:  # the replica died mid-stream: fail its rows, keep serving
+            finish, error = "error", ReplicaLostError(lost_message(err))
+        except Exception as err:  # noqa: BLE001 - the replica's call failed otherwise: fail its rows as well
             finish, error = "error", f"replica failed: {type(err).__name__}: {err}"
         finally:
             for index, choice in sorted(open_choices):  # every choice ends with a final Output, as locally
@@ -194,7 +226,7 @@ class PrefixIngress:
         @app.get("/v1/adapters/placement")
         async def placement():
             replicas = await scheduler.placement()
-            keys = ("id", "adapters", "pinned", "running", "waiting", "evictions", "requests")
+            keys = ("id", "pid", "adapters", "pinned", "running", "waiting", "evictions", "requests")
             return {"replicas": [{k: r[k] for k in keys} | {"mixed_steps": r["stats"]["mixed_steps"]}
                                  for r in replicas]}
 

@@ -10,6 +10,7 @@ says whether the engine took them, so the ingress can answer 429/503/400 as the 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -194,7 +195,7 @@ class ReplicaBase:
     def placement(self) -> dict:
         s = self.scheduler
         stats = {f.name: getattr(s.stats, f.name) for f in fields(s.stats) if f.name not in ("recent", "finished")}
-        return {"id": self.id, "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
+        return {"id": self.id, "pid": os.getpid(), "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
                 "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
                 "tokens_per_second": s.stats.tokens_per_second(), "finished": dict(s.stats.finished),
                 "stats": stats}

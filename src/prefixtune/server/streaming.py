@@ -45,7 +45,8 @@ async def _stream(job: Job, body, kind: str, rid: str, created: int, prompt_toke
         events, failed = [], False
         for index, out in batch:
             if out.error:
-                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error").body()))
+                code = getattr(out.error, "code", None)  # replica_lost: a Ray replica died, a retry will pass
+                events.append(_sse(APIError(500, f"generation failed: {out.error}", "server_error", code=code).body()))
                 failed = True
                 break
             tokens[index] = out.completion_tokens
