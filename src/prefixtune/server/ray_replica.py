@@ -195,8 +195,8 @@ class ReplicaBase:
     def placement(self) -> dict:
         s = self.scheduler
         stats = {f.name: getattr(s.stats, f.name) for f in fields(s.stats) if f.name not in ("recent", "finished")}
-        return {"id": self.id, "pid": os.getpid(), "adapters": list(self.held), "pinned": list(self.pinned), "running": s.running,
-                "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
+        return {"id": self.id, "pid": os.getpid(), "adapters": list(self.held), "pinned": list(self.pinned),
+                "running": s.running, "waiting": s.waiting, "evictions": self.evictions, "requests": dict(self.taken),
                 "tokens_per_second": s.stats.tokens_per_second(), "finished": dict(s.stats.finished),
                 "stats": stats}
 
