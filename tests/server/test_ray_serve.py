@@ -277,4 +277,4 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(clu
     print(f"\nreplica killed mid-stream: its requests ended {errored:.2f} s after the kill; a request for its "
           f"adapter sent {failover_at:.2f} s after it was served in {failover:.2f} s ({attempts} attempt(s)); a "
           f"replacement reported {replaced:.1f} s after it; adapters held by {[holders(cluster, n) for n in doomed]}"
-          f" (new replica {new['id']}, survivor {survivor})")
+          f" (new replica {new['id']}, survivor {survivor}); load average {os.getloadavg()[0]:.1f}")
