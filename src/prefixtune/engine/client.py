@@ -52,6 +52,7 @@ class EngineClient:
         self.max_model_len = self.info["max_model_len"]
         self.lm_lock = threading.RLock()  # guards the front end's PrefixLM (the adapter registry's)
         self.stats = SchedulerStats()  # the core's counters as of its last message; finished counted here
+        self._carried: dict[str, int] = {}  # totals of the cores before this one (carry_counters)
         # Its own tokenizer copy: the server encodes prompts with lm.tokenizer on another thread.
         self.output = OutputProcessor(copy.deepcopy(self.lm.tokenizer), self.stats, self._on_stop)
         self.error: str | None = None
@@ -233,10 +234,15 @@ class EngineClient:
             self.process.join(1)  # reaped, so the message can say how it ended
             self._fail_live(f"the engine process exited (code {self.process.exitcode})")
 
+    def carry_counters(self, earlier: SchedulerStats) -> None:
+        """Count on from a dead core's totals: a new core starts from 0, and Prometheus counters never drop."""
+        self._carried = {name: getattr(earlier, name) for name in STAT_FIELDS if name != "last_batch_size"}
+
     def _events(self, rows, stats) -> None:
         counters, self._counts, recent = stats
         for name, value in zip(STAT_FIELDS, counters):
-            setattr(self.stats, name, value)
+            carried = self._carried.get(name, 0)
+            setattr(self.stats, name, max(carried, value) if name.startswith("max_") else carried + value)
         self.stats.recent.extend(recent)
         events = []
         for request_id, token, finish, error, beams in rows:

@@ -141,7 +141,8 @@ class SupervisedEngine:
     def _replace(self) -> None:
         client = EngineClient(self.spec, self.start_timeout)
         client.max_model_len = self.client.max_model_len
-        client.stats, client.output.stats = self.stats, self.stats  # counters go on across cores
+        client.carry_counters(self.stats)  # the dead core's last totals: counters go on, never back to 0
+        client.stats, client.output.stats = self.stats, self.stats
         client.start()
         try:
             for name, path in list(self._by_path.items()):
