@@ -123,3 +123,11 @@ def slow_model(lm: PrefixLM, seconds: float) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def counters(metrics_text: str) -> dict[tuple, float]:
+    """Every prefixtune counter in a /metrics text: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(metrics_text)
+            if f.type == "counter" for s in f.samples if s.name.startswith("prefixtune_") and s.name.endswith("_total")}

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_helpers import API_KEY, live_server, wait_for, write_adapter
+from serve_helpers import API_KEY, counters, live_server, wait_for, write_adapter
 
 pytest.importorskip("ray.serve")
 # Starting Ray, Serve and 2 replicas took 120-160 s here (2 cores, load 7-8); the tests themselves ~20 s.
@@ -169,6 +169,14 @@ def test_a_third_adapter_evicts_one_without_breaking_in_flight_rows(cluster, cli
     assert all(r["mixed_steps"] > mixed[r["id"]] for r in after), after
 
 
+GENERATED = ("prefixtune_generated_tokens_total", ())
+
+
+def engine_counters(url: str) -> dict[tuple, float]:
+    return counters(httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30,
+                              headers={"Authorization": f"Bearer {API_KEY}"}).text)
+
+
 def exclusive(url: str) -> dict[str, list[str]]:
     """Replica id -> the adapters that replica alone holds (their requests can only land there)."""
     replicas = placement(url)
@@ -248,6 +256,7 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(clu
     running = lambda: {r["id"]: r["running"] for r in placement(cluster)}  # noqa: E731
     wait_for(lambda: all("first" in results[k] for k in ("v0", "v1", "s0", "s1"))
              and running() == {victim: 3, survivor: 2}, 30, "3 rows running on the victim, 2 on the other")
+    before = engine_counters(cluster)
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     for t in threads[:3]:
@@ -274,6 +283,11 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(clu
     for name in doomed:  # the killed replica's adapters are served again, by whichever replica Serve picks
         assert complete(client, name) == reference[name, 12], name
         wait_for(lambda: holders(cluster, name), 10, f"{name} placed again")  # noqa: B023
+    # The killed replica's counts stay in /metrics: counters go on from there with every token served since.
+    gained = 12 * (1 + len(doomed))
+    wait_for(lambda: engine_counters(cluster)[GENERATED] >= before[GENERATED] + gained, 10, "generated tokens counted")
+    after = engine_counters(cluster)
+    assert all(after[key] >= value for key, value in before.items()), (before, after)
     print(f"\nreplica killed mid-stream: its requests ended {errored:.2f} s after the kill; a request for its "
           f"adapter sent {failover_at:.2f} s after it was served in {failover:.2f} s ({attempts} attempt(s)); a "
           f"replacement reported {replaced:.1f} s after it; adapters held by {[holders(cluster, n) for n in doomed]}"

@@ -8,8 +8,7 @@ import threading
 import time
 
 import openai
-from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import live_server, wait_for
+from serve_helpers import counters, live_server, wait_for
 
 from prefixtune.testing import write_random_adapter
 
@@ -47,7 +46,7 @@ def test_a_killed_core_fails_its_streams_restarts_and_serves_again(serve_lm, tmp
             t.join(10)
         assert all(r is not None and r.startswith("error") for r in results), results  # none hangs, none "finished"
         with srv.http() as http:
-            dead = engine_counters(http)  # the dead core's last report
+            dead = counters(http.get("/metrics").text)  # the dead core's last report
             health = http.get("/health")
             if health.status_code == 503:  # restarting: refused with a hint when to come back
                 assert health.json()["status"] == "restarting" and health.headers["Retry-After"] == "5"
@@ -64,20 +63,13 @@ def test_a_killed_core_fails_its_streams_restarts_and_serves_again(serve_lm, tmp
         count = client.completions.create(model="alpha", prompt="Count", max_tokens=5, temperature=0,
                                           extra_body={"ignore_eos": True})
         with srv.http() as http:
-            now = engine_counters(http)
+            now = counters(http.get("/metrics").text)
         # Prometheus counters never go back: the new core's counts are added to the dead one's totals.
         assert all(now[key] >= dead[key] for key in dead), (dead, now)
         generated, steps = ("prefixtune_generated_tokens_total", ()), ("prefixtune_decode_steps_total", ())
         assert dead[generated] > 0 and dead[steps] > 0, dead
         assert now[generated] == dead[generated] + again.usage.completion_tokens + count.usage.completion_tokens
         assert now[steps] >= dead[steps] + 4  # the 5-token request alone took a prefill and 4 decode steps
-
-
-def engine_counters(http) -> dict[tuple, float]:
-    """Every prefixtune counter sample on /metrics: (name, labels) -> value."""
-    families = text_string_to_metric_families(http.get("/metrics").text)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families if f.type == "counter"
-            for s in f.samples if s.name.startswith("prefixtune_") and s.name.endswith("_total")}
 
 
 def test_past_the_restart_budget_the_server_stops(serve_lm):

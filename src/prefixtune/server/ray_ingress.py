@@ -73,6 +73,7 @@ class RemoteScheduler:
         self.pinned = frozenset(pinned)  # on every replica: no multiplexed id, any replica serves them
         self.lm_lock = threading.RLock()  # guards the ingress PrefixLM (meta tensors) for the registry
         self.replicas: list[dict] = []  # latest placement board snapshot
+        self._seen: dict[str, dict] = {}  # replica id -> its last report, live or gone (counters)
         self.stats = ClusterStats()
         self._calls: dict[str, asyncio.Task] = {}  # request id -> the task pumping its replica stream
         self._closed = False
@@ -111,13 +112,19 @@ class RemoteScheduler:
             await asyncio.sleep(SNAPSHOT_S)
 
     def _sum_stats(self) -> None:
+        # Counters sum the last report of every replica ever seen, so a replica that died or was scaled down
+        # keeps its counts and the Prometheus counters never drop; gauges sum the live replicas only.
+        live = {r["id"] for r in self.replicas}
+        self._seen.update((r["id"], r) for r in self.replicas)
         stats = ClusterStats()
-        for r in self.replicas:
+        for replica_id, r in self._seen.items():
             for key, value in r["stats"].items():
+                if key == "last_batch_size" and replica_id not in live:
+                    continue
                 merge = max if key.startswith("max_") else (lambda a, b: a + b)
                 setattr(stats, key, merge(getattr(stats, key), value))
             stats.finished.update(r["finished"])
-            stats.rate += r["tokens_per_second"]
+            stats.rate += r["tokens_per_second"] if replica_id in live else 0.0
         self.stats = stats
 
     # ---- requests -------------------------------------------------------------------------------------
