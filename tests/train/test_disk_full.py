@@ -1,4 +1,4 @@
-"""A full disk (ENOSPC, simulated) while a checkpoint or the store publish is written (issue #24): the previous
+"""A full disk (ENOSPC, simulated) while a checkpoint, a LoRA adapter or the store publish is written (issue #24): the previous
 checkpoint and the store stay valid, the error says what failed and how to go on, and --resume finishes the
 run with nothing lost (its adapters equal an uninterrupted run's)."""
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from fault_injection import fill_disk_after
+from peft import peft_model
+from safetensors.torch import load_file
 
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.store import AdapterStore, StoreError
@@ -76,3 +78,27 @@ def test_disk_full_while_publishing_to_the_store(tmp_path, tiny_model_dir, tiny_
     result = train(_cfg(tmp_path, tiny_model_dir, emotion_dir, store=str(store), resume=True), loaded=tiny_lm)
     torch.testing.assert_close(load_adapter(store / "emo").flat, uninterrupted)
     assert result.adapters["emo"] == store / "emo"
+
+
+def test_disk_full_while_a_lora_adapter_is_saved(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch):
+    def cfg(out: Path, **kw) -> TrainConfig:
+        return _cfg(out, tiny_model_dir, emotion_dir, method="lora", name="lora", **kw)
+
+    whole = train(cfg(tmp_path / "whole"), loaded=tiny_lm).out / "last" / "lora" / "adapter_model.safetensors"
+    fill_disk_after(monkeypatch, peft_model, "safe_save_file", calls_ok=0)  # PEFT's save_pretrained
+    with pytest.raises(StoreError) as caught:
+        train(cfg(tmp_path), loaded=tiny_lm)
+    run = tmp_path / "run"
+    message = str(caught.value)
+    assert f"cannot write the adapter folder {run / 'best' / 'lora'}" in message  # the final eval's best
+    assert "No space left on device (ENOSPC); free space" in message
+    step = checkpoint.checkpoint_step(run)  # the last one before the eval whose best/ save failed
+    assert step is not None and f"the checkpoint in {run / 'checkpoint'} (step {step}) is kept" in message, message
+    assert f"continue with: prefixtune train --config {run / 'run.json'} --resume" in message
+    assert not (run / "best" / "lora").exists() and not list((run / "best").glob(".*")), "no half-written folder"
+    monkeypatch.undo()
+    result = train(cfg(tmp_path, resume=True), loaded=tiny_lm)
+    resumed = load_file(result.out / "last" / "lora" / "adapter_model.safetensors")
+    for name, tensor in load_file(whole).items():
+        torch.testing.assert_close(resumed[name], tensor)
+

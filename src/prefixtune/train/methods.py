@@ -119,9 +119,10 @@ class LoraMethod(TrainMethod):
 
     def save(self, trainer, root, metrics):
         from prefixtune.fileio import atomic_folder
+        from prefixtune.store import writing
 
         target = Path(root) / self.cfg.name
-        with atomic_folder(target) as tmp:
+        with writing(f"write the adapter folder {target}"), atomic_folder(target) as tmp:  # a full disk: StoreError
             self.peft_model.save_pretrained(str(tmp))
         return {self.cfg.name: target}
 
