@@ -1,6 +1,6 @@
-"""A full disk (ENOSPC, simulated) while a checkpoint, a LoRA adapter or the store publish is written (issue #24): the previous
-checkpoint and the store stay valid, the error says what failed and how to go on, and --resume finishes the
-run with nothing lost (its adapters equal an uninterrupted run's)."""
+"""A full disk (ENOSPC, simulated) while a checkpoint, a LoRA adapter or the store publish is written (issue
+#24): the previous checkpoint and the store stay valid, the error says what failed and how to go on, and
+--resume finishes the run with nothing lost (its adapters equal an uninterrupted run's)."""
 
 from __future__ import annotations
 

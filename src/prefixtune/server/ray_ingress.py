@@ -32,7 +32,7 @@ RETRY_S = 5  # Retry-After for requests a dead replica dropped (Serve sends the 
 REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
 
 
-class ReplicaLostError(str):
+class ReplicaLostMessage(str):
     """The error of rows whose replica died: jobs.check_errors answers it 503 + Retry-After, not 500."""
 
     retry_after = RETRY_S
@@ -173,7 +173,7 @@ class RemoteScheduler:
             stream.cancel()  # the replica's generator gets CancelledError and frees the batch slots
             finish = "cancelled"
         except REPLICA_LOST as err:  # the replica died mid-stream: fail its rows, keep serving
-            finish, error = "error", ReplicaLostError(lost_message(err))
+            finish, error = "error", ReplicaLostMessage(lost_message(err))
         except Exception as err:  # noqa: BLE001 - the replica's call failed otherwise: fail its rows as well
             finish, error = "error", f"replica failed: {type(err).__name__}: {err}"
         finally:
