@@ -19,7 +19,8 @@ import pytest
 from serve_helpers import API_KEY, counters, live_server, wait_for, write_adapter
 
 pytest.importorskip("ray.serve")
-# Starting Ray, Serve and 2 replicas took 120-160 s here (2 cores, load 7-8); the tests themselves ~20 s.
+# Starting Ray, Serve and 2 replicas took 120-160 s here (2 cores, load 7-8); the tests themselves ~20 s, plus
+# 20-40 s while the kill test waits for the replacement replica.
 pytestmark = pytest.mark.slow
 
 NAMES = ["r1", "r2", "r3", "r4", "r5"]  # four fill both replicas (K=2 each), the fifth must evict
