@@ -13,6 +13,12 @@ from serve_helpers import counters, live_server, wait_for
 from prefixtune.testing import write_random_adapter
 
 
+def _plain_request(http, results: list) -> None:
+    response = http.post("/v1/completions", json={"model": "alpha", "prompt": "Plain", "max_tokens": 200,
+                                                   "temperature": 0, "ignore_eos": True}, timeout=60)
+    results.append(response)
+
+
 def _stream_until_error(client, results: list, started: threading.Event, index: int) -> None:
     try:
         stream = client.completions.create(model="alpha", prompt=f"Stream {index}", max_tokens=200, temperature=0,
@@ -37,14 +43,20 @@ def test_a_killed_core_fails_its_streams_restarts_and_serves_again(serve_lm, tmp
         results, started = [None] * 8, [threading.Event() for _ in range(8)]
         threads = [threading.Thread(target=_stream_until_error, args=(client, results, started[i], i))
                    for i in range(8)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(30) for e in started), f"the streams did not start: {results}"
-        killed = time.monotonic()
-        srv.scheduler.client.process.kill()
-        for t in threads:
-            t.join(10)
+        plain: list = []
+        with srv.http() as plain_http:
+            threads.append(threading.Thread(target=_plain_request, args=(plain_http, plain)))
+            for t in threads:
+                t.start()
+            assert all(e.wait(30) for e in started), f"the streams did not start: {results}"
+            killed = time.monotonic()
+            srv.scheduler.client.process.kill()
+            for t in threads:
+                t.join(10)
         assert all(r is not None and r.startswith("error") for r in results), results  # none hangs, none "finished"
+        # A plain request in flight: the process died, not the request, so a retry will pass (503, not 500).
+        assert len(plain) == 1 and plain[0].status_code == 503, plain and plain[0].text
+        assert plain[0].headers["Retry-After"] == "5" and plain[0].json()["error"]["code"] == "engine_restarting"
         with srv.http() as http:
             dead = counters(http.get("/metrics").text)  # the dead core's last report
             health = http.get("/health")

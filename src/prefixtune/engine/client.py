@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from prefixtune.engine import core
 from prefixtune.engine.core import STAT_FIELDS, EngineSpec
 from prefixtune.engine.output import OutputProcessor, RowEvent
-from prefixtune.engine.requests import QueueFull, Request, SchedulerClosed, SchedulerStats
+from prefixtune.engine.requests import QueueFull, Request, RetryableError, SchedulerClosed, SchedulerStats
 
 __all__ = ["EngineClient", "EngineSpec"]
 
@@ -232,7 +232,7 @@ class EngineClient:
         finally:
             self._closed = True
             self.process.join(1)  # reaped, so the message can say how it ended
-            self._fail_live(f"the engine process exited (code {self.process.exitcode})")
+            self._fail_live(RetryableError(f"the engine process exited (code {self.process.exitcode}); retry in a few seconds"))
 
     def carry_counters(self, earlier: SchedulerStats) -> None:
         """Count on from a dead core's totals: a new core starts from 0, and Prometheus counters never drop."""
@@ -254,7 +254,7 @@ class EngineClient:
             events.append(RowEvent(request, token, finish, error, beams))
         self.output.process(events)
 
-    def _fail_live(self, message: str) -> None:
+    def _fail_live(self, message: str) -> None:  # a RetryableError when the process died
         live, self._live = list(self._live.values()), {}
         self.error = message if live else self.error
         self.output.process([RowEvent(r, finish="error", error=message) for r in live])

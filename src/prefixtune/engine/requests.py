@@ -27,6 +27,15 @@ class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down and takes no new requests."""
 
 
+class RetryableError(str):
+    """A request's error text when what failed was the process serving it, not the request: a retry will pass.
+
+    The server answers it 503 + Retry-After with `code` (server/jobs.check_errors), not 500."""
+
+    retry_after = 5
+    code = "engine_restarting"
+
+
 @dataclass
 class Output:
     """What one step produced for one request (emitted on the output thread)."""

@@ -203,7 +203,8 @@ class Job:
 def check_errors(choices: list[Choice]) -> None:
     failed = next((c for c in choices if c.error), None)
     if failed is not None:
-        retry = getattr(failed.error, "retry_after", None)  # a lost Ray replica (ray_ingress.ReplicaLostMessage)
+        # engine.requests.RetryableError: the engine process or Ray replica died, not the request
+        retry = getattr(failed.error, "retry_after", None)
         if retry is not None:
             raise APIError(503, str(failed.error), "server_error", None, failed.error.code, retry_after=retry)
         raise APIError(500, f"generation failed: {failed.error}", "server_error", None, "generation_failed")

@@ -21,7 +21,7 @@ from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
+from prefixtune.engine.requests import Output, QueueFull, Request, RetryableError, SchedulerClosed, SchedulerStats
 from prefixtune.server.app import ServerSettings, create_app
 from prefixtune.server.protocol import APIError
 from prefixtune.server.ray_replica import choices_of
@@ -32,7 +32,7 @@ RETRY_S = 5  # Retry-After for requests a dead replica dropped (Serve sends the 
 REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
 
 
-class ReplicaLostMessage(str):
+class ReplicaLostMessage(RetryableError):
     """The error of rows whose replica died: jobs.check_errors answers it 503 + Retry-After, not 500."""
 
     retry_after = RETRY_S
