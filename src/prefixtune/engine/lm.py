@@ -23,6 +23,7 @@ from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
+from prefixtune.engine.structured import StructuredOutput
 from prefixtune.models import max_positions
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -281,6 +282,11 @@ class PrefixLM:
         min_p: float = 0.0,
         lora: Any = None,
         num_return_sequences: int = 1,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        structured: StructuredOutput | None = None,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
@@ -297,6 +303,9 @@ class PrefixLM:
         lora: a PeftModel whose LoRA weights are injected into this model: its rows (adapter None) run with
         LoRA, and guidance_scale guides them against the same model with LoRA off (one forward, PEFT's
         adapter_names), as compare does.
+        presence_penalty, frequency_penalty (OpenAI's), repetition_penalty (vLLM's) and logit_bias apply to
+        every row (engine/penalties.py); structured=StructuredOutput(json=schema | regex= | grammar= | choice=)
+        makes every row's text match it (engine/structured.py).
         All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
         if isinstance(prompts, str):
@@ -329,7 +338,8 @@ class PrefixLM:
         guide = (1.0, None) if beam else (guidance_scale, guidance_negative)
         base = SamplingParams(max_new_tokens, temperature, top_p, top_k, None, list(stop or []), ignore_eos, 1.0,
                               num_beams, length_penalty, no_repeat_ngram_size, early_stopping, num_return_sequences,
-                              min_p)
+                              min_p, presence_penalty, frequency_penalty, repetition_penalty, dict(logit_bias or {}),
+                              structured)
         requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat)
         results = []
         for f, r in zip(run_requests(self, requests, lora), requests):

@@ -69,6 +69,7 @@ class Request:
     cancelled: bool = False  # set by the engine's worker when Scheduler.cancel asked; the rows leave before the next step
     negative: str | None = None  # guided: the unconditioned row's adapter (None = the base model)
     negative_prefix: torch.Tensor | None = None  # its folded kv; None: lm.adapter(negative).kv
+    grammar: object = None  # its structured output compiled (engine/structured.py), set when submitted
     stopped: bool = False  # a stop string ended it (the engine's worker sets it on the output processor's word)
     done: bool = False  # the output processor sent the final Output (written by that thread only)
 

@@ -5,7 +5,9 @@ unconditioned companion, engine/guidance.py), whose logits are combined and whos
 pair draws; or a beam group of num_beams rows, advanced by its own engine/beam.py BeamSearch (the bookkeeping
 follows transformers' beam search), whose rows are re-pointed at the beams they continue (`moves`). Every
 sampled row keeps its own temperature, top-p, top-k, min-p and random stream (engine/sampling.py), so rows of
-different requests share one vectorised call.
+different requests share one vectorised call. Between guidance and sampling, one stage applies each row's own
+penalties and logit bias (engine/penalties.py) and its grammar's token mask (engine/structured.py); rows without
+them pass through untouched.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import torch
 
 from prefixtune.engine.beam import BeamSearch
 from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
 from prefixtune.engine.policy import rows_of
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
+from prefixtune.engine.structured import RowGrammar, constrain
 
 
 @dataclass(eq=False)
@@ -30,6 +34,8 @@ class Group:
     sampler: RowSampler
     search: BeamSearch | None = None  # a beam request's search state
     generated: int = 0  # tokens sampled (EOS not counted)
+    penalty: RowPenalty | None = None  # its penalties / logit bias and generated-token counts (None: none)
+    grammar: RowGrammar | None = None  # its structured output's matcher (None: free text)
 
     @property
     def keys(self) -> list[tuple[str, int]]:
@@ -51,7 +57,9 @@ def new_group(request: Request, eos_ids: set[int], device: torch.device) -> Grou
     search = None
     if request.params.beam:
         search = BeamSearch([request.prompt_ids], request.params.beam_params(), eos_ids, device)
-    return Group(request, RowSampler(request.params, device), search)
+    grammar = RowGrammar(request.grammar) if request.grammar is not None else None
+    return Group(request, RowSampler(request.params, device), search, penalty=new_penalty(request.params,
+                 request.prompt_ids), grammar=grammar)
 
 
 @dataclass
@@ -77,11 +85,15 @@ class Sampler:
         """logits (B, V) of the running rows in slot order `order`; every row belongs to a group in `groups`."""
         slot = {key: i for i, key in enumerate(order)}
         logits = self._guide(logits, slot, [g for g in groups.values() if g.request.params.guided])
+        controlled = [g for g in groups.values() if g.penalty is not None or g.grammar is not None]
+        logits = self._control(logits, slot, controlled)
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
         samplers = [groups[key[0]].sampler if key[1] == 0 else _COMPANION for key in order]
         drawn = sample_rows(logits, samplers)
         out = Sampled()
         out.tokens = {key[0]: drawn[i] for i, key in enumerate(order) if key[1] == 0}
+        for group in controlled:
+            self._accept(group, out.tokens)
         out.row_tokens = {key: out.tokens[key[0]] for key in order}
         for group in groups.values():
             if group.search is not None and not group.request.cancelled:
@@ -98,6 +110,26 @@ class Sampler:
         combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
                                  eos_ids=sorted(self.eos_ids), layout=self.layout())  # (G, V)
         return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
+
+    @staticmethod
+    def _control(logits: torch.Tensor, slot: dict, controlled: list[Group]) -> torch.Tensor:
+        """Each controlled row's penalties and bias, then its grammar mask (masking last: no bias revives a
+        token the grammar forbids). Beam groups never get here (SamplingParams refuses them)."""
+        if not controlled:
+            return logits
+        penalised = [g for g in controlled if g.penalty is not None]
+        logits = apply_penalties(logits, [slot[(g.request.request_id, 0)] for g in penalised],
+                                 [g.penalty for g in penalised])
+        masked = [g for g in controlled if g.grammar is not None]
+        return constrain(logits, [slot[(g.request.request_id, 0)] for g in masked], [g.grammar for g in masked])
+
+    def _accept(self, group: Group, tokens: dict[str, int]) -> None:
+        token = tokens[group.request.request_id]
+        if group.penalty is not None:
+            group.penalty.accept(token)
+        if group.grammar is not None and not group.grammar.accept(token):
+            # Cannot happen with the mask applied; should it, the row ends rather than break its grammar.
+            tokens[group.request.request_id] = min(self.eos_ids)
 
     @staticmethod
     def _beam_step(group: Group, logits: torch.Tensor, slot: dict, out: Sampled) -> None:

@@ -8,6 +8,8 @@ import torch
 
 from prefixtune.engine.beam import BeamParams, check_beam_request
 from prefixtune.engine.guidance import is_guided, validate_scale
+from prefixtune.engine.penalties import validate_penalties
+from prefixtune.engine.structured import StructuredOutput
 
 
 @dataclass
@@ -28,6 +30,11 @@ class SamplingParams:
     early_stopping: bool = False  # beam search: end as soon as num_beams hypotheses are finished
     num_return_sequences: int = 1  # beam search: best beams returned, as Outputs with index 0 .. n-1
     min_p: float = 0.0  # drop tokens under min_p x the top token's probability (after temperature); 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token already generated (engine/penalties.py)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated
+    repetition_penalty: float = 1.0  # vLLM/HF's: prompt and generated tokens' logits divided by it (> 0); 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
+    structured: StructuredOutput | None = None  # the output must match this (engine/structured.py); None = free
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,6 +48,14 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:  # also rejects NaN
             raise ValueError("min_p must be in [0, 1]")
         validate_scale(self.guidance_scale)
+        validate_penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty, self.logit_bias)
+        if self.structured is not None:
+            self.structured.validate()
+            if self.ignore_eos:
+                raise ValueError("ignore_eos with a structured output: the grammar ends the output; drop ignore_eos")
+        if self.beam and self.controlled:
+            raise ValueError("beam search takes no penalties, logit_bias or structured output; sample instead "
+                             "(num_beams 1)")
         if self.beam or self.no_repeat_ngram_size or self.num_return_sequences != 1:
             self.beam_params()
 
@@ -53,6 +68,12 @@ class SamplingParams:
     @property
     def beam(self) -> bool:
         return self.num_beams > 1
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the sampler's penalty or grammar stage touches this row's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.structured is not None)
 
     @property
     def guided(self) -> bool:

@@ -26,10 +26,12 @@ from collections.abc import Sequence
 import torch
 
 from prefixtune.engine.output import OutputProcessor, RowEvent
+from prefixtune.engine.penalties import check_bias_ids
 from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, rows_of, step_tokens
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.sampler import Group, Sampler, new_group
+from prefixtune.engine.structured import Grammars
 
 __all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats", "cost"]
 
@@ -57,6 +59,9 @@ class Scheduler:
         # decode rows + prefill tokens per step ("auto": by device, engine/policy.py; None: prompts join whole)
         self.max_step_tokens = step_tokens(max_step_tokens, self.runner.device.type)
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)
+        self.width = logits_width(self.model)
+        # Structured outputs compile on the submitting thread (never the stepping one), cached by spec.
+        self.grammars = Grammars(lm.tokenizer, self.width, self.eos_ids)
         self.stats = SchedulerStats()
         # An engine process passes its own sink (engine/core.py: RowEvents go to the front end, which detokenizes).
         # Stepped in the caller's thread (offline), the output processor shares lm.tokenizer; start() gives its
@@ -121,6 +126,9 @@ class Scheduler:
                 what = "a guided request" if r.params.guided else f"num_beams={r.params.num_beams}"
                 raise ValueError(f"{what} needs {rows_of(r)} batch rows but max_batch is {self.max_batch}")
             self._check_length(r)
+            check_bias_ids(r.params.logit_bias, self.width)
+            if r.params.structured is not None and r.grammar is None:
+                r.grammar = self.grammars.compile(r.params.structured)
         need = sum(cost(r) for r in requests)
         with self._cv:
             if self._closed:
@@ -377,6 +385,13 @@ class Scheduler:
                 f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
                 f"{need} > max_model_len {self.max_model_len}"
             )
+
+
+def logits_width(model) -> int:
+    """Token ids the model scores (its output layer's rows; may exceed the tokenizer's vocabulary: padding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
 def cost(request: Request) -> int:
