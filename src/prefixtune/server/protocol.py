@@ -60,6 +60,32 @@ class StreamOptions(_Body):
     include_usage: bool = False  # send a last chunk with token counts (choices empty)
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extension: exactly one field (engine/structured.py)."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")  # a JSON schema (object or its JSON text)
+    json_object: bool | None = None  # any JSON object
+    regex: Text | None = None  # a regular expression the whole output matches
+    choice: list[Text] | None = None  # the output is exactly one of these strings
+    grammar: Text | None = None  # an EBNF grammar (xgrammar's GBNF dialect, rule `root`)
+
+
+class JSONSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema (what `client.chat.completions.parse` sends)."""
+
+    name: Text = Field(min_length=1, max_length=64)  # the schema's name (OpenAI requires it)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # the JSON schema (None: any JSON object)
+    strict: bool | None = None  # accepted: schemas are always enforced (no properties beyond the schema's)
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None  # required with type json_schema
+
+
 class SamplingBody(_Body):
     """Fields completions and chat share."""
 
@@ -85,9 +111,13 @@ class SamplingBody(_Body):
     no_repeat_ngram_size: int | None = Field(None, ge=0)  # beams: no n-gram of this size twice (0 = off)
     early_stopping: bool | None = None  # beams: end once num_beams hypotheses are finished (false)
     user: Text | None = None  # accepted and ignored
-    presence_penalty: float | None = None  # only 0
-    frequency_penalty: float | None = None  # only 0
-    logit_bias: dict[str, float] | None = None  # only empty
+    # OpenAI's penalties on tokens already generated (engine/penalties.py) and its per-token logit bias
+    # ({"token id": value}, -100 bans a token); vLLM's repetition_penalty (prompt and output tokens; 1 = off).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
+    structured_outputs: StructuredOutputs | None = None  # extension (as vLLM): the output must match this
 
     @field_validator("stop")
     @classmethod
@@ -97,10 +127,13 @@ class SamplingBody(_Body):
             raise ValueError("stop strings must not be empty")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported(cls, value: Any, info) -> Any:
-        return _neutral(info.field_name, value)
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((k for k in value or {} if not (k.isascii() and k.isdigit())), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias keys are token ids (as strings of digits), got {bad!r}")
+        return value
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -164,7 +197,7 @@ class ChatRequest(SamplingBody):
     top_logprobs: int | None = None  # only null
     tools: list[dict[str, Any]] | None = None  # only empty
     tool_choice: str | None = None  # only null / "none"
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema (server/controls.py)
 
     @field_validator("logprobs", "top_logprobs", "tools")
     @classmethod
@@ -175,13 +208,6 @@ class ChatRequest(SamplingBody):
     @classmethod
     def _tool_choice(cls, value: str | None) -> str | None:
         return _neutral("tool_choice", value, (None, "none"))
-
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value not in (None, {"type": "text"}):
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return value
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

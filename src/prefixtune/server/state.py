@@ -16,6 +16,7 @@ from prefixtune.engine.scheduler import Scheduler, cost
 from prefixtune.server import protocol as P
 from prefixtune.server.adapters import AdapterRegistry
 from prefixtune.server.beams import beam_fields
+from prefixtune.server.controls import control_fields
 from prefixtune.server.jobs import Job
 from prefixtune.server.metrics import ServerMetrics
 from prefixtune.server.protocol import APIError
@@ -123,7 +124,7 @@ class AppState:
         return room
 
     def _add_rows(self, job: Job, body: P.SamplingBody, p: int, ids: list[int], adapter, prep, new: int,
-                  beams: dict | None) -> None:
+                  beams: dict | None, controls: dict) -> None:
         if beams is not None:  # one request: a group of num_beams rows whose n best beams are the choices
             job.add(ids, adapter, prep.prefix, SamplingParams(max_new_tokens=new, stop=list(body.stop or []),
                                                               **beams))
@@ -135,7 +136,7 @@ class AppState:
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
                 min_p=body.min_p or 0.0, seed=seed,
                 stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
-            )
+                **controls)
             job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)
 
     async def start_job(self, http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]],
@@ -147,6 +148,7 @@ class AppState:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {self.settings.max_tokens}",
                            param="max_tokens")
         beams = beam_fields(body, self.settings.max_num_beams, self.scheduler.max_batch)
+        controls = await run_in_threadpool(control_fields, body, len(self.tokenizer))
         # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop. A
         # manifest's recommended guidance is for sampling: beams (checked above to ask for none) run without.
         prep = await run_in_threadpool(self.registry.prepare, adapter, 1.0 if beams else body.guidance_scale,
@@ -156,7 +158,7 @@ class AppState:
             room = self._room(p, ids, prep.virtual, max_tokens, prompt_field)
             new = max_tokens if max_tokens is not None else min(default_tokens or room, room,
                                                                 self.settings.max_tokens)
-            self._add_rows(job, body, p, ids, adapter, prep, new, beams)
+            self._add_rows(job, body, p, ids, adapter, prep, new, beams, controls)
         # A request that could never fit (alone) is the client's error; one that fits later is a 429 (submit).
         need = sum(map(cost, job.requests))
         if need > self.scheduler.max_inflight_tokens:
