@@ -13,6 +13,7 @@ from serve_helpers import live_server
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "n", "seed", "stop", "stream", "stream_options", "ignore_eos", "user", "logprobs", "echo", "best_of",
           "guidance_scale", "guidance_negative", "presence_penalty", "logit_bias", "response_format", "name", "path",
+          "frequency_penalty", "repetition_penalty", "structured_outputs", "json_schema", "schema", "regex", "choice",
           "num_beams", "length_penalty", "no_repeat_ngram_size", "early_stopping"]
 NAMES = ["alpha", "beta", "tiny-base", "none", "", "../alpha", "/etc/passwd", "..", ".", "a/b", "alpha\x00",
          "\u00e9t\u00e9", "x" * 300, "\ud800", "NONE"]

@@ -28,7 +28,7 @@ OPERATIONS = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("
               ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/{name}"), ("POST", "/v1/completions"),
               ("POST", "/v1/chat/completions")}
 EXTENSIONS = {"top_k", "min_p", "ignore_eos", "guidance_scale", "guidance_negative", "num_beams", "length_penalty",
-              "no_repeat_ngram_size", "early_stopping"}
+              "no_repeat_ngram_size", "early_stopping", "repetition_penalty", "structured_outputs"}
 SERVED = ["alpha", "beta", "tiny-base"]
 tally: Counter = Counter()
 

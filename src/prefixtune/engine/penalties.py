@@ -11,13 +11,14 @@ only that row.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 BIAS_LIMIT = 100.0  # OpenAI's range for a logit_bias value
 PENALTY_LIMIT = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
+# repetition_penalty's range: dividing by less overflows a float32 logit (1e-151 made NaN probabilities).
+REPETITION_RANGE = (0.01, 100.0)
 
 
 def validate_penalties(presence: float, frequency: float, repetition: float, bias: dict[int, float]) -> None:
@@ -25,8 +26,8 @@ def validate_penalties(presence: float, frequency: float, repetition: float, bia
     for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
         if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:  # also rejects NaN
             raise ValueError(f"{name} must be in [-2, 2], got {value}")
-    if not 0 < repetition < math.inf:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition}")
+    if not REPETITION_RANGE[0] <= repetition <= REPETITION_RANGE[1]:
+        raise ValueError(f"repetition_penalty must be in [0.01, 100] (1 = off), got {repetition}")
     for token, value in bias.items():
         if not isinstance(token, int) or isinstance(token, bool) or token < 0:
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")

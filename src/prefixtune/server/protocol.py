@@ -115,7 +115,7 @@ class SamplingBody(_Body):
     # ({"token id": value}, -100 bans a token); vLLM's repetition_penalty (prompt and output tokens; 1 = off).
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
     structured_outputs: StructuredOutputs | None = None  # extension (as vLLM): the output must match this
 
