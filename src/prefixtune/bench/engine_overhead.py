@@ -31,8 +31,9 @@ def bare_loop_tokens_per_s(model, prompt_ids: list[int], batch: int, new_tokens:
 
 
 def engine_tokens_per_s(lm, prompt_ids: list[int], batch: int, new_tokens: int, stop: list[str] | None = None,
-                        timeout: float = 300.0) -> float:
-    """All rows submitted at once to a started Scheduler (worker + output threads), greedy, EOS ignored."""
+                        timeout: float = 300.0, params: SamplingParams | None = None) -> float:
+    """All rows submitted at once to a started Scheduler (worker + output threads), greedy, EOS ignored (or each
+    row with `params`, which must keep it going for new_tokens)."""
     scheduler = Scheduler(lm, max_batch=batch, max_queue=batch, start=False)
     done = threading.Semaphore(0)
 
@@ -40,7 +41,7 @@ def engine_tokens_per_s(lm, prompt_ids: list[int], batch: int, new_tokens: int, 
         if out.finish_reason is not None:
             done.release()
 
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, stop=list(stop or []))
+    params = params or SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, stop=list(stop or []))
     scheduler.submit_many([Request(list(prompt_ids), None, params, emit) for _ in range(batch)])
     start = time.perf_counter()
     scheduler.start()
@@ -91,3 +92,28 @@ def run(lm, batch: int = 16, new_tokens: int = 64, repeats: int = 3, say=print) 
         f"this process {ours:.0f}, bare transformers loop {bare:.0f} = {served / bare:.2f}x / {ours / bare:.2f}x")
     return {"engine tokens/s": served, "engine in this process tokens/s": ours, "bare loop tokens/s": bare,
             "engine / bare": served / bare, "engine in this process / bare": ours / bare}
+
+
+# At least 100 records: a constrained row never reaches its end (and EOS) within the benchmark's tokens.
+RECORDS_SCHEMA = {"type": "array", "minItems": 100, "items": {
+    "type": "object", "required": ["name", "age", "ok"], "additionalProperties": False,
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}, "ok": {"type": "boolean"}}}}
+
+
+def constrained_cost(lm, batch: int = 16, new_tokens: int = 64, repeats: int = 3, say=print) -> dict[str, float]:
+    """Tokens/s of `batch` JSON-schema rows (RECORDS_SCHEMA) vs `batch` unconstrained rows, greedy, alternated in
+    the same run (best of `repeats` each): the grammar's per-step cost (mask fill, apply, accept)."""
+    import json
+
+    from prefixtune.engine.structured import StructuredOutput
+
+    prompt = lm.tokenizer("Once upon a time there was").input_ids
+    spec = StructuredOutput(json=json.dumps(RECORDS_SCHEMA))
+    constrained = SamplingParams(max_new_tokens=new_tokens, structured=spec)
+    free = schema = 0.0
+    for _ in range(repeats):
+        free = max(free, engine_tokens_per_s(lm, prompt, batch, new_tokens))
+        schema = max(schema, engine_tokens_per_s(lm, prompt, batch, new_tokens, params=constrained))
+    say(f"{lm.loaded.name}, batch {batch}, {torch.get_num_threads()} torch thread(s): JSON-schema rows "
+        f"{schema:.0f} tokens/s, unconstrained rows {free:.0f} = {schema / free:.2f}x")
+    return {"json-schema tokens/s": schema, "unconstrained tokens/s": free, "json-schema / unconstrained": schema / free}
