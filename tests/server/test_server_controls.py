@@ -140,3 +140,22 @@ def test_bad_controls_are_400_naming_the_field(server, body, param, needle):
                                                     "max_tokens": 4, **body})
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == param and needle in error["message"], r.text
+
+
+def test_engine_process_compiles_and_penalises_as_in_process(serve_lm):
+    """As `prefixtune serve` runs by default: the grammar compiles in the engine process (its command thread);
+    a bad schema is still a 400 from the front end, before anything reaches the engine."""
+    offline = serve_lm.generate([PROMPT], "alpha", max_new_tokens=12, structured=StructuredOutput(
+        choice=("sunny", "rainy")), frequency_penalty=1.0)[0].text
+    with live_server(serve_lm, engine_process=True, max_batch=4) as srv:
+        out = srv.client().completions.create(model="alpha", prompt=PROMPT, max_tokens=12, temperature=0,
+                                              frequency_penalty=1.0,
+                                              extra_body={"structured_outputs": {"choice": ["sunny", "rainy"]}})
+        assert out.choices[0].text == offline and out.choices[0].finish_reason == "stop"
+        parsed = srv.client().chat.completions.parse(model="beta", response_format=Verdict, max_tokens=60,
+                                                     messages=[{"role": "user", "content": "Rate"}], seed=1)
+        assert isinstance(parsed.choices[0].message.parsed, Verdict)
+        with srv.http() as http:
+            r = http.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2,
+                                                   "structured_outputs": {"regex": "(("}})
+            assert r.status_code == 400 and "invalid regex" in r.json()["error"]["message"], r.text
