@@ -338,8 +338,9 @@ class PrefixLM:
         guide = (1.0, None) if beam else (guidance_scale, guidance_negative)
         base = SamplingParams(max_new_tokens, temperature, top_p, top_k, None, list(stop or []), ignore_eos, 1.0,
                               num_beams, length_penalty, no_repeat_ngram_size, early_stopping, num_return_sequences,
-                              min_p, presence_penalty, frequency_penalty, repetition_penalty, dict(logit_bias or {}),
-                              structured)
+                              min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty, logit_bias=dict(logit_bias or {}),
+                              structured=structured)
         requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat)
         results = []
         for f, r in zip(run_requests(self, requests, lora), requests):
