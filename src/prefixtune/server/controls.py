@@ -20,10 +20,12 @@ NEUTRAL = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repet
            "logit_bias": (None, {})}
 
 
-def control_fields(body, vocab: int) -> dict[str, Any]:
+def control_fields(body, vocab: int, grammars=None) -> dict[str, Any]:
     """SamplingParams fields for this body's penalties, bias and structured output (all rows share them).
 
-    Runs off the event loop: parsing a large schema takes milliseconds."""
+    Runs off the event loop: parsing a large schema takes milliseconds. `grammars`: an in-process engine's
+    compiler (engine/structured.Grammars), warmed here so its submit, on the event loop, finds the grammar cached
+    (an engine process compiles on its own command thread instead)."""
     structured, param = structured_of(body)
     if body.num_beams > 1:
         given = [name for name, neutral in NEUTRAL.items() if getattr(body, name) not in neutral]
@@ -43,6 +45,8 @@ def control_fields(body, vocab: int) -> dict[str, Any]:
                                 "ignore_eos", param="ignore_eos")
         try:
             structured.validate()
+            if grammars is not None:
+                grammars.compile(structured)
         except ValueError as err:
             raise APIError(400, str(err), param=param) from None
     return dict(presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,

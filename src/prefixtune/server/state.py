@@ -148,7 +148,8 @@ class AppState:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {self.settings.max_tokens}",
                            param="max_tokens")
         beams = beam_fields(body, self.settings.max_num_beams, self.scheduler.max_batch)
-        controls = await run_in_threadpool(control_fields, body, len(self.tokenizer))
+        controls = await run_in_threadpool(control_fields, body, len(self.tokenizer),
+                                           getattr(self.scheduler, "grammars", None))
         # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop. A
         # manifest's recommended guidance is for sampling: beams (checked above to ask for none) run without.
         prep = await run_in_threadpool(self.registry.prepare, adapter, 1.0 if beams else body.guidance_scale,
