@@ -54,6 +54,10 @@ def control_fields(body, vocab: int, grammars=None) -> dict[str, Any]:
                 logit_bias=bias, structured=structured)
 
 
+def has_grammar(body) -> bool:
+    return body.structured_outputs is not None or getattr(body, "response_format", None) is not None
+
+
 def structured_of(body) -> tuple[StructuredOutput | None, str | None]:
     """The body's structured output and the field it came from (response_format or structured_outputs)."""
     fmt = getattr(body, "response_format", None)

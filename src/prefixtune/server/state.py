@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from prefixtune.engine.scheduler import Scheduler, cost
 from prefixtune.server import protocol as P
 from prefixtune.server.adapters import AdapterRegistry
 from prefixtune.server.beams import beam_fields
-from prefixtune.server.controls import control_fields
+from prefixtune.server.controls import control_fields, has_grammar
 from prefixtune.server.jobs import Job
 from prefixtune.server.metrics import ServerMetrics
 from prefixtune.server.protocol import APIError
@@ -148,8 +149,9 @@ class AppState:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {self.settings.max_tokens}",
                            param="max_tokens")
         beams = beam_fields(body, self.settings.max_num_beams, self.scheduler.max_batch)
-        controls = await run_in_threadpool(control_fields, body, len(self.tokenizer),
-                                           getattr(self.scheduler, "grammars", None))
+        check = partial(control_fields, body, len(self.tokenizer), getattr(self.scheduler, "grammars", None))
+        # A grammar parses (and compiles, in-process) on a worker thread; without one there is nothing slow.
+        controls = await run_in_threadpool(check) if has_grammar(body) else check()
         # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop. A
         # manifest's recommended guidance is for sampling: beams (checked above to ask for none) run without.
         prep = await run_in_threadpool(self.registry.prepare, adapter, 1.0 if beams else body.guidance_scale,
