@@ -130,3 +130,18 @@ def engine_greedy(model: PreTrainedModel, prompts: list[list[int]], prefixes: li
     params = SamplingParams(max_new_tokens=max_new_tokens)
     requests = [Request(list(p), None, params, prefix=kv) for p, kv in zip(prompts, prefixes)]
     return [f.tokens for f in run_requests(shell, requests)]
+
+
+def forward_logprobs(model_dir: str | Path, ids: list[int], adapter_folder: str | Path | None = None
+                     ) -> list[float]:
+    """log P(token i | tokens before it) for i >= 1 from one plain transformers forward of a fresh copy of the
+    model (PEFT's prefix when `adapter_folder` is given): a reference independent of the engine."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_folder is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_folder))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1].float(), -1)
+    return logp.gather(-1, x[0, 1:].view(-1, 1)).view(-1).tolist()

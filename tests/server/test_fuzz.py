@@ -12,6 +12,7 @@ from serve_helpers import live_server
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "n", "seed", "stop", "stream", "stream_options", "ignore_eos", "user", "logprobs", "echo", "best_of",
+          "top_logprobs", "add_special_tokens", "add_generation_prompt", "return_token_strs", "tokens",
           "guidance_scale", "guidance_negative", "presence_penalty", "logit_bias", "response_format", "name", "path",
           "frequency_penalty", "repetition_penalty", "structured_outputs", "json_schema", "schema", "regex", "choice",
           "num_beams", "length_penalty", "no_repeat_ngram_size", "early_stopping"]
@@ -82,3 +83,11 @@ def test_chat_never_5xx(server, body):
                       json_values))
 def test_admin_load_never_5xx(server, body):
     _send(server, "/v1/adapters", body)
+
+
+@_settings
+@given(body=st.one_of(mutated({"model": "alpha", "prompt": "Tell me", "return_token_strs": True}),
+                      mutated({"tokens": [1, 2, 3]}), json_values))
+def test_tokenize_never_5xx(server, body):
+    _send(server, "/tokenize", body)
+    _send(server, "/detokenize", body)

@@ -26,7 +26,7 @@ from serve_helpers import live_server
 EXAMPLES = int(os.environ.get("PREFIXTUNE_SCHEMATHESIS_EXAMPLES", "25"))  # per operation and mode
 OPERATIONS = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
               ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/{name}"), ("POST", "/v1/completions"),
-              ("POST", "/v1/chat/completions")}
+              ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize")}
 EXTENSIONS = {"top_k", "min_p", "ignore_eos", "guidance_scale", "guidance_negative", "num_beams", "length_penalty",
               "no_repeat_ngram_size", "early_stopping", "repetition_penalty", "structured_outputs"}
 SERVED = ["alpha", "beta", "tiny-base"]

@@ -137,7 +137,7 @@ def test_unknown_model_is_404_in_openai_format(client):
     (dict(max_tokens=500), "max_tokens"),  # beyond max_model_len 128
     (dict(n=0), "n"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(logprobs=2), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
     (dict(extra_body={"max_token": 3}), "max_token"),  # a typo is named, not ignored
 ])
 def test_invalid_fields_are_400_naming_the_field(client, kwargs, field):

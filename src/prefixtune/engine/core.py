@@ -50,7 +50,8 @@ class EngineSpec:
 
 
 class EventSink:
-    """The Scheduler's output stage in the core: RowEvents out as (request_id, token, finish, error, beams)."""
+    """The Scheduler's output stage in the core: RowEvents out as (request_id, token, finish, error, beams,
+    logprob, prompt_logprobs, stop_token)."""
 
     def __init__(self, conn):
         self.conn = conn
@@ -72,7 +73,8 @@ class EventSink:
         now = time.monotonic()
         if not events and now - self._last < STATS_S:
             return
-        rows = [(e.request.request_id, e.token, e.finish, e.error, e.beams) for e in events]
+        rows = [(e.request.request_id, e.token, e.finish, e.error, e.beams, e.logprob, e.prompt_logprobs,
+                 e.stop_token) for e in events]
         with self._lock:
             self._last = now
             self.conn.send(("events", rows, self._stats()))

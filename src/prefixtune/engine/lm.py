@@ -24,6 +24,7 @@ from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.structured import StructuredOutput
+from prefixtune.engine.scoring import Score, score_texts, with_adapters
 from prefixtune.models import max_positions
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -42,6 +43,7 @@ class Generation:
     prompt_tokens: int  # tokens in the prompt
     adapter: str | None  # adapter used (None = base model)
     score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
+    logprobs: list | None = None  # generate(logprobs=N): per token (logprob, top N [(id, logprob)]), + EOS if it ended
 
     @property
     def completion_tokens(self) -> int:
@@ -287,6 +289,7 @@ class PrefixLM:
         repetition_penalty: float = 1.0,
         logit_bias: dict[int, float] | None = None,
         structured: StructuredOutput | None = None,
+        logprobs: int | None = None,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
@@ -302,19 +305,14 @@ class PrefixLM:
         n results. Each row's beams keep its adapter, so a mixed batch still works.
         lora: a PeftModel whose LoRA weights are injected into this model: its rows (adapter None) run with
         LoRA, and guidance_scale guides them against the same model with LoRA off (one forward, PEFT's
-        adapter_names), as compare does.
+        adapter_names), as compare does. logprobs=N records each token's log-probability and its N likeliest
+        alternatives (engine/logprobs.py says of which distribution).
         presence_penalty, frequency_penalty (OpenAI's), repetition_penalty (vLLM's) and logit_bias apply to
         every row (engine/penalties.py); structured=StructuredOutput(json=schema | regex= | grammar= | choice=)
         makes every row's text match it (engine/structured.py).
         All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if isinstance(adapters, str) or adapters is None:
-            adapters = [adapters] * len(prompts)
-        adapters = list(adapters)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter per prompt")
+        prompts, adapters = with_adapters(prompts, adapters)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -340,18 +338,27 @@ class PrefixLM:
                               num_beams, length_penalty, no_repeat_ngram_size, early_stopping, num_return_sequences,
                               min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               repetition_penalty=repetition_penalty, logit_bias=dict(logit_bias or {}),
-                              structured=structured)
+                              structured=structured, logprobs=logprobs)
         requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat)
         results = []
         for f, r in zip(run_requests(self, requests, lora), requests):
             n, a = len(r.prompt_ids), r.adapter
             if num_return_sequences == 1:
-                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", n, a, f.score))
+                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", n, a, f.score,
+                                          f.logprobs if logprobs is not None else None))
                 continue
             for i in range(num_return_sequences):
                 c = f.choices[i]
                 results.append(Generation(c.text, c.token_ids, c.finish_reason, n, a, c.score))
         return results
+
+    def score(self, texts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
+              top_logprobs: int = 0, guidance_scale: float | None = None, guidance_negative: str | None = None,
+              add_special_tokens: bool = True) -> list[Score]:
+        """Each text's tokens and log-probabilities under its adapter (None = the base model), as the server's
+        `echo` gives them: of the distribution a row samples from (guided by the manifest's recommendation unless
+        guidance_scale says otherwise; 1 = the adapter alone). Runs on the serving engine (engine/scoring.py)."""
+        return score_texts(self, texts, adapters, top_logprobs, guidance_scale, guidance_negative, add_special_tokens)
 
     def _requests(self, prompts: Sequence[str], adapters: Sequence[str | None], seeds: Sequence[int | None],
                   base: SamplingParams, guide: tuple[float | None, str | None], lora, add_special_tokens: bool
@@ -409,4 +416,4 @@ def _stamp(folder: Path) -> tuple[int, ...]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM"]
+__all__ = ["AdapterCache", "CachedAdapter", "Generation", "PrefixLM", "Score"]

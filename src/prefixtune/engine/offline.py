@@ -26,11 +26,15 @@ class Finished:
     error: str | None = None
     score: float | None = None  # beam search: the best hypothesis' score
     choices: dict[int, Output] = field(default_factory=dict)  # final Output per choice index (beams)
+    logprobs: list = field(default_factory=list)  # per token, when asked for (engine/logprobs.py)
+    prompt_logprobs: list | None = None  # per prompt token (first None), when asked for
 
     def add(self, out: Output) -> None:
         if out.index == 0:
             self.text += out.text
             self.tokens += out.token_ids
+            self.logprobs += out.logprobs or []
+            self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         if out.finish_reason is not None:
             self.choices[out.index] = out
             if out.index == 0:

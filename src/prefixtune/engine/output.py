@@ -31,6 +31,9 @@ class RowEvent:
     finish: str | None = None  # engine finish: stop (EOS) | length | cancelled | abort | error
     error: str | None = None
     beams: list[Hypothesis] | None = None  # a beam request's best hypotheses (its only event, when it ends)
+    logprob: tuple | None = None  # the token's entry when the request asked for logprobs (engine/logprobs.py)
+    prompt_logprobs: list | None = None  # the prompt's entries (echo, scoring), with the request's first event
+    stop_token: int | None = None  # the EOS that ended it, when its log-prob is reported (`logprob`)
 
 
 @dataclass
@@ -98,19 +101,23 @@ class OutputProcessor:
         if event.token is None:
             # EOS and aborts send what was held back; a cancelled client is gone, an error has no text.
             text = state.text.flush() if event.finish in ("stop", "abort") else ""
-            self._finish(request, state, event.finish or "error", text, error=event.error)
+            self._finish(request, state, event.finish or "error", text, error=event.error,
+                         prompt_logprobs=event.prompt_logprobs, stop_token=event.stop_token,
+                         logprobs=None if event.stop_token is None else [event.logprob])
             return
         state.generated += 1
         text, stopped = state.text.push(event.token)
+        extra = dict(logprobs=None if event.logprob is None else [event.logprob],
+                     prompt_logprobs=event.prompt_logprobs)
         if stopped:
-            self._finish(request, state, "stop", text, [event.token])
+            self._finish(request, state, "stop", text, [event.token], **extra)
             self.on_stop(request.request_id)
         elif event.finish is None:
-            self._emit(request, Output(request.request_id, text, [event.token], None, state.generated))
+            self._emit(request, Output(request.request_id, text, [event.token], None, state.generated, **extra))
         else:
             if event.finish == "length":
                 text += state.text.flush()
-            self._finish(request, state, event.finish, text, [event.token], event.error)
+            self._finish(request, state, event.finish, text, [event.token], event.error, **extra)
 
     def _beams(self, request: Request, hypotheses: list[Hypothesis]) -> None:
         """Every choice of a beam request at once, each cut at a stop string as its stream would have been."""
@@ -137,12 +144,12 @@ class OutputProcessor:
             self._emit(request, output)
 
     def _finish(self, request, state: _State | None, reason: str, text: str = "", token_ids=None,
-                error: str | None = None) -> None:
+                error: str | None = None, **logprobs) -> None:
         request.done = True
         self._states.pop(request.request_id, None)
         self.stats.finished[reason] += 1
         generated = state.generated if state is not None else 0
-        self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error))
+        self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error, **logprobs))
         for index in range(1, request.params.num_return_sequences):  # a beam request ended early: every choice
             self._emit(request, Output(request.request_id, "", [], reason, 0, error, index=index))
 

@@ -48,6 +48,9 @@ class Output:
     error: str | None = None  # message when finish_reason == "error"
     index: int = 0  # which of the request's choices (a beam request returns num_return_sequences)
     score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
+    logprobs: list | None = None  # per token of token_ids: (logprob, top [(id, logprob)]) (engine/logprobs.py)
+    prompt_logprobs: list | None = None  # per prompt token (first None), on the request's first Output only
+    stop_token: int | None = None  # the EOS that ended it when logprobs are asked for: its entry ends `logprobs`
 
 
 def _ignore(_: Output) -> None:

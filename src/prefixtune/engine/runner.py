@@ -19,6 +19,7 @@ marked `base` (a guided LoRA row's companion) run without it in the same forward
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from prefixtune.engine.logprobs import capture_hidden, record_prompt
 from prefixtune.engine.sampler import Group, Sampled, Sampler
 from prefixtune.engine.slots import SlotKV
 from prefixtune.prefix.shapes import prefix_shape
@@ -147,7 +149,7 @@ class ModelRunner:
                     self.base.add(key)  # a guided LoRA row's companion is the base model
             runs = group.prefill_keys
             sig = (tuple(request.prompt_ids), tuple(id(p) for p in prefixes[:len(runs)]), guided,
-                   request.params.num_beams)
+                   request.params.num_beams, request.params.prompt_logprobs)  # a scoring leader records for all
             leader = first.get(sig) if self.share_prefill else None
             for i, key in enumerate(runs):
                 if leader is not None:
@@ -214,7 +216,9 @@ class ModelRunner:
         plan = [(key, n) for group, n in prefill for key in group.prefill_keys if key in self.prefilling]
         order = list(self.running.order)
         chunk = None
-        if plan and order and self.overlap:  # staging and running are disjoint stores: both passes at once
+        # Scoring rows hook the LM head (engine/logprobs.py): their chunk runs after the decode, not beside it.
+        scoring = any(group.request.params.prompt_logprobs is not None for group, _ in prefill)
+        if plan and order and self.overlap and not scoring:  # disjoint stores: both passes at once
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="prefixtune-prefill")
             chunk = self._pool.submit(self._prefill_forward, plan)
         if order:
@@ -225,7 +229,7 @@ class ModelRunner:
                 self._fail({key[0] for key in order}, exc, out)
         if plan:
             try:
-                done = chunk.result() if chunk is not None else self._prefill_forward(plan)
+                done = chunk.result() if chunk is not None else self._prefill_forward(plan, groups if scoring else None)
                 for key, row_logits in done:  # after the decode: promoting writes the running store
                     self._promote(key, row_logits)
                 out.prefilled = sum(n for _, n in plan)
@@ -282,9 +286,11 @@ class ModelRunner:
             self._promote(key, row_logits)
 
     @torch.no_grad()
-    def _prefill_forward(self, plan: Sequence[tuple[Hashable, int]]) -> list[tuple[Hashable, torch.Tensor]]:
+    def _prefill_forward(self, plan: Sequence[tuple[Hashable, int]], groups: dict[str, Group] | None = None
+                         ) -> list[tuple[Hashable, torch.Tensor]]:
         """One forward of the chunks (left-padded so every row's last token is the last column), touching only
-        the staging store; returns the rows whose prompts are done, with their last logits."""
+        the staging store; returns the rows whose prompts are done, with their last logits. With `groups` (every
+        admitted request), the rows of requests that score their prompts record its log-probabilities."""
         store, t = self.staging, max(n for _, n in plan)
         slots = [store.slot(key) for key, _ in plan]
         ids = torch.zeros((len(plan), t), dtype=torch.long)  # (B, T) left-padded chunks
@@ -296,8 +302,14 @@ class ModelRunner:
             columns[i, t - n:] = torch.arange(store.lengths[slot], store.lengths[slot] + n)
             real[i, t - n:] = True
         width = max(store.lengths[slot] + n for (_, n), slot in zip(plan, slots))
+        scored = [i for i, (key, _) in enumerate(plan)
+                  if groups is not None and groups[key[0]].request.params.prompt_logprobs is not None]
+        capture = capture_hidden(self.model, torch.tensor(scored, device=self.device)) if scored else None
         logits = self._forward(store, slots, ids.to(self.device), columns.to(self.device), real.to(self.device),
-                               width, [key for key, _ in plan])
+                               width, [key for key, _ in plan], capture)
+        if capture is not None:
+            record_prompt(self.model, self.sampler, capture.hidden, [(*plan[i], self.prefilling[plan[i][0]])
+                                                                     for i in scored], groups)
         done = []
         for i, ((key, n), slot) in enumerate(zip(plan, slots)):
             row = self.prefilling[key]
@@ -316,9 +328,10 @@ class ModelRunner:
         self.staging.remove(key)
 
     def _forward(self, store: SlotKV, slots: list[int], ids: torch.Tensor, columns: torch.Tensor,
-                 real: torch.Tensor | None, width: int, keys: Sequence[Hashable]) -> torch.Tensor:
+                 real: torch.Tensor | None, width: int, keys: Sequence[Hashable], capture=None) -> torch.Tensor:
         """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`; None:
-        every token is real), attending over `width` columns."""
+        every token is real), attending over `width` columns. `capture` (engine/logprobs.capture_hidden) also
+        keeps some rows' every position."""
         store.reserve(len(store), width + 1)  # the last column takes the pads' writes, never attended
         store.ensure(width)
         positions = columns
@@ -329,8 +342,10 @@ class ModelRunner:
         cache = self._caches[id(store)]
         cache.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
         try:
-            out = self._call(keys, input_ids=ids, attention_mask=self._mask(positions, real, width),
-                             position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            with capture if capture is not None else contextlib.nullcontext():
+                out = self._call(keys, input_ids=ids, attention_mask=self._mask(positions, real, width),
+                                 position_ids=positions, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1 if capture is None else 0)
         finally:
             cache.current = None
         return out.logits[:, -1].float()

@@ -19,6 +19,7 @@ import torch
 
 from prefixtune.engine.beam import BeamSearch
 from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.logprobs import sampled_entries, wants_logprobs
 from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
 from prefixtune.engine.policy import rows_of
 from prefixtune.engine.requests import Request
@@ -36,6 +37,7 @@ class Group:
     generated: int = 0  # tokens sampled (EOS not counted)
     penalty: RowPenalty | None = None  # its penalties / logit bias and generated-token counts (None: none)
     grammar: RowGrammar | None = None  # its structured output's matcher (None: free text)
+    prompt_logprobs: list | None = None  # echo/scoring: prompt entries so far (engine/logprobs.py), sent once
 
     @property
     def keys(self) -> list[tuple[str, int]]:
@@ -71,6 +73,7 @@ class Sampled:
     moves: list[tuple[Hashable, Hashable]] = field(default_factory=list)  # beam rows: (dst, src) before the feed
     ended: list[Group] = field(default_factory=list)  # beam groups whose search ended (results in the search)
     beam_steps: int = 0  # beam groups that advanced (one token of their request each)
+    logprobs: dict = field(default_factory=dict)  # request id -> its token's entry (engine/logprobs.py)
 
 
 _COMPANION = RowSampler(SamplingParams(), torch.device("cpu"))  # greedy: no generator, any device
@@ -91,6 +94,9 @@ class Sampler:
         samplers = [groups[key[0]].sampler if key[1] == 0 else _COMPANION for key in order]
         drawn = sample_rows(logits, samplers)
         out = Sampled()
+        recorded = wants_logprobs(groups.values())
+        if recorded:  # of the distribution just sampled from (after every logit stage above)
+            out.logprobs = sampled_entries(logits, slot, recorded, drawn)
         out.tokens = {key[0]: drawn[i] for i, key in enumerate(order) if key[1] == 0}
         for group in controlled:
             self._accept(group, out.tokens)

@@ -35,10 +35,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM/HF's: prompt and generated tokens' logits divided by it (> 0); 1 = off
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans it)
     structured: StructuredOutput | None = None  # the output must match this (engine/structured.py); None = free
+    logprobs: int | None = None  # each sampled token's log-prob and its top N alternatives (engine/logprobs.py)
+    prompt_logprobs: int | None = None  # each prompt token's log-prob and top N (echo, scoring); None = off
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError("max_new_tokens must be >= 1 (0 only when scoring the prompt: prompt_logprobs)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (top alternatives per token) or None (off)")
+        if self.beam and (self.logprobs is not None or self.prompt_logprobs is not None):
+            raise ValueError("log-probabilities are not returned for beam search; drop logprobs or num_beams")
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
             raise ValueError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:

@@ -24,6 +24,7 @@ from prefixtune.server.metrics import RequestMetricsMiddleware, ServerMetrics
 from prefixtune.server.protocol import APIError
 from prefixtune.server.routes_admin import admin_router, health_router
 from prefixtune.server.routes_generate import chat_router, completions_router
+from prefixtune.server.routes_tokens import tokens_router
 from prefixtune.server.security import ApiKeyMiddleware, BodyLimitMiddleware
 from prefixtune.server.state import AppState, ServerSettings
 from prefixtune.version import __version__
@@ -108,7 +109,7 @@ def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     app.state.prefixtune = state
     app.state.registry, app.state.metrics, app.state.scheduler = registry, metrics, scheduler
     _openai_errors(app)
-    for router in (health_router, admin_router, completions_router, chat_router):
+    for router in (health_router, admin_router, completions_router, chat_router, tokens_router):
         app.include_router(router)
     # Outermost first: count every generation request, then authenticate, then bound the body.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -37,6 +37,10 @@ class Choice:
     finish_reason: str | None = None  # API finish reason once done
     tokens: int = 0  # completion tokens
     error: str | None = None  # engine error message
+    token_ids: list[int] = field(default_factory=list)  # generated tokens (for logprobs)
+    logprobs: list = field(default_factory=list)  # per token, when asked for (engine/logprobs.py)
+    prompt_logprobs: list | None = None  # per prompt token, when asked for (echo)
+    stop_token: int | None = None  # the EOS that ended it, when logprobs are asked for
 
 
 class Wakeups:
@@ -163,7 +167,9 @@ class Job:
                 if at is not None and not o.error:
                     prev = out[at][1]
                     o = Output(o.request_id, prev.text + o.text, prev.token_ids + o.token_ids, o.finish_reason,
-                               o.completion_tokens, o.error, o.index)
+                               o.completion_tokens, o.error, o.index,
+                               logprobs=(prev.logprobs or []) + (o.logprobs or []) if o.logprobs else prev.logprobs,
+                               prompt_logprobs=prev.prompt_logprobs or o.prompt_logprobs, stop_token=o.stop_token)
                     out[at] = (index, o)
                 else:
                     out.append((index, o))
@@ -185,6 +191,10 @@ class Job:
                 choice = choices[index]
                 choice.text.append(out.text)
                 choice.tokens = out.completion_tokens
+                choice.token_ids += out.token_ids
+                choice.logprobs += out.logprobs or []
+                choice.prompt_logprobs = out.prompt_logprobs or choice.prompt_logprobs
+                choice.stop_token = out.stop_token
                 if out.finish_reason is not None:
                     choice.finish_reason = FINISH.get(out.finish_reason, out.finish_reason)
                     choice.error = out.error

@@ -13,7 +13,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for top_logprobs; vLLM's default max_logprobs)
 
 
 class APIError(Exception):
@@ -138,13 +140,22 @@ class SamplingBody(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def token_logprobs(self) -> int | None:
+        """Top alternatives per generated token's log-prob (None: none returned)."""
+        return None
+
+    def prompt_logprobs(self) -> int | None:
+        """Top alternatives per prompt token's log-prob (None: the prompt is not scored)."""
+        return None
+
 
 class CompletionRequest(SamplingBody):
     """POST /v1/completions."""
 
     prompt: Text | list[Text] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
-    echo: bool = False  # only false
-    logprobs: int | None = None  # only null
+    max_tokens: int | None = Field(None, ge=0)  # new tokens per choice; 0 only with echo (scores the prompt)
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's log-probs, first null)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-prob and its top N alternatives
     suffix: str | None = None  # only null
     best_of: int | None = None  # only null or equal to n
     inputs: dict[str, Any] | None = None  # extension: a task adapter's input fields (filled into its template)
@@ -156,10 +167,17 @@ class CompletionRequest(SamplingBody):
             raise ValueError("prompt must not be empty")
         return value
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported_completion(cls, value: Any, info) -> Any:
         return _neutral(info.field_name, value, (None, False))
+
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        # A pure scoring request (max_tokens 0) runs the prompt's log-probs even when they are not shown.
+        return (self.logprobs or 0) if self.echo and (self.logprobs is not None or self.max_tokens == 0) else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -193,16 +211,19 @@ class ChatRequest(SamplingBody):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool | None = None  # only false
-    top_logprobs: int | None = None  # only null
+    logprobs: bool | None = None  # each generated token's log-prob in choices[].logprobs.content
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs: the top N alternatives per token
     tools: list[dict[str, Any]] | None = None  # only empty
     tool_choice: str | None = None  # only null / "none"
     response_format: ResponseFormat | None = None  # text, json_object or json_schema (server/controls.py)
 
-    @field_validator("logprobs", "top_logprobs", "tools")
+    @field_validator("tools")
     @classmethod
     def _unsupported_chat(cls, value: Any, info) -> Any:
         return _neutral(info.field_name, value)
+
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tool_choice")
     @classmethod
@@ -211,6 +232,30 @@ class ChatRequest(SamplingBody):
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape): a prompt, or chat messages through the chat template."""
+
+    model: Text | None = None  # checked to be served when given (every model shares the base's tokenizer)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (as vLLM)
+    add_generation_prompt: bool = True  # messages: end with the assistant's turn opening
+    return_token_strs: bool = False  # also each token's text
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: Text | None = None
+    tokens: list[int]
 
 
 class LoadAdapterRequest(_Body):
@@ -234,17 +279,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+                      ) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
-def chat_delta(index: int, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(index: int, delta: dict[str, Any], finish_reason: str | None, logprobs: dict | None = None
+               ) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def envelope(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],

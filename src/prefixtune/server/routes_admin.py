@@ -40,16 +40,19 @@ async def metrics_endpoint(state: AppState = Depends(app_state)):
 @admin_router.get("/v1/models", responses=S.MODELS)
 async def list_models(state: AppState = Depends(app_state)):
     await state.registry.refresh()
-    base = state.settings.model_name
-    cards = [P.model_card(base)] + [P.model_card(name, parent=base) for name in state.registry.names()]
-    return {"object": "list", "data": cards}
+    base, names = state.settings.model_name, state.registry.names()
+    info = await run_in_threadpool(state.cards.cards, names)  # extension: server/model_cards.py
+    cards = [P.model_card(base, prefixtune=state.cards.base(len(names)))]
+    return {"object": "list", "data": cards + [P.model_card(n, parent=base, prefixtune=info[n]) for n in names]}
 
 
 @admin_router.get("/v1/models/{model:path}", responses=S.MODEL)
 async def get_model(model: str, state: AppState = Depends(app_state)):
     adapter = await state.registry.resolve(model)
     base = state.settings.model_name
-    return P.model_card(base) if adapter is None else P.model_card(adapter, base)
+    if adapter is None:
+        return P.model_card(base, prefixtune=state.cards.base(len(state.registry.names())))
+    return P.model_card(adapter, base, prefixtune=await run_in_threadpool(state.cards.adapter, adapter))
 
 
 def _require_admin(state: AppState) -> None:

@@ -11,6 +11,7 @@ from starlette.requests import Request as HTTPRequest
 from prefixtune.server import protocol as P
 from prefixtune.server import schemas as S
 from prefixtune.server.jobs import EventStream, check_errors
+from prefixtune.server.logprobs import Formatter, legacy
 from prefixtune.server.protocol import APIError
 from prefixtune.server.state import AppState, app_state
 from prefixtune.server.streaming import stream_chat, stream_completion
@@ -44,38 +45,58 @@ async def _prompt_ids(state: AppState, body: P.CompletionRequest) -> list[list[i
 async def completions(body: P.CompletionRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: it is only for scoring a prompt with echo: true",
+                       param="max_tokens")
     prompts = await _prompt_ids(state, body)
+    extra = await Formatter.create(state, body, prompts)  # logprobs and echo (server/logprobs.py); else None
     job = await state.start_job(http, body, prompts, "prompt", body.max_tokens, 16)
     rid, created = P.new_id("cmpl"), P.now()
     if body.stream:
-        return EventStream(stream_completion(job, body, rid, created, prompts), job)
+        return EventStream(stream_completion(job, body, rid, created, prompts, extra), job)
     choices = await job.collect(http)
     check_errors(choices)
     out = [P.completion_choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)]
+    if extra is not None:
+        await extra.prepare(choices)
+        for i, (c, choice) in enumerate(zip(choices, out)):
+            choice["text"], choice["logprobs"] = extra.completion(i, choice["text"], c)
+            if extra.top is not None and choice["logprobs"] is None:  # asked for, and nothing generated
+                choice["logprobs"] = legacy({}, [], [])
     use = P.usage(sum(map(len, prompts)), sum(c.tokens for c in choices))
     return P.envelope("text_completion", rid, created, body.model, out, use)
 
 
-@chat_router.post("/v1/chat/completions", responses=S.generation(S.ChatCompletionResponse))
-async def chat(body: P.ChatRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
+async def chat_ids(state: AppState, messages: list[P.ChatMessage], add_generation_prompt: bool = True,
+                   special: bool = False) -> list[int]:
+    """The messages through the model's chat template, as token ids (the template holds its special tokens)."""
     tokenizer = state.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"{state.settings.model_name} has no chat template; use /v1/completions",
                        param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
+    turns = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
     try:
-        text = await state.on_text_thread(partial(tokenizer.apply_chat_template, messages,
-                                                  add_generation_prompt=True, tokenize=False))
+        text = await state.on_text_thread(partial(tokenizer.apply_chat_template, turns,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False))
     except Exception as err:  # noqa: BLE001 - templates raise anything (e.g. jinja's TemplateError)
         raise APIError(400, f"chat template failed: {err}", param="messages") from err
-    ids = await state.encode(text, special=False, param="messages")
+    return await state.encode(text, special=special, param="messages")
+
+
+@chat_router.post("/v1/chat/completions", responses=S.generation(S.ChatCompletionResponse))
+async def chat(body: P.ChatRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    ids = await chat_ids(state, body.messages)
+    extra = await Formatter.create(state, body, [ids])
     job = await state.start_job(http, body, [ids], "messages", body.new_tokens(), None)
     rid, created = P.new_id("chatcmpl"), P.now()
     if body.stream:
-        return EventStream(stream_chat(job, body, rid, created, len(ids)), job)
+        return EventStream(stream_chat(job, body, rid, created, len(ids), extra), job)
     choices = await job.collect(http)
     check_errors(choices)
-    out = [P.chat_choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)]
+    if extra is not None:
+        await extra.prepare(choices)
+    out = [P.chat_choice(i, "".join(c.text), c.finish_reason, extra and extra.chat(c)) for i, c in enumerate(choices)]
     use = P.usage(len(ids), sum(c.tokens for c in choices))
     return P.envelope("chat.completion", rid, created, body.model, out, use)

@@ -29,10 +29,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format (server/logprobs.py); with echo the prompt's tokens come first (the first null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # the top N and the token itself
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None  # stop | length | error
 
 
@@ -50,10 +59,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
 
 
@@ -73,6 +96,9 @@ class ModelCard(BaseModel):
     owned_by: str
     parent: str | None = None  # adapters: the base model
     root: str | None = None
+    # Extension: {"kind": "base", "adapters"} or {"kind": "prefix", "base_model", "template", "label", "labels",
+    # "fields", "num_virtual_tokens", "guidance"} from the adapter's manifest (server/model_cards.py).
+    prefixtune: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):
@@ -92,6 +118,17 @@ class UnloadedAdapter(BaseModel):
     id: str
     object: Literal["model"]
     deleted: Literal[True]
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class Detokenized(BaseModel):
+    prompt: str
 
 
 class Health(BaseModel):
@@ -130,6 +167,8 @@ MODEL = {200: {"model": ModelCard}, 404: _error("not served"), **AUTH}
 LOAD = {200: {"model": LoadedAdapter}, **BODY, **AUTH, **ADMIN, 404: _error("no such adapter in the store"),
         409: _error("the folder changed while it was loaded: retry")}
 UNLOAD = {200: {"model": UnloadedAdapter}, **AUTH, **ADMIN, 404: _error("not served")}
+TOKENIZE = {200: {"model": Tokenized}, **BODY, **AUTH, 404: _error("`model` is not served")}
+DETOKENIZE = {200: {"model": Detokenized}, **BODY, **AUTH, 404: _error("`model` is not served")}
 HEALTH = {200: {"model": Health}, 503: {"model": Health, "description": "the engine is not running"}}
 METRICS = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
            **AUTH}

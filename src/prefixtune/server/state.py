@@ -19,7 +19,9 @@ from prefixtune.server.adapters import AdapterRegistry
 from prefixtune.server.beams import beam_fields
 from prefixtune.server.controls import control_fields, has_grammar
 from prefixtune.server.jobs import Job
+from prefixtune.server.logprobs import check_beams
 from prefixtune.server.metrics import ServerMetrics
+from prefixtune.server.model_cards import CardInfo
 from prefixtune.server.protocol import APIError
 
 
@@ -70,6 +72,10 @@ class AppState:
     # used by two threads at once), so the event loop keeps serving streams meanwhile.
     text_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixtune-tokenize"))
+    cards: CardInfo | None = None  # /v1/models' extension field (server/model_cards.py)
+
+    def __post_init__(self) -> None:
+        self.cards = self.cards or CardInfo(self.lm)
 
     @property
     def tokenizer(self):
@@ -115,7 +121,7 @@ class AppState:
     def _room(self, p: int, ids: list[int], virtual: int, max_tokens: int | None, prompt_field: str) -> int:
         """Tokens row p may generate; 400 when its prompt (or max_tokens) does not fit max_model_len."""
         room = self.max_len - virtual - len(ids)
-        if room < 1:
+        if room < (0 if max_tokens == 0 else 1):  # max_tokens 0: a scoring request (echo) generates nothing
             raise APIError(400, f"prompt {p} has {len(ids)} tokens (+{virtual} virtual); max_model_len is "
                            f"{self.max_len}", param=prompt_field, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > room:
@@ -137,7 +143,7 @@ class AppState:
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
                 min_p=body.min_p or 0.0, seed=seed,
                 stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
-                **controls)
+                logprobs=body.token_logprobs(), prompt_logprobs=body.prompt_logprobs(), **controls)
             job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)
 
     async def start_job(self, http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]],
@@ -149,6 +155,7 @@ class AppState:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {self.settings.max_tokens}",
                            param="max_tokens")
         beams = beam_fields(body, self.settings.max_num_beams, self.scheduler.max_batch)
+        check_beams(body, beams)
         check = partial(control_fields, body, len(self.tokenizer), getattr(self.scheduler, "grammars", None))
         # A grammar parses (and compiles, in-process) on a worker thread; without one there is nothing slow.
         controls = await run_in_threadpool(check) if has_grammar(body) else check()
