@@ -64,6 +64,16 @@ def _greedy(lm, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
+def generate_tps(model, prompt: list[int], batch: int, new_tokens: int) -> float:
+    """transformers' own `model.generate` (greedy, exactly new_tokens), the baseline users reach for first."""
+    ids = torch.tensor([prompt] * batch, device=next(model.parameters()).device)  # (B, T)
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, pad_token_id=0)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
 def _bare_prefill_tps(model, prompt: list[int], batch: int) -> float:
     ids = torch.tensor([prompt] * batch, device=next(model.parameters()).device)  # (B, T)
     start = time.perf_counter()
@@ -101,15 +111,17 @@ def decode_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[str
         client.start()
     try:
         for b in cfg.batches:
-            bare = ours = served = 0.0
+            bare = ours = served = hf = 0.0
             for _ in range(cfg.repeats):
                 bare = max(bare, bare_loop_tokens_per_s(lm.model, prompt, b, cfg.new_tokens))
+                hf = max(hf, generate_tps(lm.model, prompt, b, cfg.new_tokens))
                 ours = max(ours, engine_tokens_per_s(lm, prompt, b, cfg.new_tokens))
                 if client is not None:
                     served = max(served, client_tokens_per_s(client, prompt, b, cfg.new_tokens))
-            out[f"batch {b}"] = {"bare": bare, "engine": ours, "served": served or None}
-            say(f"decode batch {b:>3}: bare transformers loop {bare:7.0f} tok/s | engine in process {ours:7.0f} "
-                f"({ours / bare:.2f}x)" + (f" | served {served:7.0f} ({served / bare:.2f}x)" if client else ""))
+            out[f"batch {b}"] = {"bare": bare, "engine": ours, "served": served or None, "model.generate": hf}
+            say(f"decode batch {b:>3}: bare transformers loop {bare:7.0f} tok/s | model.generate {hf:7.0f} | engine "
+                f"in process {ours:7.0f} ({ours / bare:.2f}x)"
+                + (f" | served {served:7.0f} ({served / bare:.2f}x)" if client else ""))
     finally:
         if client is not None:
             client.shutdown(timeout=1.0, drain=False)
