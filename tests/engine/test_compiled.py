@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from prefixtune.engine.compiled import CompiledDecode, batch_buckets, compile_decode, width_bucket
 from prefixtune.engine.lm import PrefixLM
@@ -44,14 +45,19 @@ def test_compiled_greedy_equals_eager(sharp):
     eager = _generate(PrefixLM(loaded, store))
     lm = PrefixLM(loaded, store)
     messages = []
+    before = counters["stats"]["unique_graphs"]
     step = compile_decode(lm, 8, say=messages.append)
+    assert counters["stats"]["unique_graphs"] > before  # warm-up compiled (the counter below means something)
     assert step.failed is None and lm.compiled_decode is step and step.compile_s > 0
     assert any("compiled the decode step" in m for m in messages)
     calls = []
     original = step._fn
     step._fn = lambda **kw: calls.append(kw["input_ids"].shape) or original(**kw)
+    graphs = counters["stats"]["unique_graphs"]
     assert _generate(lm) == eager
     assert calls, "the compiled step never ran"
+    # Warm-up compiled every graph this batch needs (rows leave one by one down to 1): no step compiles.
+    assert counters["stats"]["unique_graphs"] == graphs
     assert len({tuple(g) for g in eager}) > 2  # the adapters matter, so equality is not trivial
 
 

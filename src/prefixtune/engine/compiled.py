@@ -82,12 +82,14 @@ class CompiledDecode:
 
     def warm_up(self, runner_factory: Callable[[], object], rows: list[int] | None = None) -> float:
         """Compile before the first request: decode a few steps on a throwaway runner at each warm-up batch size
-        (every bucket with static shapes; 1 and 2 rows and two widths otherwise, which is where a symbolic graph
-        gets its sizes). Returns the seconds it took."""
+        (every bucket with static shapes; 1 and 2 rows at two widths otherwise, where a symbolic graph gets its
+        sizes). Returns the seconds it took."""
         start = time.perf_counter()
-        sizes = rows or (self._batch if self.buckets else [min(2, self.max_rows)])
+        # A symbolic graph still specialises a size of 1: one row (a lone request) needs its own graph.
+        sizes = rows or (self._batch if self.buckets else sorted({1, min(2, self.max_rows)}))
         for b in sizes:
             runner = runner_factory()
+            runner.compiled = self
             for i in range(b):
                 runner.running.append(("warm-up", i), None, 2 * MIN_WIDTH + 2)
             vocab = self.model.get_output_embeddings().weight.shape[0]
