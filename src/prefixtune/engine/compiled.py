@@ -55,7 +55,10 @@ class CompiledDecode:
         # limit must cover them all, or dynamo would silently fall back to eager past the 8th.
         if self.buckets:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(self._batch))
-        self._fn = torch.compile(self._forward, mode=mode, dynamic=not self.buckets)
+        # The base model is frozen, so inductor may fold its weights into the graph (freezing): on a CPU it then
+        # prepacks them for oneDNN (measured: 1.43x eager per decode step, vs 1.03x without, tiny model, batch 16).
+        options = {"freezing": True} if device.type == "cpu" else None
+        self._fn = torch.compile(self._forward, mode=mode, dynamic=not self.buckets, options=options)
         self.failed: str | None = None  # why the compiled step was turned off
         self.compile_s = 0.0  # seconds spent in warm_up
         self._say = say or (lambda message: print(message, file=sys.stderr))
