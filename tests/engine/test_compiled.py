@@ -38,6 +38,10 @@ def _generate(lm: PrefixLM, n: int = 12) -> list[list[int]]:
 def test_buckets():
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20] and batch_buckets(1) == [1] and batch_buckets(4) == [1, 2, 4]
     assert [width_bucket(w) for w in (1, 64, 65, 300)] == [64, 64, 128, 512]
+    model = make_tiny_model("llama")
+    static = CompiledDecode(model, 8, buckets=True)
+    assert static.shape(3, 70) == (4, 128) and static.shape(8, 1) == (8, 64) and static.shape(11, 1) == (11, 64)
+    assert CompiledDecode(model, 8).shape(3, 70) == (3, 70)  # symbolic sizes on a CPU: nothing padded
 
 
 def test_compiled_greedy_equals_eager(sharp):

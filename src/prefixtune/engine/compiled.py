@@ -70,7 +70,8 @@ class CompiledDecode:
         """(rows, width) the compiled step runs for `rows` running rows attending `width` columns."""
         if not self.buckets or self.failed:
             return rows, width
-        return next(b for b in self._batch if b >= rows), width_bucket(width)
+        # More rows than max_rows (an offline call's whole batch): their own shape, one more graph.
+        return next((b for b in self._batch if b >= rows), rows), width_bucket(width)
 
     def __call__(self, **inputs) -> torch.Tensor:
         """Last-token logits (B, V) of the decode forward; eager once compiling has failed."""
