@@ -92,7 +92,16 @@ def _device_rows() -> list[Row]:
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
         bf16 = ("cpu: allowed but slow; float32 is the default", "ok")
-    return [("device", device, "ok"), ("bf16", *bf16)]
+    return [("device", device, "ok"), ("bf16", *bf16), _cpu_row()]
+
+
+def _cpu_row() -> Row:
+    """The CPU and whether it runs bf16 natively (what --autocast bf16 and the precision policy need)."""
+    from prefixtune.runtime import cpu_bf16, cpu_info
+
+    native, evidence = cpu_bf16()
+    verdict = f"bf16 native ({evidence})" if native else f"no native bf16 ({evidence}): float32 is used"
+    return ("cpu", f"{cpu_info()[0]}; {verdict}", "ok")
 
 
 def _model_rows() -> list[Row]:

@@ -94,3 +94,71 @@ def configure_threads(say=None, others: float | None = None) -> int:
             say(f"note: the CPU is busy ({busy} of {cpu_count()} cores): using {target} torch thread(s) "
                 f"instead of {current}; set {THREADS_ENV} to override")
     return torch.get_num_threads()
+
+
+# ---- bf16 on the CPU --------------------------------------------------------------------------------------
+# bf16 matmuls beat float32 only on CPUs with bf16 instructions (Intel AMX, AVX512-BF16); elsewhere torch
+# emulates them and they are slower. So the precision policy detects, and measures where detected.
+BF16_ENV = "PREFIXTUNE_CPU_BF16"  # 0/1 forces the detection (tests; a CPU whose flags lie)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+BF16_MARGIN = 1.1  # bf16 must be this much faster than float32 at a phase's shapes to be picked
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(model name, instruction flags) of the first CPU ("unknown", empty set where /proc/cpuinfo is missing)."""
+    name, flags = "unknown", set()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_bf16(flags: set[str] | None = None) -> tuple[bool, str]:
+    """(whether this CPU runs bf16 matmuls natively, the evidence); PREFIXTUNE_CPU_BF16=0/1 overrides it."""
+    forced = os.environ.get(BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"forced by {BF16_ENV}={forced}"
+    found = sorted((cpu_info()[1] if flags is None else flags) & set(BF16_FLAGS))
+    return bool(found), ", ".join(found) if found else f"none of {', '.join(BF16_FLAGS)} in the CPU flags"
+
+
+def pick_cpu_dtype(bf16: bool, speedup: float | None) -> torch.dtype:
+    """The policy for one phase (prefill, decode or training): bf16 only on a bf16 CPU where it measured at least
+    BF16_MARGIN x float32's speed (`speedup`, None = not measured); float32 otherwise."""
+    return torch.bfloat16 if bf16 and speedup is not None and speedup >= BF16_MARGIN else torch.float32
+
+
+def bf16_matmul_speedup(rows: int, hidden: int, out: int, repeats: int = 20) -> float:
+    """float32 time / bf16 time of a (rows, hidden) x (hidden, out) matmul, best of `repeats` each (a
+    start-up micro-benchmark at a phase's shapes: rows = batch for decode, tokens for prefill)."""
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, out, dtype=dtype)
+        a @ b  # first call: allocations, kernel choice
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def cpu_precision(hidden: int, out: int, phases: dict[str, int]) -> dict[str, tuple[torch.dtype, str]]:
+    """Per phase ({"prefill": tokens, "decode": rows}): (dtype, why). Measures only on a bf16 CPU."""
+    bf16, evidence = cpu_bf16()
+    if not bf16:
+        return {phase: (torch.float32, f"no bf16 on this CPU ({evidence})") for phase in phases}
+    chosen = {}
+    for phase, rows in phases.items():
+        speedup = bf16_matmul_speedup(rows, hidden, out)
+        chosen[phase] = (pick_cpu_dtype(True, speedup), f"bf16 measured {speedup:.2f}x float32 at {rows} rows")
+    return chosen

@@ -120,6 +120,48 @@ def register(app: typer.Typer) -> None:
         save(report, out)
         typer.echo(f"results in {out}/prefill.json")
 
+    @bench_app.command("engine")
+    @user_errors
+    def bench_engine(
+        model: str = typer.Option("tiny", "--model", help="tiny (a random 2-layer llama) or a base model."),
+        batches: str = typer.Option("1,16,32", "--batches", help="Comma-separated decode batch sizes."),
+        new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per row."),
+        prefill_tokens: int = typer.Option(128, "--prefill-tokens", min=2, help="Prompt tokens per row (prefill)."),
+        prefix_lengths: str = typer.Option("0,10,20,50,100", "--prefix-lengths",
+                                           help="Comma-separated virtual tokens per row (prefix overhead)."),
+        repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating runs per pair (best counts)."),
+        compile: bool = typer.Option(True, "--compile/--no-compile", help="Measure the compiled decode step."),
+        quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="Measure int8 weight-only at batch 1."),
+        force_bf16: bool = typer.Option(False, "--force-bf16", help="Measure bf16 even without native bf16."),
+        served: bool = typer.Option(True, "--served/--no-served", help="Also the engine in its own process."),
+        out: str = typer.Option("runs/bench-engine", "--out", help="Where engine.json goes."),
+    ) -> None:
+        """The engine vs a bare transformers loop, eager vs compiled, float32 vs bf16 vs int8, prefill, and the
+        prefix overhead, as ratios measured in one run."""
+        import json
+        from pathlib import Path
+
+        from prefixtune.bench.engine import EngineBenchConfig, run_engine_bench
+        from prefixtune.fileio import atomic_write_text
+
+        def ints(text: str, flag: str) -> tuple[int, ...]:
+            try:
+                values = tuple(int(v) for v in parse_csv(text) or [])
+            except ValueError:
+                values = ()
+            if not values or any(v < 0 for v in values):
+                raise typer.BadParameter("comma-separated integers >= 0", param_hint=flag)
+            return values
+
+        cfg = EngineBenchConfig(model, ints(batches, "--batches"), new_tokens, prefill_tokens,
+                                ints(prefix_lengths, "--prefix-lengths"), repeats, compile, quantize, force_bf16, served)
+        if min(cfg.batches) < 1:
+            raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batches")
+        report = run_engine_bench(cfg, say=typer.echo)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "engine.json", json.dumps(report, indent=2, default=str))
+        typer.echo(f"results in {out}/engine.json")
+
     @bench_app.command("soak")
     @user_errors
     def bench_soak(

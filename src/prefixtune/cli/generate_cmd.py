@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16"),
+        compile: bool = typer.Option(False, "--compile/--no-compile",
+                                     help="Compile the decode step (torch.compile; pays off over long outputs)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: weight-only int8 frozen base (torchao)."),
     ) -> None:
         """Generate text with one or more adapters (one result per adapter, one mixed batch)."""
         from prefixtune.engine.sampling import SamplingParams
@@ -106,9 +109,11 @@ def register(app: typer.Typer) -> None:
                 st.folder(name)  # a missing adapter names the ones that exist
 
         from prefixtune.engine.lm import PrefixLM
-        from prefixtune.models import load_base_model
 
-        lm = PrefixLM(load_base_model(model, device=device, dtype=dtype), st, force=force)
+        from prefixtune.quantize import check_quantize
+
+        lm = PrefixLM.load(model, st, device=device, dtype=dtype, force=force, compile=compile,
+                           quantize=check_quantize(quantize))
         rows: list[str | None] = [None if n.lower() == BASE else n for n in names]
         rows += [lm.register(str(folder), folder) for folder in adapter_path]
         try:

@@ -48,6 +48,9 @@ def register(app: typer.Typer) -> None:
                                                         help="Base model id in the API (default: --model)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+        compile: bool = typer.Option(False, "--compile/--no-compile",
+                                     help="Compile the decode step (torch.compile), warmed up at start."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: weight-only int8 frozen base (torchao)."),
         shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", min=0,
                                                help="Seconds in-flight requests get to finish on SIGTERM."),
         force: bool = typer.Option(False, "--force", help="Serve adapters trained on another base of the same shape."),
@@ -90,6 +93,9 @@ def register(app: typer.Typer) -> None:
                      "--max-adapters-per-replica": max_adapters != 8, "--address": address is not None,
                      "--replica-cpus": replica_cpus != 1.0, "--replica-gpus": replica_gpus is not None,
                      "--preload": bool(preload), "--pin": bool(pin)}
+        from prefixtune.quantize import check_quantize
+
+        quantize = check_quantize(quantize)
         if backend not in ("local", "ray"):
             raise typer.BadParameter("choose local or ray", param_hint="--backend")
         if backend == "local" and any(ray_flags.values()):
@@ -104,6 +110,9 @@ def register(app: typer.Typer) -> None:
             max_n=max_n, max_stop_chars=max_stop_chars, max_num_beams=max_num_beams, docs=docs,
         )
         if backend == "ray":
+            if compile or quantize:
+                raise typer.BadParameter("--compile and --quantize serve the local backend; drop them for --backend ray",
+                                         param_hint="--compile" if compile else "--quantize")
             from prefixtune.cli.serve_ray import run_ray
 
             engine = dict(model=model, store=str(store) if store else None, device=device, dtype=dtype, force=force,
@@ -121,10 +130,12 @@ def register(app: typer.Typer) -> None:
 
             scheduler = SupervisedEngine(EngineSpec(model, str(store) if store else None, device, dtype, force,
                                                     max_batch, max_queue, mode, max_model_len, max_inflight_tokens,
-                                                    step_tokens), max_restarts=engine_restarts)
+                                                    step_tokens, compile=compile, quantize=quantize),
+                                         max_restarts=engine_restarts)
             lm = scheduler.lm  # tokenizer and adapter checks over the model on the meta device
         else:
-            lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force)
+            lm = PrefixLM.load(model, store=store, device=device, dtype=dtype, force=force, compile=compile,
+                               quantize=quantize, max_batch=max_batch)
             scheduler = Scheduler(lm, max_batch=max_batch, max_queue=max_queue, mode=mode, max_model_len=max_model_len,
                                   start=False, max_inflight_tokens=max_inflight_tokens, max_step_tokens=step_tokens)
         limit = model_limit(lm.model)

@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = Opt(None, help="cpu | cuda | auto"),
         dtype: Optional[str] = Opt(None, help="float32 | bfloat16 | float16 | auto"),
         storage_dtype: Optional[str] = Opt(None, help="Saved prefix dtype (bfloat16 halves the file)."),
+        autocast: Optional[str] = Opt(None, help="off | bf16: the frozen model's matmuls in bf16 on a CPU with bf16 "
+                                                 "(AMX/AVX512-BF16); prefix weights stay float32."),
         resume: Optional[bool] = Opt(None, "--resume", help="Continue from OUT/checkpoint."),
         overwrite: Optional[bool] = Opt(None, "--overwrite", help="Replace a previous run in a non-empty OUT."),
         skip_bad_rows: Optional[bool] = Opt(None, "--skip-bad-rows", help="Skip and count malformed data rows."),

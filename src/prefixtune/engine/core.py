@@ -47,6 +47,8 @@ class EngineSpec:
     max_inflight_tokens: int = 1 << 19  # prompt + max_new_tokens over in-flight rows
     max_step_tokens: int | str | None = "auto"  # decode rows + prefill tokens per step ("auto": by device; None: whole)
     threads: int | None = None  # torch CPU threads in the engine process (None: runtime.configure_threads' policy)
+    compile: bool = False  # compile the decode step (torch.compile), warmed up before the first request
+    quantize: str | None = None  # int8: weight-only int8 frozen base (torchao); None: the model's dtype
 
 
 class EventSink:
@@ -103,7 +105,8 @@ def main(conn, spec: EngineSpec) -> None:
         from prefixtune.models import max_positions
         from prefixtune.engine.scheduler import Scheduler
 
-        lm = PrefixLM.load(spec.model, store=spec.store, device=spec.device, dtype=spec.dtype, force=spec.force)
+        lm = PrefixLM.load(spec.model, store=spec.store, device=spec.device, dtype=spec.dtype, force=spec.force,
+                           compile=spec.compile, quantize=spec.quantize, max_batch=spec.max_batch)
         if lm.device.type == "cpu":
             # With our 4-D mask transformers repeats the GQA key/value heads before SDPA on CPU (it only lets SDPA
             # share them where the kernel stays fast without a mask, on CUDA); torch's CPU kernel takes the mask
@@ -123,9 +126,15 @@ def main(conn, spec: EngineSpec) -> None:
     loaded = lm.loaded
     conn.send(("ready", {"fingerprint": loaded.fingerprint, "legacy_fingerprint": loaded.legacy_fingerprint,
                          "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
-                         "max_model_len": scheduler.max_model_len}))
+                         "max_model_len": scheduler.max_model_len, "compiled": _compiled(lm)}))
     scheduler.start()
     _Commands(lm, scheduler, sink).run(conn)
+
+
+def _compiled(lm) -> str | None:
+    """What the front end prints about the decode step: None when it runs eagerly."""
+    step = lm.compiled_decode
+    return None if step is None else f"compiled in {step.compile_s:.1f} s"
 
 
 class _Commands:

@@ -67,14 +67,25 @@ class PrefixLM:
         self.paths: dict[str, Path] = {}  # adapters registered from outside the store
         self.warnings: list[str] = []  # warnings issued so far (--force loads, missing guidance negatives)
         self._layout: torch.Tensor | None = None  # layout_mask(), built on first use
+        self.compiled_decode = None  # engine/compiled.CompiledDecode: every Scheduler over this model uses it
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", store: str | Path | None = None, device: str | None = None,
-             dtype: str | None = None, **kwargs: Any) -> PrefixLM:
-        """Load the base model once; kwargs: cache_size, cache_bytes, force."""
+             dtype: str | None = None, compile: bool = False, quantize: str | None = None, max_batch: int = 16,
+             **kwargs: Any) -> PrefixLM:
+        """Load the base model once; kwargs: cache_size, cache_bytes, force. `quantize="int8"`: int8 weight-only
+        frozen base (prefixtune.quantize); `compile`: a compiled decode step warmed up for `max_batch` rows."""
         from prefixtune.models import load_base_model
+        from prefixtune.quantize import quantize_model
 
-        return cls(load_base_model(model, device=device, dtype=dtype), store, **kwargs)
+        loaded = load_base_model(model, device=device, dtype=dtype)
+        quantize_model(loaded.model, quantize)
+        lm = cls(loaded, store, **kwargs)
+        if compile:
+            from prefixtune.engine.compiled import compile_decode
+
+            compile_decode(lm, max_batch)
+        return lm
 
     @property
     def device(self) -> torch.device:

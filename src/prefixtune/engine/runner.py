@@ -102,8 +102,11 @@ class StepOutput:
 class ModelRunner:
     """Rows are identified by hashable keys (engine/sampler.row_keys); `running.order[s]` is the key in slot s."""
 
-    def __init__(self, model, max_rows: int, sampler: Sampler | None = None, lora=None, share_prefill: bool = True):
+    def __init__(self, model, max_rows: int, sampler: Sampler | None = None, lora=None, share_prefill: bool = True,
+                 compiled=None):
         self.model, self.max_rows, self.lora = model, max_rows, lora
+        # The decode forward compiled (engine/compiled.CompiledDecode); PEFT's per-forward LoRA hooks are not.
+        self.compiled = compiled if lora is None else None
         self.sampler = sampler or Sampler(set(), lambda: None)
         self.share_prefill = share_prefill  # prefill identical new rows once (off: the benchmark's baseline)
         p = next(model.parameters())
@@ -272,11 +275,14 @@ class ModelRunner:
     def decode(self, tokens: Sequence[int]) -> None:
         """Feed one token per running row (slot order); refreshes current_logits()."""
         store = self.running
-        b = len(store)
-        columns = torch.tensor(store.lengths, dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(-1, 1)  # (B, 1)
-        store.logits[:b] = self._forward(store, list(range(b)), ids, columns, None, max(store.lengths) + 1,
-                                         store.order)
+        b, width = len(store), max(store.lengths) + 1
+        # A compiled step may run padded rows (spare slots writing and attending column 0 only; engine/compiled.py)
+        rows, width = self.compiled.shape(b, width) if self.compiled is not None else (b, width)
+        pad = [0] * (rows - b)
+        columns = torch.tensor(store.lengths + pad, dtype=torch.long, device=self.device).view(-1, 1)  # (R, 1)
+        ids = torch.tensor(list(tokens) + pad, dtype=torch.long, device=self.device).view(-1, 1)  # (R, 1)
+        logits = self._forward(store, list(range(rows)), ids, columns, None, width, store.order, compiled=self.compiled)
+        store.logits[:b] = logits[:b]
         store.lengths = [n + 1 for n in store.lengths]
 
     def prefill(self, plan: Sequence[tuple[Hashable, int]]) -> None:
@@ -328,11 +334,12 @@ class ModelRunner:
         self.staging.remove(key)
 
     def _forward(self, store: SlotKV, slots: list[int], ids: torch.Tensor, columns: torch.Tensor,
-                 real: torch.Tensor | None, width: int, keys: Sequence[Hashable], capture=None) -> torch.Tensor:
+                 real: torch.Tensor | None, width: int, keys: Sequence[Hashable], capture=None,
+                 compiled=None) -> torch.Tensor:
         """Last-token logits (B, V) of rows `slots` of `store` fed ids (B, T) at `columns` (where `real`; None:
-        every token is real), attending over `width` columns. `capture` (engine/logprobs.capture_hidden) also
-        keeps some rows' every position."""
-        store.reserve(len(store), width + 1)  # the last column takes the pads' writes, never attended
+        every token is real), attending over `width` columns; through `compiled` when given (decode). `capture`
+        (engine/logprobs.capture_hidden) also keeps some rows' every position."""
+        store.reserve(max(len(store), len(slots)), width + 1)  # the last column takes the pads' writes, never attended
         store.ensure(width)
         positions = columns
         if real is not None:
@@ -341,14 +348,18 @@ class ModelRunner:
         rows = torch.tensor(slots, dtype=torch.long, device=self.device)
         cache = self._caches[id(store)]
         cache.current = _Forward(store, rows, columns, width, slots == list(range(len(slots))))
+        inputs = dict(input_ids=ids, attention_mask=self._mask(positions, real, width), position_ids=positions,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
         try:
-            with capture if capture is not None else contextlib.nullcontext():
-                out = self._call(keys, input_ids=ids, attention_mask=self._mask(positions, real, width),
-                                 position_ids=positions, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1 if capture is None else 0)
+            if compiled is not None and capture is None:
+                logits = compiled(**inputs)
+            else:
+                inputs["logits_to_keep"] = 1 if capture is None else 0
+                with capture if capture is not None else contextlib.nullcontext():
+                    logits = self._call(keys, **inputs).logits[:, -1]
         finally:
             cache.current = None
-        return out.logits[:, -1].float()
+        return logits.float()
 
     def _call(self, keys: Sequence[Hashable], **inputs):
         if self.lora is not None and any(key in self.base for key in keys):

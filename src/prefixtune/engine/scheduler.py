@@ -55,7 +55,8 @@ class Scheduler:
         self.max_inflight_tokens = max_inflight_tokens  # prompt + max_new_tokens over all in-flight rows
         self.policy = BatchPolicy(max_batch, mode)
         self.eos_ids = set(lm.eos_ids())
-        self.runner = ModelRunner(self.model, max_batch, Sampler(self.eos_ids, self._layout), lora=lora)
+        self.runner = ModelRunner(self.model, max_batch, Sampler(self.eos_ids, self._layout), lora=lora,
+                                  compiled=getattr(lm, "compiled_decode", None))
         # decode rows + prefill tokens per step ("auto": by device, engine/policy.py; None: prompts join whole)
         self.max_step_tokens = step_tokens(max_step_tokens, self.runner.device.type)
         self.lm_lock = threading.RLock()  # guards lm's adapter LRU (worker, admin endpoints, resolvers)

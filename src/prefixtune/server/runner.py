@@ -86,6 +86,9 @@ def serve(lm, scheduler: Scheduler, settings: ServerSettings, log_level: str = "
     where = engine or {"device": lm.device, "dtype": str(lm.model.dtype)}
     print(f"  model: {settings.model_name} ({where['device']}, {str(where['dtype']).removeprefix('torch.')})"
           + (", engine process" if engine else ""), file=out)
+    compiled = engine.get("compiled") if engine else getattr(getattr(lm, "compiled_decode", None), "compile_s", None)
+    if compiled is not None:
+        print(f"  decode step: {compiled if isinstance(compiled, str) else f'compiled in {compiled:.1f} s'}", file=out)
     print(f"  adapters ({len(adapters)}): {', '.join(adapters) or 'none'}  [store {lm.store.root}]", file=out)
     print(f"  batching: {scheduler.mode}, max batch {scheduler.max_batch}, max queue {scheduler.max_queue}", file=out)
     print(f"  auth: {'API key required' if settings.api_key else 'none'}; "

@@ -88,6 +88,7 @@ class TrainConfig:
     device: str | None = None  # cpu | cuda | auto
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
     storage_dtype: str = "float32"  # dtype of the saved prompt embeddings (bfloat16 halves the file)
+    autocast: str = "off"  # bf16: the frozen model's matmuls under CPU bf16 autocast; prefix weights stay float32
     resume: bool = False  # continue from out/checkpoint
     family_rate: float = 0.0  # per-label: share of rows that train NAME-all instead, the family's unconditional adapter
     label_word_weight: float = 1.0  # per-label: loss weight on the label's distinctive words (1 = plain LM loss)
@@ -211,6 +212,7 @@ def check_settings(cfg: TrainConfig) -> None:
                                   "(fp32/bf16/fp16 are accepted too)")
     cfg.storage_dtype = STORAGE_ALIASES[key]
     _need(cfg.method in METHODS, f"--method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    _need(cfg.autocast in ("off", "bf16"), f"--autocast {cfg.autocast!r}: use off or bf16")
     _need(cfg.distributed in DISTRIBUTED,
           f"--distributed {cfg.distributed!r}: use one of {', '.join(DISTRIBUTED)} (docs/DISTRIBUTED.md)")
     _need(cfg.schedule in SCHEDULES, f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")

@@ -147,7 +147,10 @@ class Trainer:
         dtype = next(self.model.base.parameters()).dtype
         if self.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
+        # --autocast bf16 on a CPU: the frozen model's matmuls run in bf16 while the prefix parameters, their
+        # gradients and AdamW's state stay float32 (the master weights); eval runs without it.
+        cpu_bf16 = self.device.type == "cpu" and dtype == torch.float32 and self.cfg.autocast == "bf16"
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
 
     def step(self, batch) -> tuple[float, int]:
         """One optimizer step; on OOM, halve the micro-batch (more accumulation) and retry."""
