@@ -130,3 +130,24 @@ def test_trained_adapter_with_label(tiny_model_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["Emotion: joy\nText:"] * 2  # the base row gets the same prompt
     err = gen(tiny_model_dir, store, "-a", "emo", "--label", "fear", "-n", "2", code=2).output
     assert "knows labels" in err and "joy" in err
+
+
+@pytest.mark.parametrize("mode", ["guidance", "concat"])
+def test_composed_adapter_row_beside_others(tiny_model_dir, store, tiny_lm, mode):
+    from prefixtune.engine.lm import PrefixLM
+
+    rows = gen_json(tiny_model_dir, store, "-a", "a", "-a", "a+b", "--compose-mode", mode, "--compose-weights"
+                    if mode == "guidance" else "-g", *(["2,0.5"] if mode == "guidance" else ["1"]), "--prompt",
+                    PROMPT, "-n", "8")
+    assert [r["adapter"] for r in rows] == ["a", "a+b"]
+    lm = PrefixLM(tiny_lm, AdapterStore(store))
+    kw = {"compose_weights": [2.0, 0.5]} if mode == "guidance" else {"guidance_scale": 1.0}
+    expected = lm.generate([PROMPT], [("a", "b")], max_new_tokens=8, compose_mode=mode, **kw)[0]
+    assert rows[1]["tokens"] == expected.tokens and rows[1]["tokens"] != rows[0]["tokens"]
+
+
+def test_bad_composed_adapters_are_refused(tiny_model_dir, store):
+    assert "no adapter 'nope'" in gen(tiny_model_dir, store, "-a", "a+nope", "-p", PROMPT, code=2).output
+    assert "max_compose" in gen(tiny_model_dir, store, "-a", "a+b+foreign", "--max-compose", "2", "-p", PROMPT,
+                                code=2).output
+    assert "gpt2-adapter" in gen(tiny_model_dir, store, "-a", "a+gpt2-adapter", "-p", PROMPT, code=2).output

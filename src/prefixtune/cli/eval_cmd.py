@@ -43,12 +43,47 @@ def _given(flags: dict[str, Any], csv: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
+COMPOSE_ONLY = {"compose", "compose_data", "compose_methods", "instruction"}
+
+
+def _compose_eval(flags: dict[str, Any], no_progress: bool) -> None:
+    """`eval --compose A,B`: the single-adapter flags that do not apply are refused by name."""
+    from prefixtune.eval.compose import ComposeEvalConfig, run_compose_eval
+
+    values = _given(flags, csv=("compose", "compose_data", "compose_methods"))
+    allowed = {f for f in ComposeEvalConfig.__dataclass_fields__} | COMPOSE_ONLY
+    extra = sorted(k for k in values if k not in allowed or k == "data")
+    if extra:
+        raise typer.BadParameter(f"not used with --compose: {', '.join('--' + k.replace('_', '-') for k in extra)}",
+                                 param_hint="--compose")
+    values["families"] = values.pop("compose")
+    for old, new in (("compose_data", "data"), ("compose_methods", "methods")):
+        if old in values:
+            values[new] = values.pop(old)
+    if no_progress:
+        values["progress"] = False
+    report = run_compose_eval(ComposeEvalConfig(**values))
+    for name, r in report["results"].items():
+        aspects = ", ".join(f"{f} {a:.2f}" for f, a in r["aspects"].items())
+        typer.echo(f"{name}: joint {r['joint']:.2f} ({aspects}), {r['mean_words']:.1f} words, distinct-2 "
+                   f"{r['distinct_2']:.2f}, degenerate {r['degenerate']:.0%}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     @user_errors
     @_config_errors
     def eval_command(
-        adapter: str = Opt(..., help="Adapter name, or NAME of a per-label family NAME-<label>."),
+        adapter: Optional[str] = Opt(None, help="Adapter name, or NAME of a per-label family NAME-<label>."),
+        compose: Optional[str] = Opt(None, help="Comma-separated per-label families to compose on one row (e.g. "
+                                                "emotion,agnews): every label combination, each aspect judged."),
+        compose_data: Optional[str] = Opt(None, help="--compose: each family's data, comma-separated (default: "
+                                                     "what its adapters were trained on)."),
+        compose_methods: Optional[str] = Opt(None, help="--compose: what to sample, comma-separated: guidance, "
+                                                        "concat (composed), alone, prompting (baselines); default "
+                                                        "all."),
+        instruction: Optional[str] = Opt(None, help="--compose: the prompting baseline's request, {0} {1} = the "
+                                                    "families' labels."),
         data: Optional[str] = Opt(None, help="Data to evaluate on (default: the adapter's training data)."),
         store: Optional[str] = Opt(None, help="Adapter store (default $PREFIXTUNE_HOME/adapters)."),
         model: Optional[str] = Opt(None, help="Base model (default: the one the adapter was trained on)."),
@@ -90,6 +125,8 @@ def register(app: typer.Typer) -> None:
         diversity, copying, latency; BLEU/chrF/ROUGE-L with --reference-field."""
         flags = dict(locals())  # first statement: locals() is exactly the flags here
         flags.pop("no_progress")
+        if compose is not None:
+            return _compose_eval(flags, no_progress)
         from prefixtune.eval.run_eval import EvalConfig, run_eval
 
         values = _given(flags, csv=("label_names", "guidance_sweep"))
@@ -97,6 +134,8 @@ def register(app: typer.Typer) -> None:
             values["guidance_sweep"] = parse_floats(values["guidance_sweep"], "--guidance-sweep")
         if no_progress:
             values["progress"] = False
+        if "adapter" not in values:
+            raise typer.BadParameter("pass --adapter NAME (or --compose A,B)", param_hint="--adapter")
         report = run_eval(EvalConfig(**values))
         if report.get("task"):  # a task adapter: reference scores per method
             for name, s in report["result"].items():

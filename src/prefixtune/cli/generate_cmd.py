@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from prefixtune.cli.common import user_errors
+from prefixtune.cli.common import parse_csv, parse_floats, user_errors
 
 BASE = "none"  # --adapter none = the base model
 
@@ -64,6 +64,13 @@ def register(app: typer.Typer) -> None:
         guidance_negative: Optional[str] = typer.Option(
             None, "--guidance-negative", help="The unconditioned row: an adapter such as a family's NAME-all, "
                                               "or 'none' for the base model (default: the adapter's choice)."),
+        compose_mode: Optional[str] = typer.Option(
+            None, "--compose-mode", help="A composed --adapter A+B: guidance (product of experts, each part against "
+                                         "its own negative; default) or concat (the prefixes side by side)."),
+        compose_weights: Optional[str] = typer.Option(
+            None, "--compose-weights", help="A composed --adapter A+B: each part's guidance scale, comma-separated "
+                                            "(default: what each part recommends)."),
+        max_compose: int = typer.Option(4, "--max-compose", min=2, help="Most adapters in one composed --adapter."),
         num_samples: int = typer.Option(1, "--num-samples", help="Samples per row, seeded --seed, --seed+1, ..."),
         force: bool = typer.Option(False, "--force", help="Use adapters trained on another base model "
                                                           "(only when the shapes match)."),
@@ -82,10 +89,17 @@ def register(app: typer.Typer) -> None:
         inputs = _input_rows(input_json, input_file)
         if not prompt and label is None and inputs is None:
             _fail("give --prompt, --label, or both (a task adapter: --input or --input-file)")
+        from prefixtune.engine.compose import SEP, ComposeError, check_mode, parts_of
+
         names = list(adapter) or ([] if adapter_path else [BASE])
-        for name in names:
-            if name.lower() != BASE:
-                validate_name(name)
+        weights = parse_floats(parse_csv(compose_weights), "--compose-weights") if compose_weights else None
+        try:
+            check_mode(compose_mode)
+            parts = [p for n in names if n.lower() != BASE for p in (parts_of(n, max_compose) if SEP in n else [n])]
+        except ComposeError as err:
+            _fail(str(err))
+        for name in parts:
+            validate_name(name)
         for folder in adapter_path:
             if not folder.is_dir():
                 _fail(f"--adapter-path {folder} is not a folder")
@@ -104,9 +118,8 @@ def register(app: typer.Typer) -> None:
         if guidance_negative is not None and guidance_negative.lower() != BASE:
             validate_name(guidance_negative)
         st = AdapterStore(store if store is not None else default_store())
-        for name in names:
-            if name.lower() != BASE:
-                st.folder(name)  # a missing adapter names the ones that exist
+        for name in parts:
+            st.folder(name)  # a missing adapter names the ones that exist
 
         from prefixtune.engine.lm import PrefixLM
 
@@ -114,6 +127,7 @@ def register(app: typer.Typer) -> None:
 
         lm = PrefixLM.load(model, st, device=device, dtype=dtype, force=force, compile=compile,
                            quantize=check_quantize(quantize))
+        lm.max_compose = max_compose
         rows: list[str | None] = [None if n.lower() == BASE else n for n in names]
         rows += [lm.register(str(folder), folder) for folder in adapter_path]
         try:
@@ -126,7 +140,8 @@ def register(app: typer.Typer) -> None:
                                   top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=list(stop), chat=chat,
                                   guidance_scale=guidance_scale, guidance_negative=guidance_negative,
                                   num_samples=num_samples, num_beams=num_beams, length_penalty=length_penalty,
-                                  no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)
+                                  no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping,
+                                  compose_mode=compose_mode, compose_weights=weights)
         except ValueError as err:
             from prefixtune.errors import user_error_types
 

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         max_num_beams: int = typer.Option(8, "--max-num-beams", min=1,
                                           help="Beams per prompt (extension field num_beams; each is a batch row)."),
         max_stop_chars: int = typer.Option(256, "--max-stop-chars", min=1, help="Characters per stop string."),
+        max_compose: int = typer.Option(4, "--max-compose", min=2, help="Adapters in one composed model \"a+b\" "
+                                                                        "(each part and negative is a batch row)."),
         max_inflight_tokens: int = typer.Option(1 << 19, "--max-inflight-tokens", min=1,
                                                 help="Prompt + max_tokens summed over in-flight rows (beyond: 429)."),
         mode: str = typer.Option("continuous", "--batching", help="continuous (rows join/leave every step) or grouped."),
@@ -108,6 +110,7 @@ def register(app: typer.Typer) -> None:
             adapter_roots=list(adapter_root or []), max_body_bytes=max_body_bytes, max_model_len=max_model_len,
             max_tokens=max_tokens, shutdown_timeout=shutdown_timeout, max_prompt_tokens=max_prompt_tokens,
             max_n=max_n, max_stop_chars=max_stop_chars, max_num_beams=max_num_beams, docs=docs,
+            max_compose=max_compose,
         )
         if backend == "ray":
             if compile or quantize:

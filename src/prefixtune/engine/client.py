@@ -193,7 +193,8 @@ class EngineClient:
         self._calls[call] = on_reply
         for r in requests:  # before sending: the core's first events may beat its reply
             self._live[r.request_id] = r
-        rows = [(r.request_id, r.prompt_ids, r.params, r.adapter, r.negative) for r in requests]
+        rows = [(r.request_id, r.prompt_ids, r.params, r.adapter, r.negative,
+                 None if r.experts is None else r.experts.spec()) for r in requests]
         self._send(("submit", call, rows))
 
     def _accepted(self, reply, requests: Sequence[Request]) -> list[str]:

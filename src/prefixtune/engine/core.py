@@ -7,7 +7,7 @@ processor: each step's RowEvents leave as plain tuples over a pipe, and the fron
 detokenizes, matches stop strings and talks HTTP in its own process, on its own GIL.
 
 Messages (pickled tuples over one duplex multiprocessing Connection):
-  front end -> core: ("submit", call, [(request_id, prompt_ids, params, adapter, negative), ...])
+  front end -> core: ("submit", call, [(request_id, prompt_ids, params, adapter, negative, experts), ...])
                      ("cancel", request_id) | ("adapter", call, "load" | "unload", name, path)
                      ("shutdown", timeout, drain)
   core -> front end: ("ready", info) | ("failed", exception) once at start
@@ -194,15 +194,19 @@ class _Commands:
     def _submit(self, rows) -> tuple[str, str] | None:
         kv: dict[str | None, object] = {}
         try:
-            for _, _, params, adapter, negative in rows:
-                for name in (adapter, negative) if params.guided else (adapter,):
+            for _, _, params, adapter, negative, experts in rows:
+                names = (adapter, negative) if params.guided else (adapter,)
+                for name in names if experts is None else (*experts.parts, *experts.negatives):
                     if name not in kv:
                         kv[name] = self._kv(name)
+                if experts is not None:  # a composed request's rows (its spec crossed the pipe without tensors)
+                    experts.resolve(kv.__getitem__)
         except Exception as err:  # noqa: BLE001 - the front end checked it; a file changed since, say so
             return "adapter", f"{type(err).__name__}: {err}"
-        requests = [Request(ids, adapter, params, prefix=kv[adapter], request_id=rid, negative=negative,
-                            negative_prefix=kv.get(negative) if params.guided else None)
-                    for rid, ids, params, adapter, negative in rows]
+        requests = [Request(ids, adapter, params, prefix=None if experts else kv[adapter], request_id=rid,
+                            negative=negative, negative_prefix=kv.get(negative) if params.guided else None,
+                            experts=experts)
+                    for rid, ids, params, adapter, negative, experts in rows]
         try:
             self.scheduler.submit_many(requests)
         except QueueFull as err:

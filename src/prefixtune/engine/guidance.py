@@ -66,6 +66,33 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     if isinstance(scale, torch.Tensor):
         scale = scale.to(lc.dtype).view(-1, 1)  # (G, 1)
     out = lu + scale * (lc - lu)
+    return _guarded(out, lc, lu, plausibility, eos_ids, layout)
+
+
+def product_logits(conds: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor,
+                   plausibility: float | None = None, eos_ids: Sequence[int] = (),
+                   layout: torch.Tensor | None = None) -> torch.Tensor:
+    """Product of experts (V,) of k parts: conds (k, V) the parts' logits, uncond (k, V) each part's negative.
+
+        logp = mean_i log p_neg(i) + sum_i scales_i * (log p_i - log p_neg(i))
+
+    With k = 1 this is guided_logits. The guards act as for one adapter, the "adapter" being the parts' own
+    product (the normalised mean of their log-probabilities): layout tokens keep its probabilities and only
+    tokens above its plausibility floor can be chosen.
+    """
+    lc = torch.log_softmax(conds.float(), dim=-1)  # (k, V)
+    lu = torch.log_softmax(uncond.float(), dim=-1)  # (k, V)
+    push = (scales.to(lc.dtype).view(-1, 1) * (lc - lu)).sum(0, keepdim=True)  # (1, V)
+    out = lu.mean(0, keepdim=True) + push  # (1, V)
+    own = torch.log_softmax(lc.mean(0, keepdim=True), dim=-1)  # (1, V)
+    base = torch.log_softmax(lu.mean(0, keepdim=True), dim=-1)  # (1, V)
+    return _guarded(out, own, base, plausibility, eos_ids, layout)[0]
+
+
+def _guarded(out: torch.Tensor, lc: torch.Tensor, lu: torch.Tensor, plausibility: float | None,
+             eos_ids: Sequence[int], layout: torch.Tensor | None) -> torch.Tensor:
+    """The guards of a guided distribution `out` (G, V), from the adapter's (lc) and the negative's (lu)
+    log-probabilities."""
     out = torch.where(torch.isfinite(lu), out, lc)  # a token the unconditioned row masks: the adapter decides
     fixed = torch.zeros(lc.shape[-1], dtype=torch.bool, device=lc.device) if layout is None else \
         layout[: lc.shape[-1]].to(lc.device)  # (V,)
@@ -93,4 +120,4 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     return torch.where(fixed, lc, out)
 
 
-__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "validate_scale"]
+__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "product_logits", "validate_scale"]

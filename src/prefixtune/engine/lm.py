@@ -19,6 +19,7 @@ import torch
 
 from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
 from prefixtune.engine.beam import check_beam_request
+from prefixtune.engine import compose
 from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
@@ -68,6 +69,7 @@ class PrefixLM:
         self.warnings: list[str] = []  # warnings issued so far (--force loads, missing guidance negatives)
         self._layout: torch.Tensor | None = None  # layout_mask(), built on first use
         self.compiled_decode = None  # engine/compiled.CompiledDecode: every Scheduler over this model uses it
+        self.max_compose = compose.MAX_COMPOSE  # parts a composed adapter ("a+b") may have
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", store: str | Path | None = None, device: str | None = None,
@@ -114,6 +116,8 @@ class PrefixLM:
 
     def _exists(self, name: str) -> bool:
         """One stat, no store listing (the server asks per request)."""
+        if compose.is_composed(name):
+            return all(self._exists(part) for part in compose.parts_of(name, limit=None))
         return name in self.paths or self.store.exists(name)
 
     def _folder(self, name: str) -> Path:
@@ -123,8 +127,11 @@ class PrefixLM:
         """Folded prefix of `name`, from the LRU or from disk (checked against the base model).
 
         A cached entry is reused only while its weights file is the same one (an atomic rewrite makes a
-        new file), so retraining into the store is picked up without a restart.
+        new file), so retraining into the store is picked up without a restart. A composed name ("a+b") is
+        the parts' prefixes side by side (engine/compose.py, concat mode).
         """
+        if compose.is_composed(name):
+            return compose.concat_adapter(self, name)
         folder = self._folder(name)
         stamp = _stamp(folder)
         item = self.cache.get(name)
@@ -158,6 +165,8 @@ class PrefixLM:
             if scale is not None and is_guided(scale):
                 raise ValueError("guidance needs an adapter row: the base model has nothing to sharpen")
             return 1.0, None
+        if compose.is_composed(adapter):
+            return compose.concat_guidance(self, adapter, scale, negative)
         recommended = (self.manifest(adapter) or Manifest.empty()).guidance or {}
         given_scale = scale is not None
         scale = float(recommended.get("scale", 1.0)) if scale is None else scale
@@ -301,6 +310,8 @@ class PrefixLM:
         logit_bias: dict[int, float] | None = None,
         structured: StructuredOutput | None = None,
         logprobs: int | None = None,
+        compose_mode: str | None = None,
+        compose_weights: Sequence[float] | None = None,
     ) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
@@ -321,9 +332,15 @@ class PrefixLM:
         presence_penalty, frequency_penalty (OpenAI's), repetition_penalty (vLLM's) and logit_bias apply to
         every row (engine/penalties.py); structured=StructuredOutput(json=schema | regex= | grammar= | choice=)
         makes every row's text match it (engine/structured.py).
+        A row's adapter may be composed: a tuple of adapter names or "a+b" (engine/compose.py). compose_mode
+        "guidance" (default) runs a product of experts, each part guided against its own negative at its
+        compose_weights entry (else guidance_scale, else its recommended scale); "concat" runs one row with the
+        parts' prefixes side by side.
         All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
         prompts, adapters = with_adapters(prompts, adapters)
+        adapters = compose.composed_names(adapters, compose_mode, self.max_compose,
+                                          beam=num_beams != 1 or bool(no_repeat_ngram_size), weights=compose_weights)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -350,7 +367,10 @@ class PrefixLM:
                               min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               repetition_penalty=repetition_penalty, logit_bias=dict(logit_bias or {}),
                               structured=structured, logprobs=logprobs)
-        requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat)
+        experts = {a: compose.build_experts(self, a, compose_weights, *guide) for a in dict.fromkeys(adapters)
+                   if compose.check_mode(compose_mode) == "guidance" and compose.is_composed(a)}
+        requests = self._requests(prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat,
+                                  experts=experts)
         results = []
         for f, r in zip(run_requests(self, requests, lora), requests):
             n, a = len(r.prompt_ids), r.adapter
@@ -372,12 +392,14 @@ class PrefixLM:
         return score_texts(self, texts, adapters, top_logprobs, guidance_scale, guidance_negative, add_special_tokens)
 
     def _requests(self, prompts: Sequence[str], adapters: Sequence[str | None], seeds: Sequence[int | None],
-                  base: SamplingParams, guide: tuple[float | None, str | None], lora, add_special_tokens: bool
-                  ) -> list[Request]:
-        """One engine Request per row: its tokens, prefix, seed and guidance (`guide`: what the caller gave)."""
+                  base: SamplingParams, guide: tuple[float | None, str | None], lora, add_special_tokens: bool,
+                  experts: dict[str, compose.Experts] | None = None) -> list[Request]:
+        """One engine Request per row: its tokens, prefix, seed and guidance (`guide`: what the caller gave);
+        `experts`: the composed adapters run as a product of experts (their rows carry no single prefix)."""
+        experts = experts or {}
         # One lookup per distinct adapter: the same tensor object on many rows is shared (prefilled once), and a
         # small cache cannot evict a row's adapter between its rows.
-        kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None}
+        kv = {a: self.adapter(a).kv for a in dict.fromkeys(adapters) if a is not None and a not in experts}
         guides = {a: self.guidance(a, *guide) if base.num_beams == 1 else (1.0, None) for a in kv}
         guides[None] = self._base_guidance(guide[0], lora) if base.num_beams == 1 else (1.0, None)
         negative_kv = {n: self.adapter(n).kv for n in {g[1] for g in guides.values()} if n is not None}
@@ -387,12 +409,19 @@ class PrefixLM:
                              "each row some text")
         requests = []
         for prompt_ids, a, seed in zip(ids, adapters, seeds):
+            if a in experts:  # its scales live in the experts; the group's row 0 samples unguided
+                params = replace(base, seed=seed, stop=list(base.stop))
+                params.validate()
+                requests.append(Request(list(prompt_ids), a, params, experts=experts[a]))
+                continue
             scale, negative = guides[a]
             params = replace(base, seed=seed, guidance_scale=scale, stop=list(base.stop))
             params.validate()
             requests.append(Request(list(prompt_ids), a, params, prefix=kv.get(a), negative=negative,
                                     negative_prefix=negative_kv.get(negative) if params.guided else None))
-        virtual = [max(0 if x is None else int(x.shape[2]) for x in (r.prefix, r.negative_prefix)) for r in requests]
+        virtual = [r.experts.virtual if r.experts else max(0 if x is None else int(x.shape[2])
+                                                             for x in (r.prefix, r.negative_prefix))
+                   for r in requests]
         self._check_positions([len(r.prompt_ids) for r in requests], virtual, base.max_new_tokens)
         return requests
 

@@ -38,8 +38,16 @@ def step_tokens(setting: int | str | None, device_type: str) -> int | None:
 
 
 def rows_of(request) -> int:
-    """Batch rows a request occupies: 2 for a guided one (adapter + unconditioned row), num_beams for beams."""
+    """Batch rows a request occupies: 2 for a guided one (adapter + unconditioned row), num_beams for beams,
+    parts + negatives for a composed product of experts (engine/compose.py)."""
+    if request.experts is not None:
+        return request.experts.rows
     return 2 if request.params.guided else request.params.num_beams
+
+
+def prefill_rows(request) -> int:
+    """Rows that run the prompt: all of a guided or composed group's, one of a beam group (the beams copy it)."""
+    return rows_of(request) if request.experts is not None or request.params.guided else 1
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefixtune.engine.compose import Experts
 from prefixtune.engine.sampling import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "cancelled", "abort", "error")
@@ -73,6 +74,7 @@ class Request:
     negative: str | None = None  # guided: the unconditioned row's adapter (None = the base model)
     negative_prefix: torch.Tensor | None = None  # its folded kv; None: lm.adapter(negative).kv
     grammar: object = None  # its structured output compiled (engine/structured.py), set when submitted
+    experts: Experts | None = None  # a composed adapter's product of experts (engine/compose.py): its rows
     stopped: bool = False  # a stop string ended it (the engine's worker sets it on the output processor's word)
     done: bool = False  # the output processor sent the final Output (written by that thread only)
 

@@ -19,9 +19,10 @@ import torch
 
 from prefixtune.engine.beam import BeamSearch
 from prefixtune.engine.guidance import guided_logits
+from prefixtune.engine.compose import combine_experts
 from prefixtune.engine.logprobs import sampled_entries, wants_logprobs
 from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
-from prefixtune.engine.policy import rows_of
+from prefixtune.engine.policy import prefill_rows, rows_of
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import RowSampler, SamplingParams, sample_rows
 from prefixtune.engine.structured import RowGrammar, constrain
@@ -46,8 +47,9 @@ class Group:
 
     @property
     def prefill_keys(self) -> list[tuple[str, int]]:
-        """Rows that run the prompt: the beams of a group copy beam 0's prompt, a guided pair runs both."""
-        return self.keys[:2] if self.request.params.guided else self.keys[:1]
+        """Rows that run the prompt: the beams of a group copy beam 0's prompt, a guided pair (a composed group)
+        runs all its rows."""
+        return self.keys[:prefill_rows(self.request)]
 
 
 def row_keys(request: Request) -> list[tuple[str, int]]:
@@ -88,6 +90,8 @@ class Sampler:
         """logits (B, V) of the running rows in slot order `order`; every row belongs to a group in `groups`."""
         slot = {key: i for i, key in enumerate(order)}
         logits = self._guide(logits, slot, [g for g in groups.values() if g.request.params.guided])
+        logits = combine_experts(logits, slot, [g for g in groups.values() if g.request.experts is not None],
+                                 sorted(self.eos_ids), self.layout)
         controlled = [g for g in groups.values() if g.penalty is not None or g.grammar is not None]
         logits = self._control(logits, slot, controlled)
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.

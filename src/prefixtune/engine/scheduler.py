@@ -27,7 +27,7 @@ import torch
 
 from prefixtune.engine.output import OutputProcessor, RowEvent
 from prefixtune.engine.penalties import check_bias_ids
-from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, rows_of, step_tokens
+from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, prefill_rows, rows_of, step_tokens
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.runner import ModelRunner
 from prefixtune.engine.sampler import Group, Sampler, new_group
@@ -124,7 +124,8 @@ class Scheduler:
             if not r.prompt_ids:
                 raise ValueError("prompt is empty: at least one token is needed")
             if rows_of(r) > self.max_batch:
-                what = "a guided request" if r.params.guided else f"num_beams={r.params.num_beams}"
+                what = ("a composed request" if r.experts is not None else "a guided request" if r.params.guided
+                        else f"num_beams={r.params.num_beams}")
                 raise ValueError(f"{what} needs {rows_of(r)} batch rows but max_batch is {self.max_batch}")
             self._check_length(r)
             check_bias_ids(r.params.logit_bias, self.width)
@@ -241,7 +242,7 @@ class Scheduler:
             key = group.prefill_keys[0]
             if key in runner.prefilling and not (group.request.cancelled or group.request.stopped):
                 pending.append((group.request, len(group.prefill_keys), runner.remaining(key)))
-        pending += [(r, 2 if r.params.guided else 1, len(r.prompt_ids)) for r in plan.admit]
+        pending += [(r, prefill_rows(r), len(r.prompt_ids)) for r in plan.admit]
         plan.prefill = chunks(pending, self.max_step_tokens, len(runner.running))
         return plan
 
@@ -255,7 +256,7 @@ class Scheduler:
         joining = []
         for r in schedule.admit:
             try:  # everything that can fail for one request alone happens here, before it takes a row
-                prefix, negative = self._prefixes(r)
+                prefixes = self._prefixes(r)
                 group = new_group(r, self.eos_ids, self.runner.device)
             except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
                 with self._cv:
@@ -263,7 +264,7 @@ class Scheduler:
                 events.append(RowEvent(r, finish="error", error=f"{type(exc).__name__}: {exc}"))
                 continue
             self._groups[r.request_id] = group
-            joining.append((group, [prefix, negative] if r.params.guided else [prefix] * rows_of(r)))
+            joining.append((group, prefixes))
         if joining:
             self.runner.admit(joining)
         return events
@@ -327,7 +328,13 @@ class Scheduler:
         if self._live.pop(request.request_id, None) is not None:
             self._inflight_tokens -= cost(request)
 
-    def _prefixes(self, r: Request) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _prefixes(self, r: Request) -> list[torch.Tensor | None]:
+        """One prefix per row of the request's group (2L, kv_heads, P, head_dim) or None (the base model)."""
+        if r.experts is not None:
+            with self.lm_lock:
+                r.experts.resolve(lambda name: self.lm.adapter(name).kv)
+            self._check_length(r, r.experts.virtual)
+            return list(r.experts.prefixes)
         prefix, negative = r.prefix, r.negative_prefix
         if prefix is None and r.adapter is not None:
             with self.lm_lock:
@@ -337,7 +344,7 @@ class Scheduler:
                 negative = self.lm.adapter(r.negative).kv
         virtual = max(0 if p is None else int(p.shape[2]) for p in (prefix, negative))
         self._check_length(r, virtual)
-        return prefix, negative
+        return [prefix, negative] if r.params.guided else [prefix] * rows_of(r)
 
     def _layout(self) -> torch.Tensor:
         # A worker thread uses its own tokenizer copy: a fast tokenizer shared across threads fails.
@@ -387,6 +394,8 @@ class Scheduler:
     def _check_length(self, r: Request, prefix_len: int | None = None) -> None:
         if self.max_model_len is None:
             return
+        if prefix_len is None and r.experts is not None:
+            prefix_len = r.experts.virtual
         if prefix_len is None:
             prefix_len = max(0 if p is None else int(p.shape[2]) for p in (r.prefix, r.negative_prefix))
         need = prefix_len + len(r.prompt_ids) + r.params.max_new_tokens

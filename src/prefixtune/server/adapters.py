@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from prefixtune.engine.compose import Experts, is_composed
 from prefixtune.errors import user_error_types
+from prefixtune.server.compose import check_composed, prepare_composed
 from prefixtune.server.protocol import APIError
 from prefixtune.server.security import snapshot_adapter
 from prefixtune.prefix.peft_io import AdapterFormatError
@@ -40,9 +42,12 @@ class Prepared:
     guidance_scale: float  # 1 = off
     negative: str | None  # unconditioned adapter of a guided request (None = the base model)
     negative_prefix: torch.Tensor | None  # its folded kv
+    experts: Experts | None = None  # a composed model's product of experts (its rows' prefixes resolved)
 
     @property
     def virtual(self) -> int:
+        if self.experts is not None:
+            return self.experts.virtual
         return max(0 if p is None else int(p.shape[2]) for p in (self.prefix, self.negative_prefix))
 
 
@@ -111,6 +116,10 @@ class AdapterRegistry:
         """Adapter name for a request's `model` (None = the base model); 404 if not served."""
         if model in self.base_ids:
             return None
+        if is_composed(model):  # "a+b": every part served (each checked as a name of its own)
+            for part in check_composed(model, self.lm.max_compose, self.base_ids):
+                await self.resolve(part)
+            return model
         if model not in self._served:
             await self.refresh()  # written into the store a moment ago?
             if model not in self._served:
@@ -135,8 +144,13 @@ class AdapterRegistry:
             raise APIError(400, f"adapter {name!r} cannot be used: {err}", param=param,
                            code="adapter_incompatible") from err
 
-    def prepare(self, adapter: str | None, scale: float | None, negative: str | None) -> Prepared:
+    def prepare(self, adapter: str | None, scale: float | None, negative: str | None, mode: str | None = None,
+                weights: list[float] | None = None, beams: bool = False) -> Prepared:
         """Prefix and guidance of a request: given values win, else the adapter manifest's recommendation."""
+        if mode is not None or weights is not None or is_composed(adapter):
+            experts = prepare_composed(self, adapter, scale, negative, mode, weights, beams)
+            if experts is not None:
+                return Prepared(None, 1.0, None, None, experts)
         prefix = self.prefix(adapter)
         if negative is not None and negative.lower() != "none":
             if negative in self.base_ids:

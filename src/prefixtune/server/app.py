@@ -88,6 +88,7 @@ def _describe(app: FastAPI) -> None:
 
 
 def create_app(lm, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
+    lm.max_compose = settings.max_compose
     registry = AdapterRegistry(lm, scheduler.lm_lock, {settings.model_name, lm.loaded.name},
                                settings.adapter_roots, getattr(scheduler, "adapter_changed", None))
     metrics = ServerMetrics(scheduler, registry.loaded, lambda: len(registry.names()))

@@ -96,10 +96,10 @@ class Job:
         self.first_token_at: float | None = None
 
     def add(self, prompt_ids: list[int], adapter: str | None, prefix, params: SamplingParams,
-            negative: str | None = None, negative_prefix=None) -> int:
+            negative: str | None = None, negative_prefix=None, experts=None) -> int:
         first = len(self.owners)
         request = Request(prompt_ids, adapter, params, partial(self._emit, first), prefix, negative=negative,
-                          negative_prefix=negative_prefix)
+                          negative_prefix=negative_prefix, experts=experts)
         self.requests.append(request)
         self.owners += [request] * params.num_return_sequences
         return first

@@ -107,6 +107,10 @@ class SamplingBody(_Body):
     # adapter's manifest recommends (else off); 1 = off. The negative is an adapter name or "none" (base model).
     guidance_scale: float | None = Field(None, ge=0)
     guidance_negative: Text | None = None
+    # Extensions: a composed model "a+b" (engine/compose.py): "guidance" (product of experts, the default) or
+    # "concat" (prefixes side by side); per-adapter weights = each part's guidance scale, in the name's order.
+    compose_mode: Literal["guidance", "concat"] | None = None
+    compose_weights: list[Annotated[float, Field(ge=0)]] | None = None
     # Extensions: beam search (server/beams.py); the n best of num_beams beams are the choices. 1 = off.
     num_beams: int = Field(1, ge=1)
     length_penalty: float | None = Field(None, ge=-10, le=10)  # beams: score = log-prob sum / length ** this (1)

@@ -133,6 +133,9 @@ class RemoteScheduler:
         if self._closed:
             raise SchedulerClosed("the server is shutting down")
         first = requests[0]
+        if first.experts is not None:  # replicas take one prefix per row (server/ray_replica.py)
+            raise ValueError("the Ray backend does not run composed models as guided experts; send "
+                             "compose_mode \"concat\"")
         model_id = first.adapter if first.adapter is not None and first.adapter not in self.pinned else ""
         rows = [(r.prompt_ids, r.params) for r in requests]
         stream = self.handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(

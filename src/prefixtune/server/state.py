@@ -42,6 +42,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # tokens per prompt; None = max_model_len
     max_n: int = 16  # choices per prompt (each is a batch row)
     max_num_beams: int = 8  # beams per prompt (each is a batch row; server/beams.py)
+    max_compose: int = 4  # adapters in a composed model "a+b+..." (each part and negative is a batch row)
     max_stop_strings: int = 4  # OpenAI's limit
     max_stop_chars: int = 256  # characters per stop string (matching cost per token grows with it)
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on shutdown
@@ -144,7 +145,7 @@ class AppState:
                 min_p=body.min_p or 0.0, seed=seed,
                 stop=list(body.stop or []), ignore_eos=body.ignore_eos, guidance_scale=prep.guidance_scale,
                 logprobs=body.token_logprobs(), prompt_logprobs=body.prompt_logprobs(), **controls)
-            job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix)
+            job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix, prep.experts)
 
     async def start_job(self, http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]],
                         prompt_field: str, max_tokens: int | None, default_tokens: int | None) -> Job:
@@ -162,7 +163,8 @@ class AppState:
         # Disk reads (a cold adapter, a guidance negative) happen on a worker thread, never on the loop. A
         # manifest's recommended guidance is for sampling: beams (checked above to ask for none) run without.
         prep = await run_in_threadpool(self.registry.prepare, adapter, 1.0 if beams else body.guidance_scale,
-                                       body.guidance_negative)
+                                       body.guidance_negative, body.compose_mode, body.compose_weights,
+                                       beams is not None)
         job = Job(self.scheduler, self.metrics.ttft.labels(adapter=body.model))
         for p, ids in enumerate(prompts):
             room = self._room(p, ids, prep.virtual, max_tokens, prompt_field)

@@ -1,0 +1,147 @@
+"""Composed adapters ("a+b"): a product of experts group, or one row with the parts' prefixes side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixtune.engine.compose import ComposeError, build_experts, concat_kv, parts_of
+from prefixtune.engine.guidance import guided_logits, product_logits
+from prefixtune.engine.lm import PrefixLM
+from prefixtune.prefix.model import PrefixModel
+from prefixtune.store import AdapterStore
+from prefixtune.testing import write_random_adapter
+
+PROMPTS = ["The weather today is", "Hi", "Once upon a time, in a land far away,"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory, tiny_lm):
+    root = tmp_path_factory.mktemp("compose-store")
+    write_random_adapter(root, "emo-all", tiny_lm, tokens=3, seed=3)
+    write_random_adapter(root, "top-all", tiny_lm, tokens=5, seed=6)
+    write_random_adapter(root, "emo-joy", tiny_lm, tokens=4, seed=1, guidance={"scale": 2.0, "negative": "emo-all"})
+    write_random_adapter(root, "top-sports", tiny_lm, tokens=6, seed=2,
+                         guidance={"scale": 1.5, "negative": "top-all"})
+    write_random_adapter(root, "plain", tiny_lm, tokens=4, seed=7)
+    return PrefixLM(tiny_lm, AdapterStore(root))
+
+
+def _reference(lm, prompt, parts, negatives, scales, steps):
+    """Product-of-experts greedy decoding from separate full forwards per step (no cache, no batching)."""
+    model = PrefixModel(lm.model)
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+    kv = [lm.adapter(p).kv for p in parts]
+    neg = [None if n is None else lm.adapter(n).kv for n in negatives]
+    out = []
+    for _ in range(steps):
+        mask = torch.ones_like(ids)
+        conds = torch.cat([model(ids, mask, prefixes=[k]).logits[:, -1] for k in kv])  # (k, V)
+        unconds = torch.cat([model(ids, mask, prefixes=[n]).logits[:, -1] for n in neg])  # (k, V)
+        token = int(product_logits(conds, unconds, torch.tensor(scales), eos_ids=sorted(lm.eos_ids()),
+                                   layout=lm.layout_mask()).argmax(-1))
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_product_of_one_expert_is_the_guided_pair():
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(1, 50), torch.randn(1, 50)
+    layout = torch.zeros(50, dtype=torch.bool)
+    layout[:5] = True
+    expected = guided_logits(cond, uncond, 2.5, eos_ids=[7], layout=layout)[0]
+    got = product_logits(cond, uncond, torch.tensor([2.5]), eos_ids=[7], layout=layout)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_product_of_experts_equals_separate_forwards(lm):
+    """Each part against its own family negative at its own scale (the manifests' recommendations)."""
+    got = lm.generate(PROMPTS[:2], [("emo-joy", "top-sports")] * 2, max_new_tokens=6, ignore_eos=True)
+    for prompt, row in zip(PROMPTS, got):
+        assert row.adapter == "emo-joy+top-sports"
+        assert row.tokens == _reference(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"], [2.0, 1.5], 6)
+
+
+def test_weights_set_each_parts_scale(lm):
+    got = lm.generate(PROMPTS[:1], "emo-joy+top-sports", max_new_tokens=6, ignore_eos=True,
+                      compose_weights=[3.0, 0.5])
+    assert got[0].tokens == _reference(lm, PROMPTS[0], ["emo-joy", "top-sports"], ["emo-all", "top-all"],
+                                       [3.0, 0.5], 6)
+    other = lm.generate(PROMPTS[:1], "emo-joy+top-sports", max_new_tokens=6, ignore_eos=True,
+                        compose_weights=[0.5, 3.0])
+    assert other[0].tokens != got[0].tokens
+
+
+def test_parts_without_a_negative_share_one_base_row(lm):
+    experts = build_experts(lm, "plain+emo-joy", None, None, None)
+    assert experts.negatives == [None, "emo-all"] and experts.rows == 4
+    experts = build_experts(lm, "plain+emo-joy", [2.0, 2.0], None, "none")
+    assert experts.negatives == [None] and experts.rows == 3 and experts.negative_of == [0, 0]
+
+
+def test_concat_is_the_parts_prefixes_side_by_side(lm):
+    kv = lm.adapter("emo-joy+top-sports").kv
+    assert kv.shape[2] == 4 + 6  # (2L, kv_heads, P1 + P2, head_dim)
+    assert torch.equal(kv, torch.cat([lm.adapter("emo-joy").kv, lm.adapter("top-sports").kv], dim=2))
+    got = lm.generate(PROMPTS[:1], "emo-joy+top-sports", max_new_tokens=6, ignore_eos=True, compose_mode="concat",
+                      guidance_scale=1.0)
+    model = PrefixModel(lm.model)
+    ids = lm.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    out = []
+    for _ in range(6):
+        token = int(model(ids, torch.ones_like(ids), prefixes=[kv]).logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert got[0].tokens == out
+
+
+def test_concat_guidance_defaults_to_the_parts_negatives_side_by_side(lm):
+    assert lm.guidance("emo-joy+top-sports") == (1.75, "emo-all+top-all")
+    assert lm.guidance("plain+emo-joy") == (2.0, None)  # a part without a negative: against the base model
+    write_random_adapter(lm.store.root, "emo-sad", lm.loaded, tokens=4, seed=8,
+                         guidance={"scale": 2.0, "negative": "emo-all"})
+    assert lm.guidance("emo-joy+emo-sad") == (2.0, "emo-all")  # one family: its negative once
+
+
+@pytest.mark.parametrize("mode", ["guidance", "concat"])
+def test_composed_row_in_a_mixed_batch_equals_it_alone(lm, mode):
+    """Greedy (engine/DEVELOPERS.md: sampled equality holds only up to float noise on a random model)."""
+    alone = lm.generate(PROMPTS[2:], [("emo-joy", "top-sports")], max_new_tokens=8, ignore_eos=True,
+                        compose_mode=mode)
+    mixed = lm.generate(PROMPTS, ["plain", "emo-joy+top-sports", "emo-joy+top-sports"], max_new_tokens=8,
+                        ignore_eos=True, compose_mode=mode, guidance_scale=None)
+    assert mixed[2].tokens == alone[0].tokens
+    guided_mixed = lm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], ["emo-joy", ("emo-joy", "top-sports"), None],
+                               max_new_tokens=8, ignore_eos=True, compose_mode=mode)
+    assert guided_mixed[1].tokens == alone[0].tokens
+    assert guided_mixed[0].tokens == lm.generate(PROMPTS[:1], "emo-joy", max_new_tokens=8, ignore_eos=True)[0].tokens
+
+
+def test_sampled_composed_rows_are_seeded(lm):
+    a = lm.generate(PROMPTS[:1], "emo-joy+top-sports", max_new_tokens=8, temperature=1.0, seed=5, num_samples=2)
+    b = lm.generate(PROMPTS[:1], "emo-joy+top-sports", max_new_tokens=8, temperature=1.0, seed=5, num_samples=2)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+@pytest.mark.parametrize("adapter, kw, message", [
+    ("emo-joy+nope", {}, "nope"),
+    ("emo-joy+emo-joy", {}, "twice"),
+    ("emo-joy+", {}, "two or more"),
+    ("emo-joy+top-sports+plain+emo-all+top-all", {}, "max_compose"),
+    ("emo-joy+top-sports", {"compose_mode": "stack"}, "compose_mode"),
+    ("emo-joy+top-sports", {"compose_weights": [1.0]}, "one weight per adapter"),
+    ("emo-joy+top-sports", {"compose_weights": [1.0, -2]}, ">= 0"),
+    ("emo-joy+top-sports", {"num_beams": 2}, "beam"),
+])
+def test_bad_compositions_are_refused_naming_the_problem(lm, adapter, kw, message):
+    with pytest.raises(Exception, match=message):
+        lm.generate(PROMPTS[:1], adapter, max_new_tokens=4, **kw)
+
+
+def test_incompatible_shapes_are_refused():
+    a = torch.zeros(4, 2, 3, 8)  # (2L, kv_heads, P, head_dim)
+    with pytest.raises(ComposeError, match="share layers"):
+        concat_kv([a, torch.zeros(4, 2, 3, 16)])
+    with pytest.raises(ComposeError, match="max_compose"):
+        parts_of("a+b+c", limit=2)
