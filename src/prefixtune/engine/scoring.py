@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prefixtune.engine.offline import run_requests
+from prefixtune.engine.rows import build_requests
 from prefixtune.engine.sampling import SamplingParams
 
 
@@ -47,8 +48,8 @@ def score_texts(lm, texts: Sequence[str], adapters: Sequence[str | None] | str |
     if not texts:
         return []
     base = SamplingParams(max_new_tokens=0, prompt_logprobs=top_logprobs)
-    requests = lm._requests(texts, adapters, [None] * len(texts), base, (guidance_scale, guidance_negative), None,
-                            add_special_tokens=add_special_tokens)
+    requests = build_requests(lm, texts, adapters, [None] * len(texts), base, (guidance_scale, guidance_negative),
+                              None, add_special_tokens=add_special_tokens)
     scores = []
     for finished, request in zip(run_requests(lm, requests), requests):
         entries = finished.prompt_logprobs or [None] * len(request.prompt_ids)
