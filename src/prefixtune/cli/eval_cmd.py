@@ -79,6 +79,10 @@ def register(app: typer.Typer) -> None:
                                                        "(table + guidance_sweep.png)."),
         save_guidance: Optional[bool] = Opt(None, "--save-guidance", help="Record the sweep's best scale that "
                                                                           "keeps natural text in the manifests."),
+        sweep: Optional[bool] = Opt(None, "--sweep", help="Also sample a temperature x top-p grid with the default "
+                                                          "guidance (table + sampling_sweep.png)."),
+        sweep_temperatures: Optional[str] = Opt(None, help="The sweep's temperatures (default 0.7,0.8,0.9,1)."),
+        sweep_top_ps: Optional[str] = Opt(None, help="The sweep's top-p values (default 0.9,0.95,1)."),
         text_field: Optional[str] = Opt(None, help="Field holding the text (default: as in training)."),
         label_field: Optional[str] = Opt(None, help="Field holding the label (default: as in training)."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
@@ -92,9 +96,10 @@ def register(app: typer.Typer) -> None:
         flags.pop("no_progress")
         from prefixtune.eval.run_eval import EvalConfig, run_eval
 
-        values = _given(flags, csv=("label_names", "guidance_sweep"))
-        if "guidance_sweep" in values:
-            values["guidance_sweep"] = parse_floats(values["guidance_sweep"], "--guidance-sweep")
+        values = _given(flags, csv=("label_names", "guidance_sweep", "sweep_temperatures", "sweep_top_ps"))
+        for key in ("guidance_sweep", "sweep_temperatures", "sweep_top_ps"):
+            if key in values:
+                values[key] = parse_floats(values[key], f"--{key.replace('_', '-')}")
         if no_progress:
             values["progress"] = False
         report = run_eval(EvalConfig(**values))
