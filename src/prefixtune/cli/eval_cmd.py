@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
     @_config_errors
     def compare_command(
         data: Optional[str] = Opt(None, help="Labelled data: hub id or local folder/file."),
-        methods: Optional[str] = Opt(None, help="Comma-separated: prefix,lora,prompt (default all three)."),
+        methods: Optional[str] = Opt(None, help="Comma-separated: prefix,lora,full,prompt (default "
+                                                "prefix,lora,prompt; full = every weight trains)."),
         steps: Optional[int] = Opt(None, help="Optimizer steps for every trained method (default 50)."),
         out: Optional[str] = Opt(None, help="Output folder (default runs/compare)."),
         config: Optional[Path] = Opt(None, "--config", help="A previous run's config.json (or YAML/TOML): "
@@ -129,6 +130,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = Opt(None, help="Peak learning rate for every trained method."),
         prefix_lr: Optional[float] = Opt(None, help="Learning rate for prefix tuning only."),
         lora_lr: Optional[float] = Opt(None, help="Learning rate for LoRA only."),
+        full_lr: Optional[float] = Opt(None, help="Learning rate for full fine-tuning (default 5e-5)."),
         schedule: Optional[str] = Opt(None, help="cosine | linear | constant"),
         balance: Optional[bool] = Opt(None, "--balance/--no-balance", help="Equal training rows per label."),
         max_examples: Optional[int] = Opt(None, help="Cap on training rows."),
@@ -171,7 +173,8 @@ def register(app: typer.Typer) -> None:
                                       help="Train each method in its own process (honest peak memory)."),
         no_progress: bool = Opt(False, "--no-progress", help="No progress bars."),
     ) -> None:
-        """Compare prefix tuning, LoRA and prompting: same data, steps, batches and seed; one table."""
+        """Compare prefix tuning, LoRA, full fine-tuning and prompting: same data, steps, batches and seed; one
+        table."""
         flags = dict(locals())  # first statement: locals() is exactly the flags here
         for key in ("config", "no_progress"):
             flags.pop(key)
