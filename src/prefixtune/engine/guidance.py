@@ -40,6 +40,18 @@ def is_guided(scale: float | None) -> bool:
     return scale is not None and float(scale) != OFF
 
 
+def tempered_scale(scale: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(G,) scales that keep guidance's contrast what it is at temperature 1 for groups sampled at `temperature`.
+
+    The sampler divides the combined log-probabilities by T, so it also multiplies the contrast
+    (scale - 1) * (log p_c - log p_u) by 1/T: below T 1 a row was sharpened twice, by the temperature and by a
+    stronger contrast, and lost diversity. 1 + (scale - 1) * T leaves the sampled distribution at
+    p_c ** (1 / T) * (p_c / p_u) ** (scale - 1): the client's temperature acts on the adapter's own
+    distribution, the guidance on top of it stays the one measured at T 1. Pass T 1 for greedy rows."""
+    # At T 1 the scale itself, bit for bit: (scale - 1) + 1 can round for scales above 2.
+    return torch.where(temperature == 1, scale, 1 + (scale - 1) * temperature)
+
+
 def layout_mask(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
     """(V,) bool: the tokens whose text is only punctuation, symbols, whitespace or control characters.
 
@@ -93,4 +105,4 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     return torch.where(fixed, lc, out)
 
 
-__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "validate_scale"]
+__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "tempered_scale", "validate_scale"]
