@@ -26,8 +26,8 @@ def _times(a: float, b: float, what: str, other: str) -> str:
 
 
 # Flags worth showing in the command line when they differ from the defaults (the rest is in config.json).
-_FLAGS = ("model", "batch_size", "balance", "lr", "prefix_lr", "lora_lr", "full_lr", "seed", "num_virtual_tokens", "per_label",
-          "lora_r", "split", "eval_examples", "samples_per_label", "device")
+_FLAGS = ("model", "batch_size", "balance", "lr", "prefix_lr", "lora_lr", "full_lr", "seed", "num_virtual_tokens",
+          "per_label", "lora_r", "split", "eval_examples", "samples_per_label", "device")
 _BOOL_FLAGS = {"balance": ("--balance", "--no-balance"), "per_label": ("--per-label", "--single")}
 
 
@@ -89,9 +89,10 @@ def _against_full(results: dict[str, Any], p: dict[str, Any], full: dict[str, An
             f"{_times(p['trainable_params'], full['trainable_params'], 'parameters', 'full fine-tuning')} for the "
             f"prefix); its checkpoint is {fmt(full['adapter_bytes'], 'kb')} KB, "
             f"{full['adapter_bytes'] / max(p['adapter_bytes'], 1):,.0f}x the prefix's. Peak training memory "
-            f"{p['peak_train_memory_mb']:,.0f} vs {full['peak_train_memory_mb']:,.0f} MB ({less('peak_train_memory_mb')} "
-            f"less for the prefix), of which training itself added {p['train_memory_added_mb']:,.0f} vs "
-            f"{full['train_memory_added_mb']:,.0f} MB ({less('train_memory_added_mb')} less); eval loss "
+            f"{p['peak_train_memory_mb']:,.0f} vs {full['peak_train_memory_mb']:,.0f} MB "
+            f"({less('peak_train_memory_mb')} less for the prefix), of which training itself added "
+            f"{p['train_memory_added_mb']:,.0f} vs {full['train_memory_added_mb']:,.0f} MB "
+            f"({less('train_memory_added_mb')} less); eval loss "
             f"{p['eval_loss']:.3f} vs {full['eval_loss']:.3f}, conditioning accuracy "
             f"{fmt(p.get('conditioning_accuracy'), '{:.2f}')} vs {fmt(full.get('conditioning_accuracy'), '{:.2f}')} "
             f"({_gap(p, full, noise, n)}).")
