@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefixtune.engine.beam import BeamSearch
-from prefixtune.engine.guidance import guided_logits, tempered_scale
+from prefixtune.engine.guidance import guided_logits, guided_temperature
 from prefixtune.engine.logprobs import sampled_entries, wants_logprobs
 from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
 from prefixtune.engine.policy import rows_of
@@ -112,13 +112,14 @@ class Sampler:
         rows = torch.tensor([slot[(g.request.request_id, 0)] for g in guided], device=logits.device)
         uncond = torch.tensor([slot[(g.request.request_id, 1)] for g in guided], device=logits.device)
         scale = torch.tensor([g.request.params.guidance_scale for g in guided], device=logits.device)
-        # Greedy and beam groups pick by score, not by sampling at a temperature: their scale stays as given.
-        temperature = torch.tensor([1.0 if g.request.params.greedy or g.search else g.request.params.temperature
-                                    for g in guided], device=logits.device)
-        scale = tempered_scale(scale, temperature)  # (G,)
         # EOS and layout tokens keep the adapter's own probabilities (engine/guidance.py).
         combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
                                  eos_ids=sorted(self.eos_ids), layout=self.layout())  # (G, V)
+        # The sampler divides by the request's T; x T / T' makes that the guided temperature T' (greedy and beam
+        # groups pick by score, not by a temperature: factor 1).
+        asked = torch.tensor([1.0 if g.request.params.greedy or g.search else g.request.params.temperature
+                              for g in guided], device=logits.device)
+        combined = combined * (asked / guided_temperature(scale, asked)).view(-1, 1)  # (G, V)
         return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
 
     @staticmethod

@@ -79,7 +79,36 @@ class PrefixMethod(TrainMethod):
         return save_adapters(trainer, root, metrics)
 
 
-class LoraMethod(TrainMethod):
+class WeightsMethod(TrainMethod):
+    """A method that trains weights inside the base model (`_params`, name -> parameter); rows run without a
+    prefix."""
+
+    _params: dict[str, torch.nn.Parameter]
+
+    def parameters(self):
+        return list(self._params.values())
+
+    def row_adapters(self, names):
+        return [None] * len(names)
+
+    @property
+    def prefix_of(self):
+        return lambda _: None
+
+    def state_dict(self):
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def load_state_dict(self, state):
+        differing = sorted(set(self._params) ^ set(state))
+        if differing:
+            raise ValueError(f"{self.kind} checkpoint does not match this model (differing tensors: "
+                             f"{differing[:3]} ...)")
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(state[n])
+
+
+class LoraMethod(WeightsMethod):
     """PEFT LoRA injected into the frozen base (removed again by close); every row runs without a prefix."""
 
     kind = "lora"
@@ -98,27 +127,6 @@ class LoraMethod(TrainMethod):
         for p in self._params.values():  # trainable weights in fp32 even on a bf16 base, as prefix encoders
             p.data = p.data.float()
 
-    def parameters(self):
-        return list(self._params.values())
-
-    def row_adapters(self, names):
-        return [None] * len(names)
-
-    @property
-    def prefix_of(self):
-        return lambda _: None
-
-    def state_dict(self):
-        return {n: p.detach() for n, p in self._params.items()}
-
-    def load_state_dict(self, state):
-        missing = sorted(set(self._params) ^ set(state))
-        if missing:
-            raise ValueError(f"LoRA checkpoint does not match this model (differing tensors: {missing[:3]} ...)")
-        with torch.no_grad():
-            for n, p in self._params.items():
-                p.copy_(state[n])
-
     def save(self, trainer, root, metrics):
         from prefixtune.fileio import atomic_folder
         from prefixtune.store import writing
@@ -132,7 +140,7 @@ class LoraMethod(TrainMethod):
         self.peft_model.unload()  # the caller's base model comes back without LoRA layers
 
 
-class FullMethod(TrainMethod):
+class FullMethod(WeightsMethod):
     """Full fine-tuning, the baseline prefix tuning and LoRA are measured against: every weight of the base
     trains (float32 master weights, AdamW's two moments beside them) and rows run without a prefix. The saved
     folder is a whole model (safetensors + config + tokenizer) that loads as a base model anywhere."""
@@ -150,28 +158,6 @@ class FullMethod(TrainMethod):
         for p in self._params.values():
             p.data = p.data.float()  # master weights in fp32 even on a bf16 base: bf16 Adam updates round to 0
             p.requires_grad_(True)
-
-    def parameters(self):
-        return list(self._params.values())
-
-    def row_adapters(self, names):
-        return [None] * len(names)
-
-    @property
-    def prefix_of(self):
-        return lambda _: None
-
-    def state_dict(self):
-        return {n: p.detach() for n, p in self._params.items()}
-
-    def load_state_dict(self, state):
-        differing = sorted(set(self._params) ^ set(state))
-        if differing:
-            raise ValueError(f"full fine-tuning checkpoint does not match this model (differing tensors: "
-                             f"{differing[:3]} ...)")
-        with torch.no_grad():
-            for n, p in self._params.items():
-                p.copy_(state[n])
 
     def save(self, trainer, root, metrics):
         from prefixtune.fileio import atomic_folder
