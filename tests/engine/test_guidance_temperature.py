@@ -21,10 +21,10 @@ def test_the_scale_counts_toward_the_temperature():
 
 def test_the_nucleus_is_the_adapters_own():
     cond = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.9, 0.04, 0.03, 0.03]]))
-    keep = adapter_nucleus(cond, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.7, 0.81, 1e-9]))
+    keep = adapter_nucleus(cond, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.6, 0.81, 1e-9]))
     assert keep.tolist() == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
     # At a lower temperature the adapter's top token holds more of the mass: fewer candidates.
-    assert adapter_nucleus(cond[:1], torch.tensor([0.5]), torch.tensor([0.7])).tolist() == [[True, False, False, False]]
+    assert adapter_nucleus(cond[:1], torch.tensor([0.5]), torch.tensor([0.6])).tolist() == [[True, False, False, False]]
 
 
 def _group(request_id: str, **params) -> Group:
