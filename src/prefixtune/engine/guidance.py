@@ -120,4 +120,5 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
     return torch.where(fixed, lc, out)
 
 
-__all__ = ["OFF", "adapter_nucleus", "guided_logits", "guided_temperature", "is_guided", "layout_mask", "validate_scale"]
+__all__ = ["OFF", "adapter_nucleus", "guided_logits", "guided_temperature", "is_guided", "layout_mask",
+           "validate_scale"]
