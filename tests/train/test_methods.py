@@ -98,3 +98,14 @@ def test_compare_gives_the_prefix_the_train_recipe():
     overridden = {"out", "lr", "per_label", "eval_examples"}
     for name in shared - overridden:
         assert getattr(prefix, name) == getattr(cmp, name), name
+
+
+def test_full_fine_tuning_gives_a_shared_model_back(tmp_path, tiny_model_dir, tiny_lm, emotion_dir):
+    before = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    cfg = _cfg(tmp_path, tiny_model_dir, emotion_dir, method="full", name="full", lr=1e-3)
+    result = train(cfg, loaded=tiny_lm, say=lambda *a: None)
+    assert result.summary["trainable params"] == sum(p.numel() for p in before.values())
+    assert (result.adapters["full"] / "model.safetensors").is_file() and result.summary["trainable %"] == 100.0
+    assert result.summary["memory added MB"] >= 3 * 4 * result.summary["trainable params"] / 2**20  # grads + AdamW
+    for name, p in tiny_lm.model.named_parameters():
+        assert torch.equal(p, before[name]) and not p.requires_grad, name

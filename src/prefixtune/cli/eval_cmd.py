@@ -114,6 +114,10 @@ def register(app: typer.Typer) -> None:
                                                        "(table + guidance_sweep.png)."),
         save_guidance: Optional[bool] = Opt(None, "--save-guidance", help="Record the sweep's best scale that "
                                                                           "keeps natural text in the manifests."),
+        sweep: Optional[bool] = Opt(None, "--sweep", help="Also sample a temperature x top-p grid with the default "
+                                                          "guidance (table + sampling_sweep.png)."),
+        sweep_temperatures: Optional[str] = Opt(None, help="The sweep's temperatures (default 0.7,0.8,0.9,1)."),
+        sweep_top_ps: Optional[str] = Opt(None, help="The sweep's top-p values (default 0.9,0.95,1)."),
         text_field: Optional[str] = Opt(None, help="Field holding the text (default: as in training)."),
         label_field: Optional[str] = Opt(None, help="Field holding the label (default: as in training)."),
         label_names: Optional[str] = Opt(None, help="Comma-separated names for integer labels."),
@@ -129,9 +133,10 @@ def register(app: typer.Typer) -> None:
             return _compose_eval(flags, no_progress)
         from prefixtune.eval.run_eval import EvalConfig, run_eval
 
-        values = _given(flags, csv=("label_names", "guidance_sweep"))
-        if "guidance_sweep" in values:
-            values["guidance_sweep"] = parse_floats(values["guidance_sweep"], "--guidance-sweep")
+        values = _given(flags, csv=("label_names", "guidance_sweep", "sweep_temperatures", "sweep_top_ps"))
+        for key in ("guidance_sweep", "sweep_temperatures", "sweep_top_ps"):
+            if key in values:
+                values[key] = parse_floats(values[key], f"--{key.replace('_', '-')}")
         if no_progress:
             values["progress"] = False
         if "adapter" not in values:
@@ -152,7 +157,8 @@ def register(app: typer.Typer) -> None:
     @_config_errors
     def compare_command(
         data: Optional[str] = Opt(None, help="Labelled data: hub id or local folder/file."),
-        methods: Optional[str] = Opt(None, help="Comma-separated: prefix,lora,prompt (default all three)."),
+        methods: Optional[str] = Opt(None, help="Comma-separated: prefix,lora,full,prompt (default "
+                                                "prefix,lora,prompt; full = every weight trains)."),
         steps: Optional[int] = Opt(None, help="Optimizer steps for every trained method (default 50)."),
         out: Optional[str] = Opt(None, help="Output folder (default runs/compare)."),
         config: Optional[Path] = Opt(None, "--config", help="A previous run's config.json (or YAML/TOML): "
@@ -163,6 +169,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = Opt(None, help="Peak learning rate for every trained method."),
         prefix_lr: Optional[float] = Opt(None, help="Learning rate for prefix tuning only."),
         lora_lr: Optional[float] = Opt(None, help="Learning rate for LoRA only."),
+        full_lr: Optional[float] = Opt(None, help="Learning rate for full fine-tuning (default 5e-5)."),
         schedule: Optional[str] = Opt(None, help="cosine | linear | constant"),
         balance: Optional[bool] = Opt(None, "--balance/--no-balance", help="Equal training rows per label."),
         max_examples: Optional[int] = Opt(None, help="Cap on training rows."),
@@ -205,7 +212,8 @@ def register(app: typer.Typer) -> None:
                                       help="Train each method in its own process (honest peak memory)."),
         no_progress: bool = Opt(False, "--no-progress", help="No progress bars."),
     ) -> None:
-        """Compare prefix tuning, LoRA and prompting: same data, steps, batches and seed; one table."""
+        """Compare prefix tuning, LoRA, full fine-tuning and prompting: same data, steps, batches and seed; one
+        table."""
         flags = dict(locals())  # first statement: locals() is exactly the flags here
         for key in ("config", "no_progress"):
             flags.pop(key)

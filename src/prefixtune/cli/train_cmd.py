@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         resume: Optional[bool] = Opt(None, "--resume", help="Continue from OUT/checkpoint."),
         overwrite: Optional[bool] = Opt(None, "--overwrite", help="Replace a previous run in a non-empty OUT."),
         skip_bad_rows: Optional[bool] = Opt(None, "--skip-bad-rows", help="Skip and count malformed data rows."),
-        method: Optional[str] = Opt(None, help="What trains: prefix (default) | lora."),
+        method: Optional[str] = Opt(None, help="What trains: prefix (default) | lora | full (every weight)."),
         lora_r: Optional[int] = Opt(None, help="LoRA rank (--method lora)."),
         lora_alpha: Optional[int] = Opt(None, help="LoRA alpha (--method lora)."),
         lora_targets: Optional[str] = Opt(None, help="LoRA target modules, comma-separated (default: attention)."),

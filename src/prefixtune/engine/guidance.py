@@ -40,6 +40,33 @@ def is_guided(scale: float | None) -> bool:
     return scale is not None and float(scale) != OFF
 
 
+def guided_temperature(scale: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(G,) the temperature guided groups sample at when their requests ask for `temperature` (G,): min(1, scale*T)
+    below 1, T itself from 1 up (greedy and beam groups: pass 1).
+
+    Guidance already concentrates a row on its adapter's label words and the phrasing around them; a temperature
+    below 1 on top compounded the two. Measured on the emotion family (x1.5 against emotion-all, 96 samples a
+    cell): distinct-2 0.75 at T 1 fell to 0.62 at T 0.7 and 0.54 at T 0.7 / top-p 0.9, while accuracy was already
+    0.97 there (docs/BENCHMARKS.md, "Sampling temperature and top-p"). So the scale counts toward the
+    temperature: a guided row sharpens further only below T = 1 / scale."""
+    boost = torch.clamp(scale, min=1.0)  # a scale below 1 (toward the negative) sharpens nothing
+    return torch.where(temperature < 1, torch.clamp(boost * temperature, max=1.0), temperature)
+
+
+def adapter_nucleus(cond: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(G, V) bool: per group, the smallest set of tokens whose probability under the adapter's own logits `cond`
+    (G, V) at `temperature` (G,) reaches `top_p` (G,), the top token always: a guided row's nucleus.
+
+    As the plausibility floor, top-p picks a guided row's candidates on the adapter's distribution and guidance
+    reweighs within them: cut again on the guided distribution (sharper than the adapter's), x1.5 at top-p 0.9
+    lost distinct-2 0.75 -> 0.66 at T 1 (docs/BENCHMARKS.md, "Sampling temperature and top-p")."""
+    probs = torch.softmax(cond.float() / temperature.view(-1, 1), dim=-1)  # (G, V)
+    ranked, order = probs.sort(dim=-1, descending=True)  # (G, V)
+    drop = ranked.cumsum(-1) - ranked >= top_p.view(-1, 1)
+    drop[:, 0] = False
+    return torch.zeros_like(drop).scatter(-1, order, ~drop)
+
+
 def layout_mask(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
     """(V,) bool: the tokens whose text is only punctuation, symbols, whitespace or control characters.
 
@@ -120,4 +147,5 @@ def _guarded(out: torch.Tensor, lc: torch.Tensor, lu: torch.Tensor, plausibility
     return torch.where(fixed, lc, out)
 
 
-__all__ = ["OFF", "guided_logits", "is_guided", "layout_mask", "product_logits", "validate_scale"]
+__all__ = ["OFF", "adapter_nucleus", "guided_logits", "guided_temperature", "is_guided", "layout_mask",
+           "product_logits", "validate_scale"]

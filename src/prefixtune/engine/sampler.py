@@ -13,13 +13,13 @@ them pass through untouched.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from prefixtune.engine.beam import BeamSearch
-from prefixtune.engine.guidance import guided_logits
 from prefixtune.engine.compose import combine_experts
+from prefixtune.engine.guidance import adapter_nucleus, guided_logits, guided_temperature
 from prefixtune.engine.logprobs import sampled_entries, wants_logprobs
 from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
 from prefixtune.engine.policy import prefill_rows, rows_of
@@ -61,8 +61,11 @@ def new_group(request: Request, eos_ids: set[int], device: torch.device) -> Grou
     search = None
     if request.params.beam:
         search = BeamSearch([request.prompt_ids], request.params.beam_params(), eos_ids, device)
+    params = request.params
+    if params.guided and search is None:  # its top-p acts on the adapter's distribution (Sampler._guide)
+        params = replace(params, top_p=1.0)
     grammar = RowGrammar(request.grammar) if request.grammar is not None else None
-    return Group(request, RowSampler(request.params, device), search, penalty=new_penalty(request.params,
+    return Group(request, RowSampler(params, device), search, penalty=new_penalty(request.params,
                  request.prompt_ids), grammar=grammar)
 
 
@@ -119,6 +122,19 @@ class Sampler:
         # EOS and layout tokens keep the adapter's own probabilities (engine/guidance.py).
         combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
                                  eos_ids=sorted(self.eos_ids), layout=self.layout())  # (G, V)
+        # The sampler divides by the request's T; x T / T' makes that the guided temperature T'; top-p picks the
+        # candidates on the adapter's own distribution (new_group leaves guided rows' sampler without it). Greedy
+        # and beam groups pick by score: factor 1, no nucleus.
+        scored = [g.request.params.greedy or g.search is not None for g in guided]
+        asked = torch.tensor([1.0 if s else g.request.params.temperature for g, s in zip(guided, scored)],
+                             device=logits.device)
+        temperature = guided_temperature(scale, asked)  # (G,)
+        top_p = torch.tensor([1.0 if s else g.request.params.top_p for g, s in zip(guided, scored)],
+                             device=logits.device)
+        if bool((top_p < 1).any()):
+            keep = adapter_nucleus(logits.index_select(0, rows), temperature, top_p)  # (G, V)
+            combined = combined.masked_fill(~keep, float("-inf"))
+        combined = combined * (asked / temperature).view(-1, 1)  # (G, V)
         return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""`prefixtune compare`: prefix tuning vs LoRA vs prompting, same data, steps, batches and seed.
+"""`prefixtune compare`: prefix tuning vs LoRA vs full fine-tuning vs prompting, same data, steps, batches and seed.
 
 Each trained method trains in a fresh Python process by default (`isolate`), so "peak memory during
 training" is that method's own peak and not the high-water mark of everything that ran before it in this
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     """Train, evaluate and report every method; writes results.json/.md, PNGs and config.json under cfg.out."""
     from prefixtune.data import load_data
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.train.methods import lora_applied
+    from prefixtune.train.methods import full_applied, lora_applied
     from prefixtune.eval.run_eval import method_from_adapters
     from prefixtune.models import load_base_model
 
@@ -99,13 +99,20 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
             m = method_from_adapters("prefix", {n: Path(f) for n, f in folders.items()}, labels)
             m.prompts = {label: p for label, p in m.prompts.items() if label in labels}
             evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, say=say)
-        else:
+        elif method == "lora":
             # LoRA is injected into the shared base model for its evaluation only and removed afterwards;
             # disable_adapter() gives the bare model for the interleaved base timing.
             with lora_applied(loaded.model, trained["lora"]["adapters"]["lora"]) as peft_model:
                 m = Method("lora", dict(zip(labels, base_prompts)), {}, 0)
                 evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, peft_model.disable_adapter,
                                              say=say)
+        else:
+            # The fine-tuned weights run as the engine's base model for this evaluation (base_weights() puts the
+            # originals back for the base timing). Unguided: no unconditioned companion shares its forward.
+            with full_applied(loaded.model, trained["full"]["adapters"]["full"]) as base_weights:
+                m = Method("full", dict(zip(labels, base_prompts)), {}, 0)
+                evaluation = evaluate_method(lm, m, data, replace(cfg, guidance_scale=None), judge, base_prompts,
+                                             base_weights, say=say)
         write_json(out / method / "samples.json", evaluation["samples"])
         rows.append(result_row(method, trained.get(method), evaluation, base_params))
 
@@ -129,7 +136,8 @@ def write_outputs(results: dict[str, Any], out: Path, histories: dict[str, list]
                ("distinct_2", "distinct-2")], "quality")
     plot_bars([{**r, "adapter_kb": r["adapter_bytes"] / 1024} for r in rows], out / "bars_cost.png",
               [("trainable_params", "trainable params"), ("adapter_kb", "adapter file (KB)"),
-               ("peak_train_memory_mb", "peak train memory (MB)"), ("train_seconds", "train time (s)"),
+               ("peak_train_memory_mb", "peak train memory (MB)"),
+               ("train_memory_added_mb", "memory added by training (MB)"), ("train_seconds", "train time (s)"),
                ("latency_ms_per_token", "ms / generated token")], "cost")
     plot_loss_curves(histories, out / "loss_curves.png")
     atomic_write_text(out / "readme_section.md", readme_section(results))

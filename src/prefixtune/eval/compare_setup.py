@@ -20,7 +20,8 @@ from prefixtune.eval.evaluate import EvalSettings
 from prefixtune.fileio import atomic_write_text
 from prefixtune.train.config import TrainConfig
 
-METHODS = ("prefix", "lora", "prompt")
+METHODS = ("prefix", "lora", "full", "prompt")
+DEFAULT_METHODS = ("prefix", "lora", "prompt")  # full fine-tuning trains every weight: asked for by name
 DEFAULT_INSTRUCTION = "Write a short tweet that expresses {label}."
 
 
@@ -39,12 +40,13 @@ class CompareConfig(EvalSettings):
     model: str = "smollm2-135m"  # base model shared by every method
     data: str = "dair-ai/emotion"  # labelled data: hub id or local folder/file
     out: str = "runs/compare"  # results, plots and each method's run folder
-    methods: list[str] = field(default_factory=lambda: list(METHODS))  # any of prefix, lora, prompt
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # any of prefix, lora, full, prompt
     steps: int = 50  # optimizer steps for every trained method
     batch_size: int = 8  # rows per optimizer step
     lr: float = 3e-4  # peak learning rate (AdamW) for every trained method
     prefix_lr: float | None = None  # override lr for prefix tuning only
     lora_lr: float | None = None  # override lr for LoRA only
+    full_lr: float = 5e-5  # lr for full fine-tuning (HF Trainer's default; an adapter's lr would wreck the model)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.06  # share of steps spent warming up
     schedule: str = "cosine"  # cosine | linear | constant
@@ -105,7 +107,7 @@ class CompareConfig(EvalSettings):
         family = self.per_label and method == "prefix"  # only the prefix trains a per-label family
         values.update(
             method=method, name=method, out=str(Path(self.out) / method), store=None, overwrite=True,
-            lr={"prefix": self.prefix_lr, "lora": self.lora_lr}.get(method) or self.lr,
+            lr={"prefix": self.prefix_lr, "lora": self.lora_lr, "full": self.full_lr}.get(method) or self.lr,
             per_label=family, max_steps=self.steps, label_word_weight=self.label_word_weight if family else 1.0,
             eval_every=0, eval_examples=self.eval_examples or 10**9, save_every=0)
         return TrainConfig(**values)
@@ -188,10 +190,6 @@ def train_method(method: str, cfg: CompareConfig, say=print, loaded=None, data=N
     return json.loads((run / "result.json").read_text())
 
 
-def _adapter_bytes(folders: list[str | Path]) -> int:
-    return sum((Path(f) / "adapter_model.safetensors").stat().st_size for f in folders)
-
-
 def result_row(method: str, trained: dict[str, Any] | None, evaluation: dict[str, Any], base_params: int) -> dict:
     s = (trained or {}).get("summary", {})
     row = {
@@ -199,8 +197,9 @@ def result_row(method: str, trained: dict[str, Any] | None, evaluation: dict[str
         "trained": trained is not None,
         "trainable_params": int(s.get("trainable params", 0)),
         "trainable_pct": float(s.get("trainable %", 0.0)),
-        "adapter_bytes": _adapter_bytes(list(trained["adapters"].values())) if trained else 0,
+        "adapter_bytes": int(s.get("all adapters bytes", 0)),  # the whole model's file for full fine-tuning
         "peak_train_memory_mb": float(s.get("peak memory MB", 0.0)),
+        "train_memory_added_mb": float(s.get("memory added MB", 0.0)),  # the peak over the loaded model and data
         "train_seconds": float(s.get("train seconds", 0.0)),
         "train_tokens_per_s": float(s.get("real tokens/s", 0.0)),
         "steps": int(s.get("steps", 0)),

@@ -20,7 +20,7 @@ from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.engine.guidance import is_guided
 from prefixtune.eval.judge import Judge, check_judge_labels
 from prefixtune.eval.metrics import CopyIndex, conditioning, copy_rate, distinct_n, reference_scores
-from prefixtune.eval.quality import quality_report, sample_stats
+from prefixtune.eval.quality import judged_stats, quality_report
 from prefixtune.eval.report import fmt
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.train.evaluation import eval_loss as token_eval_loss
@@ -227,18 +227,11 @@ def reference_eval(lm, method: Method, data_inputs: list[Example], references: l
 def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | None, say=print, lora_base=None
                    ) -> list[dict[str, Any]]:
     """The same samples (same seeds) at each guidance scale: accuracy vs distinct-2 vs length."""
-    labelled = [label for label in method.labels if label is not None]
     ceiling = getattr(judge, "macro_accuracy", None)
     rows = []
     for scale in settings.guidance_sweep or []:
         samples = generate_samples(lm, method, settings, guidance_scale=scale, lora_base=lora_base)
-        texts = [s["text"] for s in samples]
-        row = {"guidance_scale": scale, "ceiling": ceiling, **sample_stats(texts, [s["label"] for s in samples])}
-        row["accuracy"] = None
-        if judge is not None and labelled:
-            cond = conditioning([s["label"] for s in samples], judge.predict(texts), labelled)
-            row["accuracy"], row["per_label"] = cond.accuracy, cond.per_label
-            row["worst_label"] = min(cond.per_label.values())
+        row = {"guidance_scale": scale, "ceiling": ceiling, **judged_stats(samples, judge, method.labels)}
         row["examples"] = {s["label"]: s["text"] for s in samples[:: max(1, settings.samples_per_label)]}
         rows.append(row)
         say(f"{method.name}: guidance {scale:g}: accuracy {fmt(row['accuracy'], '{:.3f}')}, "

@@ -23,8 +23,8 @@ import torch
 from prefixtune.data import DataBundle, Example
 from prefixtune.eval.metrics import conditioning, distinct_n
 
-__all__ = ["degenerate", "sample_stats", "real_sample", "base_perplexity", "quality_report", "plot_sweep",
-           "choose_scale"]
+__all__ = ["degenerate", "sample_stats", "judged_stats", "real_sample", "base_perplexity", "quality_report",
+           "plot_sweep", "choose_scale"]
 
 # What a recommended guidance scale must keep (the control-quality bar): natural length, diversity, no loops.
 MIN_LENGTH_SHARE = 0.7  # mean words >= this share of real text's
@@ -58,6 +58,18 @@ def sample_stats(texts: Sequence[str], labels: Sequence[str | None]) -> dict[str
         "degenerate": sum(map(degenerate, texts)) / len(texts),
         "label_word": sum(_has_word(t, label) for t, label in labelled) / len(labelled) if labelled else None,
     }
+
+
+def judged_stats(samples: Sequence[dict[str, Any]], judge, labels: Sequence[str | None]) -> dict[str, Any]:
+    """sample_stats of generated samples ({"label", "text"}) plus the judge's accuracy, per label and worst."""
+    texts = [s["text"] for s in samples]
+    row: dict[str, Any] = {**sample_stats(texts, [s["label"] for s in samples]), "accuracy": None}
+    labelled = [label for label in labels if label is not None]
+    if judge is not None and labelled:
+        cond = conditioning([s["label"] for s in samples], judge.predict(texts), labelled)
+        row["accuracy"], row["per_label"] = cond.accuracy, cond.per_label
+        row["worst_label"] = min(cond.per_label.values())
+    return row
 
 
 def real_sample(data: DataBundle, split: str, labels: Sequence[str | None], per_label: int, seed: int

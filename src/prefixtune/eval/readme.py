@@ -13,6 +13,7 @@ from prefixtune.eval.report import cell, fmt, markdown_table, settings_line
 
 _COLUMNS = [("trainable_params", "trainable params", "{:,.0f}"), ("adapter_bytes", "adapter file (KB)", "kb"),
             ("train_seconds", "train time (s)", "{:.0f}"), ("peak_train_memory_mb", "peak train mem (MB)", "{:,.0f}"),
+            ("train_memory_added_mb", "added by training (MB)", "{:,.0f}"),
             ("eval_loss", "eval loss", "{:.3f}"), ("conditioning_accuracy", "conditioning acc.", "{:.2f}"),
             ("latency_overhead_pct", "decode overhead", "{:+.0f}%")]
 
@@ -25,8 +26,8 @@ def _times(a: float, b: float, what: str, other: str) -> str:
 
 
 # Flags worth showing in the command line when they differ from the defaults (the rest is in config.json).
-_FLAGS = ("model", "batch_size", "balance", "lr", "prefix_lr", "lora_lr", "seed", "num_virtual_tokens", "per_label",
-          "lora_r", "split", "eval_examples", "samples_per_label", "device")
+_FLAGS = ("model", "batch_size", "balance", "lr", "prefix_lr", "lora_lr", "full_lr", "seed", "num_virtual_tokens",
+          "per_label", "lora_r", "split", "eval_examples", "samples_per_label", "device")
 _BOOL_FLAGS = {"balance": ("--balance", "--no-balance"), "per_label": ("--per-label", "--single")}
 
 
@@ -79,6 +80,24 @@ def _load_note(results: dict[str, Any], *rows: dict[str, Any]) -> str:
             + (": other jobs shared the machine, so these timings are rough" if busy else ""))
 
 
+def _against_full(results: dict[str, Any], p: dict[str, Any], full: dict[str, Any], noise: float, n: int) -> str:
+    """The claims repeated about prefix tuning (less training memory, tiny files, quality given up), measured."""
+    def less(key: str) -> str:
+        return fmt(1 - p[key] / full[key] if full.get(key) else None, "{:.0%}")
+
+    return (f"**Against full fine-tuning.** Every weight trains there ({full['trainable_params']:,} parameters, "
+            f"{_times(p['trainable_params'], full['trainable_params'], 'parameters', 'full fine-tuning')} for the "
+            f"prefix); its checkpoint is {fmt(full['adapter_bytes'], 'kb')} KB, "
+            f"{full['adapter_bytes'] / max(p['adapter_bytes'], 1):,.0f}x the prefix's. Peak training memory "
+            f"{p['peak_train_memory_mb']:,.0f} vs {full['peak_train_memory_mb']:,.0f} MB "
+            f"({less('peak_train_memory_mb')} less for the prefix), of which training itself added "
+            f"{p['train_memory_added_mb']:,.0f} vs {full['train_memory_added_mb']:,.0f} MB "
+            f"({less('train_memory_added_mb')} less); eval loss "
+            f"{p['eval_loss']:.3f} vs {full['eval_loss']:.3f}, conditioning accuracy "
+            f"{fmt(p.get('conditioning_accuracy'), '{:.2f}')} vs {fmt(full.get('conditioning_accuracy'), '{:.2f}')} "
+            f"({_gap(p, full, noise, n)}).")
+
+
 def readme_section(results: dict[str, Any]) -> str:
     rows = {r["method"]: r for r in results["methods"]}
     table_rows = []
@@ -125,6 +144,8 @@ def readme_section(results: dict[str, Any]) -> str:
             f"{cfg['steps']} steps, peak memory {p['peak_train_memory_mb']:,.0f} vs {lo['peak_train_memory_mb']:,.0f} MB "
             f"({'GPU memory' if str(results.get('device', '')).startswith('cuda') else 'process peak RSS'})"
             f"{_load_note(results, p, lo)}.")
+    if p and (full := rows.get("full")):
+        bullets.append(_against_full(results, p, full, noise, n))
     if pr:
         trained = [r for r in (p, lo) if r and r.get("conditioning_accuracy") is not None]
         best_loss = min((r["eval_loss"] for r in trained), default=None)

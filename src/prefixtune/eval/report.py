@@ -16,6 +16,7 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("trainable_pct", "trainable %", "{:.3f}"),
     ("adapter_bytes", "adapter file (KB)", "kb"),
     ("peak_train_memory_mb", "peak train memory (MB)", "{:,.0f}"),
+    ("train_memory_added_mb", "memory added by training (MB)", "{:,.0f}"),
     ("train_seconds", "train time (s)", "{:.1f}"),
     ("train_tokens_per_s", "train tokens/s", "{:,.0f}"),
     ("eval_loss", "eval loss", "{:.3f}"),
@@ -66,7 +67,7 @@ def fmt(value: Any, spec: str) -> str:
 
 
 TRAINING_KEYS = ("trainable_params", "trainable_pct", "adapter_bytes", "adapter_kb", "peak_train_memory_mb",
-                 "train_seconds", "train_tokens_per_s")
+                 "train_memory_added_mb", "train_seconds", "train_tokens_per_s")
 
 
 def cell(row: dict[str, Any], key: str, spec: str) -> str:
@@ -197,7 +198,7 @@ def compare_markdown(results: dict[str, Any]) -> str:
                            [[row["method"]] + [cell(row, k, spec) for k, _, spec in COMPARE_COLUMNS]
                             for row in rows])
     cfg, judge = results["config"], results.get("judge") or {}
-    lines = ["# prefix tuning vs LoRA vs prompting", "", settings_line(results), "", table, ""]
+    lines = [f"# {' vs '.join(cfg.get('methods', []))}", "", settings_line(results), "", table, ""]
     if judge.get("accuracy") is not None:
         lines.append(f"Judge: {judge['name']}, {judge['accuracy']:.3f} accuracy on real {judge['accuracy_split']} "
                      f"text (conditioning accuracy cannot be trusted beyond that).")
@@ -234,6 +235,8 @@ def settings_line(results: dict[str, Any]) -> str:
     if "lora" in methods:
         parts.append(f"LoRA r={c['lora_r']}, alpha={c['lora_alpha']} on "
                      f"{', '.join(c['lora_targets']) if c.get('lora_targets') else 'attention projections'}")
+    if "full" in methods:
+        parts.append(f"full fine-tuning: every weight, lr {c.get('full_lr') or c['lr']:g}, sampled unguided")
     if "prompt" in methods:
         parts.append(f"prompt: \"{c['instruction']}\"")
     return "; ".join(parts) + "."
@@ -244,7 +247,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path, keys: list[tuple[str, str]
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
     axes = axes if len(keys) > 1 else [axes]
-    colors = {"prefix": "tab:blue", "lora": "tab:orange", "prompt": "tab:green"}
+    colors = {"prefix": "tab:blue", "lora": "tab:orange", "full": "tab:red", "prompt": "tab:green"}
     for ax, (key, label) in zip(axes, keys):
         names = [r["method"] for r in rows]
         # An untrained method (prompting) has no training cost to draw; a 0 bar would read as "free".

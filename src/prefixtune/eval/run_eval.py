@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
 from prefixtune.eval.quality import choose_scale, plot_sweep
 from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
+from prefixtune.eval.sweep import SWEEP_TEMPERATURES, SWEEP_TOP_PS, check_grid, plot_sampling_sweep, sampling_sweep, \
+    sweep_markdown
 from prefixtune.fileio import atomic_write_text
 from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
 from prefixtune.templates import fill_template, is_task_template
@@ -34,6 +36,9 @@ class EvalConfig(EvalSettings):
     label_names: list[str] | None = None  # names for integer labels (default: as in training)
     judge: str | None = None  # module:factory of a custom judge (default: TF-IDF + logistic regression)
     save_guidance: bool = False  # write the sweep's best natural-text scale into the adapters' manifests
+    sweep: bool = False  # also sample a temperature x top-p grid with the default guidance (table + PNG)
+    sweep_temperatures: list[float] = field(default_factory=lambda: list(SWEEP_TEMPERATURES))  # the grid's rows
+    sweep_top_ps: list[float] = field(default_factory=lambda: list(SWEEP_TOP_PS))  # the grid's columns
     device: str | None = None  # cpu | cuda | auto
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
 
@@ -159,6 +164,8 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
         raise StoreError("no adapter given. Fix: pass --adapter NAME")
     if cfg.save_guidance and not cfg.guidance_sweep:
         raise DataError("--save-guidance records what a sweep measured: add --guidance-sweep 1,1.5,2,3")
+    if cfg.sweep:
+        check_grid(cfg.sweep_temperatures, cfg.sweep_top_ps)
     store = AdapterStore(cfg.store or default_store())
     folders = resolve_adapters(store, cfg.adapter)
     first = read_manifest(next(iter(folders.values())))
@@ -201,8 +208,15 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
         real = (result.get("quality") or {}).get("real")
         report["guidance_png"] = str(plot_sweep(result["guidance_sweep"], real, out / "guidance_sweep.png",
                                                 f"{cfg.adapter}: guidance sweep ({cfg.split})"))
+    markdown = eval_markdown(report)
+    if cfg.sweep:
+        report["sampling_sweep"] = sampling_sweep(lm, method, cfg, judge, cfg.sweep_temperatures, cfg.sweep_top_ps,
+                                                  say)
+        report["sampling_sweep_png"] = str(plot_sampling_sweep(report["sampling_sweep"], out / "sampling_sweep.png",
+                                                               f"{cfg.adapter} ({cfg.split})"))
+        markdown += sweep_markdown(report["sampling_sweep"], len(result["samples"]))
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in result["samples"]))
     write_json(out / "eval.json", report)
-    atomic_write_text(out / "eval.md", eval_markdown(report))
+    atomic_write_text(out / "eval.md", markdown)
     say(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return report

@@ -1,4 +1,5 @@
-"""`prefixtune compare` on task data (a template over row fields): prefix vs LoRA vs the untrained base model.
+"""`prefixtune compare` on task data (a template over row fields): prefix vs LoRA (vs full fine-tuning) vs the
+untrained base model.
 
 Training is compare's own (same rows, steps, batches, seed; each method in its own process); evaluation
 decodes the same distinct test inputs with every method (greedy or --num-beams) and scores them against all
@@ -24,7 +25,7 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
 
     from prefixtune.engine.lm import PrefixLM
     from prefixtune.eval.compare_setup import result_row, train_method
-    from prefixtune.train.methods import lora_applied
+    from prefixtune.train.methods import full_applied, lora_applied
     from prefixtune.eval.task_eval import load_task_items
     from prefixtune.models import load_base_model
     from prefixtune.runtime import configure_threads
@@ -61,6 +62,9 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
                     yield
 
             methods["lora"] = (None, applied)
+        elif method == "full":  # the fine-tuned weights as the engine's base model while it decodes
+            methods["full"] = (None, lambda folder=trained["full"]["adapters"]["full"]: full_applied(loaded.model,
+                                                                                                      folder))
         else:
             methods["prompt"] = (None, None)
     settings = DecodeSettings(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,

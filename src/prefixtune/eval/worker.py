@@ -29,7 +29,7 @@ def _load_average() -> float:
 
 
 def run_training(spec: dict[str, Any], loaded=None, data=None, say=print) -> dict[str, Any]:
-    """Train spec["method"] ("prefix" or "lora") with spec["train"] (TrainConfig fields)."""
+    """Train spec["method"] ("prefix", "lora" or "full") with spec["train"] (TrainConfig fields)."""
     from prefixtune.train.config import TrainConfig
 
     import torch
@@ -38,12 +38,12 @@ def run_training(spec: dict[str, Any], loaded=None, data=None, say=print) -> dic
     load_before = _load_average()
     if torch.cuda.is_available():  # in-process runs share the device: count this method's peak only
         torch.cuda.reset_peak_memory_stats()
-    if spec["method"] not in ("prefix", "lora"):
+    if spec["method"] not in ("prefix", "lora", "full"):
         raise ValueError(f"unknown method {spec['method']!r}")
     from prefixtune.train.run import train
 
     cfg.method = spec["method"]
-    result = train(cfg, loaded, data, say)  # one engine: LoRA gets the same loop as prefix tuning
+    result = train(cfg, loaded, data, say)  # one engine: LoRA and full fine-tuning get prefix tuning's loop
     if result.interrupted:
         raise RuntimeError(f"{spec['method']} training was interrupted")
     adapters = {name: str(folder) for name, folder in result.adapters.items()}

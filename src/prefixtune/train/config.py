@@ -99,7 +99,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     overwrite: bool = False  # replace a previous run in a non-empty out (default: refuse it)
     skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping at the first
-    method: str = "prefix"  # what trains: prefix | lora (every method runs in the same loop)
+    method: str = "prefix"  # what trains: prefix | lora | full (every method runs in the same loop)
     lora_r: int = 8  # LoRA rank (method=lora)
     lora_alpha: int = 16  # LoRA scaling numerator, update scaled by alpha / r (method=lora)
     lora_dropout: float = 0.0  # dropout on the LoRA input (method=lora)
@@ -188,7 +188,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 STORAGE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                    "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-METHODS = ("prefix", "lora")
+METHODS = ("prefix", "lora", "full")
 DISTRIBUTED = ("auto", "shard", "ddp")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -239,10 +239,13 @@ def check_settings(cfg: TrainConfig) -> None:
           "--init text needs --init-text (the text whose keys/values start the prefix)")
     _need(cfg.lora_r >= 1, f"--lora-r must be >= 1, got {cfg.lora_r}")
     _need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.method == "lora":
-        _need(not cfg.per_label, "--per-label is prefix-only: LoRA trains one adapter with the label in the prompt")
-        _need(cfg.init_from is None, "--init-from continues a prefix adapter; it does not apply to --method lora")
-        _need(not cfg.store, "--store holds prefix adapters; a LoRA run keeps its adapter in OUT (drop --store)")
+    if cfg.method in ("lora", "full"):
+        what = {"lora": "LoRA trains one adapter", "full": "full fine-tuning trains one model"}[cfg.method]
+        _need(not cfg.per_label, f"--per-label is prefix-only: {what} with the label in the prompt")
+        _need(cfg.init_from is None, f"--init-from continues a prefix adapter; it does not apply to --method "
+                                     f"{cfg.method}")
+        _need(not cfg.store, f"--store holds prefix adapters; a --method {cfg.method} run keeps its weights in OUT "
+                             f"(drop --store)")
     _need(not (cfg.resume and cfg.overwrite), "--resume continues OUT and --overwrite replaces it: pick one")
     try:
         validate_name(cfg.name)

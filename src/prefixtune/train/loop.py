@@ -29,7 +29,14 @@ from prefixtune.train.examples import collate, epoch_batches
 from prefixtune.train.interrupt import Interrupted
 from prefixtune.train.plan import TrainPlan, plan_run
 from prefixtune.train.preflight import check_out, claim_out, resume_command
-from prefixtune.train.report import format_summary, peak_memory_mb, plot_losses, preload_plotting, write_log
+from prefixtune.train.report import (
+    format_summary,
+    peak_memory_mb,
+    plot_losses,
+    preload_plotting,
+    start_memory_window,
+    write_log,
+)
 from prefixtune.train.saving import publish
 from prefixtune.train.word_weights import WordWeights
 
@@ -228,8 +235,7 @@ class Trainer:
             self.progress = progress = load_checkpoint(self.run_dir, self.method.load_state_dict, self.optimizer,
                                                        self.scheduler)
             self.say(f"resumed from {self.run_dir / 'checkpoint'} at step {progress.step}")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        memory_start = start_memory_window(self.device)
         if self.is_main:
             preload_plotting()  # the loss curve at the end then costs no import time
         bar = _progress_bar(self.total_steps, progress.step, cfg.progress and self.is_main)
@@ -276,7 +282,7 @@ class Trainer:
             store = f"; {self.cfg.store} is untouched" if self.cfg.store else ""
             self.say(f"interrupted at step {progress.step}: checkpoint saved{store}. Continue with: "
                      f"{self.resume_hint}")
-        return self._finish(stopped)
+        return self._finish(stopped, memory_start)
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.run_dir, self.method.state_dict(), self.optimizer, self.scheduler, self.progress)
@@ -326,7 +332,7 @@ class Trainer:
         if self.is_main:
             self.say(f"ranks agree: {len(gathered)} processes, prefix checksum {float(gathered[0]):.6f}")
 
-    def _finish(self, stopped: bool) -> TrainResult:
+    def _finish(self, stopped: bool, memory_start: float | None = None) -> TrainResult:
         """Reports and adapters of a finished run; the store sees them only when the run completed."""
         progress, plan = self.progress, self.plan
         self._check_ranks_agree()
@@ -344,8 +350,9 @@ class Trainer:
         use_best = progress.best_eval is not None
         result_dirs = {n: (best_root / n if use_best and (best_root / n).is_dir() else p) for n, p in last.items()}
         trainable = sum(p.numel() for p in self.method.parameters())
-        base_params = sum(p.numel() for p in self.model.base.parameters() if not p.requires_grad)
-        sizes = [(p / "adapter_model.safetensors").stat().st_size for p in result_dirs.values()]
+        base_params = sum(p.numel() for p in self.model.base.parameters()
+                          if self.method.trains_base or not p.requires_grad)
+        sizes = [(p / self.method.weights_file).stat().st_size for p in result_dirs.values()]
         summary = {
             "adapters": len(result_dirs),
             "steps": progress.step,
@@ -357,8 +364,10 @@ class Trainer:
             "train seconds": progress.train_seconds,
             "real tokens/s": progress.tokens / max(progress.train_seconds, 1e-9),
             "best eval loss": progress.best_eval if progress.best_eval is not None else float("nan"),
-            # CUDA: this run's peak (reset at start); CPU: the process's peak resident memory.
+            # CUDA: the allocator's peak; CPU: the process's peak resident memory; both reset when training started.
             "peak memory MB": peak_memory_mb(self.device),
+            # What training itself added (gradients, optimizer state, activations) over the model and data.
+            "memory added MB": peak_memory_mb(self.device) - memory_start if memory_start is not None else math.nan,
             "truncated examples": plan.truncated,
         }
         if self.cfg.store:

@@ -23,10 +23,12 @@ _ATTENTION_HINTS = ("attn", "attention")
 
 
 class TrainMethod:
-    """The interface the loop calls; PrefixMethod and LoraMethod implement it."""
+    """The interface the loop calls; PrefixMethod, LoraMethod and FullMethod implement it."""
 
     kind = "base"
     model: PrefixModel
+    weights_file = "adapter_model.safetensors"  # the file save() writes the trained weights into, per folder
+    trains_base = False  # the base model's own weights train (its parameter count is then all trainable)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         raise NotImplementedError
@@ -77,7 +79,36 @@ class PrefixMethod(TrainMethod):
         return save_adapters(trainer, root, metrics)
 
 
-class LoraMethod(TrainMethod):
+class WeightsMethod(TrainMethod):
+    """A method that trains weights inside the base model (`_params`, name -> parameter); rows run without a
+    prefix."""
+
+    _params: dict[str, torch.nn.Parameter]
+
+    def parameters(self):
+        return list(self._params.values())
+
+    def row_adapters(self, names):
+        return [None] * len(names)
+
+    @property
+    def prefix_of(self):
+        return lambda _: None
+
+    def state_dict(self):
+        return {n: p.detach() for n, p in self._params.items()}
+
+    def load_state_dict(self, state):
+        differing = sorted(set(self._params) ^ set(state))
+        if differing:
+            raise ValueError(f"{self.kind} checkpoint does not match this model (differing tensors: "
+                             f"{differing[:3]} ...)")
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(state[n])
+
+
+class LoraMethod(WeightsMethod):
     """PEFT LoRA injected into the frozen base (removed again by close); every row runs without a prefix."""
 
     kind = "lora"
@@ -96,27 +127,6 @@ class LoraMethod(TrainMethod):
         for p in self._params.values():  # trainable weights in fp32 even on a bf16 base, as prefix encoders
             p.data = p.data.float()
 
-    def parameters(self):
-        return list(self._params.values())
-
-    def row_adapters(self, names):
-        return [None] * len(names)
-
-    @property
-    def prefix_of(self):
-        return lambda _: None
-
-    def state_dict(self):
-        return {n: p.detach() for n, p in self._params.items()}
-
-    def load_state_dict(self, state):
-        missing = sorted(set(self._params) ^ set(state))
-        if missing:
-            raise ValueError(f"LoRA checkpoint does not match this model (differing tensors: {missing[:3]} ...)")
-        with torch.no_grad():
-            for n, p in self._params.items():
-                p.copy_(state[n])
-
     def save(self, trainer, root, metrics):
         from prefixtune.fileio import atomic_folder
         from prefixtune.store import writing
@@ -130,9 +140,50 @@ class LoraMethod(TrainMethod):
         self.peft_model.unload()  # the caller's base model comes back without LoRA layers
 
 
-def build_method(cfg, model: PrefixModel) -> TrainMethod:
+class FullMethod(WeightsMethod):
+    """Full fine-tuning, the baseline prefix tuning and LoRA are measured against: every weight of the base
+    trains (float32 master weights, AdamW's two moments beside them) and rows run without a prefix. The saved
+    folder is a whole model (safetensors + config + tokenizer) that loads as a base model anywhere."""
+
+    kind = "full"
+    weights_file = "model.safetensors"
+    trains_base = True
+
+    def __init__(self, model: PrefixModel, cfg, shared: bool):
+        self.model, self.cfg = model, cfg
+        self._params = dict(model.base.named_parameters())  # tied weights (embeddings = LM head) once
+        # A base the caller passed in must come back untouched (close); one this run loaded is dropped with it,
+        # so it keeps no copy (which would also count in the peak memory compare reports).
+        self._original = {n: p.detach().clone() for n, p in self._params.items()} if shared else None
+        for p in self._params.values():
+            p.data = p.data.float()  # master weights in fp32 even on a bf16 base: bf16 Adam updates round to 0
+            p.requires_grad_(True)
+
+    def save(self, trainer, root, metrics):
+        from prefixtune.fileio import atomic_folder
+
+        target = Path(root) / self.cfg.name
+        with atomic_folder(target) as tmp:
+            # One file, whatever the size: compare reads its size, and a base model loads from the folder.
+            self.model.base.save_pretrained(str(tmp), max_shard_size="1000GB")
+            trainer.plan.loaded.tokenizer.save_pretrained(str(tmp))
+        return {self.cfg.name: target}
+
+    def close(self):
+        for p in self._params.values():
+            p.requires_grad_(False)
+        if self._original is not None:
+            for n, p in self._params.items():
+                p.data = self._original[n]
+            self._original = None
+
+
+def build_method(cfg, model: PrefixModel, shared: bool = True) -> TrainMethod:
+    """`shared`: the base model came from the caller (a method that changes it must give it back)."""
     if cfg.method == "lora":
         return LoraMethod(model, cfg)
+    if cfg.method == "full":
+        return FullMethod(model, cfg, shared)
     return PrefixMethod(model)
 
 
@@ -188,3 +239,38 @@ def lora_applied(model: torch.nn.Module, folder: str | Path):
         yield peft_model
     finally:
         peft_model.unload()
+
+
+@contextmanager
+def full_applied(model: torch.nn.Module, folder: str | Path):
+    """Run `model` with a fully fine-tuned model's weights (a FullMethod folder) for the block, then give its own
+    back. Yields a context manager that puts the base weights back for a while (the latency's base reference),
+    as a LoRA model's disable_adapter does."""
+    from safetensors.torch import load_file
+
+    from prefixtune.errors import UserError
+
+    params = dict(model.named_parameters())  # tied weights once, as FullMethod saved them
+    file = Path(folder) / FullMethod.weights_file
+    tuned = load_file(str(file), device=str(next(iter(params.values())).device))
+    if missing := sorted(set(params) - set(tuned)):
+        raise UserError(f"{file} is not a fine-tuned copy of this base model (it lacks {missing[:3]} ...)")
+    original = {n: p.data for n, p in params.items()}
+
+    def use(weights: dict[str, torch.Tensor]) -> None:
+        for n, p in params.items():
+            p.data = weights[n].to(original[n].dtype)
+
+    @contextmanager
+    def base_weights():
+        use(original)
+        try:
+            yield
+        finally:
+            use(tuned)
+
+    use(tuned)
+    try:
+        yield base_weights
+    finally:
+        use(original)

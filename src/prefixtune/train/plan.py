@@ -201,6 +201,7 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
 
     accelerator = accelerator or make_accelerator(cfg, loaded)
     ddp = accelerator.num_processes > 1 if ddp is None else ddp
+    shared = loaded is not None  # the caller's model: a method that changes its weights gives them back
     loaded = loaded or load_base_model(cfg.model, load_device(cfg, accelerator), cfg.dtype)
     data = data or load_run_data(cfg)
     if data.skipped:
@@ -265,5 +266,5 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
     from prefixtune.train.methods import build_method
 
     return TrainPlan(loaded, data, model, adapter_labels, template, train_rows, val_rows, truncated, pad_id,
-                     total, accelerator, family, build_method(cfg, model), ddp,
+                     total, accelerator, family, build_method(cfg, model, shared), ddp,
                      _word_tokens(cfg, label_words, adapter_labels, tok))

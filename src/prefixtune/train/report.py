@@ -70,6 +70,23 @@ def _ema(values, decay: float = 0.9) -> list[float]:
     return out
 
 
+def start_memory_window(device: torch.device) -> float | None:
+    """Reset the peak to what is resident now, so the peak read at the end is training's own (not model loading's
+    transient copies); returns that starting point in MB, or None where the peak cannot be reset.
+
+    CUDA: the allocator's peak. Linux: writing 5 to /proc/self/clear_refs resets the process's high-water mark
+    (VmHWM, which getrusage's ru_maxrss reports too) to its current resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux, or not allowed: the peak stays the process's whole-life peak
+        return None
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory when on CUDA, else the process's peak resident set."""
     if device.type == "cuda":
