@@ -52,8 +52,9 @@ def test_the_sampler_guides_each_group_at_its_own_temperature():
     logits = torch.cat([logits, torch.randn(4, 40)])
     order = [(k, i) for k in "abcdef" for i in (0, 1)]
     no_layout = torch.zeros(40, dtype=torch.bool)
-    guided = Sampler(set(), lambda: no_layout)._guide(logits, {key: i for i, key in enumerate(order)},
-                                                      list(groups.values()))
+    sampler, slot = Sampler(set(), lambda: no_layout), {key: i for i, key in enumerate(order)}
+    combined = sampler._guide(logits, slot, list(groups.values()))
+    guided = sampler._temper(combined, logits, slot, list(groups.values()))
     # T 1 and greedy (whatever its top-p): exactly today's guided logits; T 0.2 x2.5 samples at T 0.5 (the
     # sampler divides by 0.2); T 0.8 x1.5 samples at T 1.
     for row, scale, factor in ((0, 2.5, None), (2, 2.5, 0.2 / 0.5), (4, 2.5, None), (6, 1.5, 0.8), (10, 2.0, None)):
@@ -66,3 +67,19 @@ def test_the_sampler_guides_each_group_at_its_own_temperature():
     keep = adapter_nucleus(logits[8:9], torch.tensor([1.0]), torch.tensor([0.5]))[0]
     want = guided_logits(logits[8:9], logits[9:10], 2.0, layout=no_layout)[0]
     assert torch.equal(guided[8], want.masked_fill(~keep, float("-inf"))) and 0 < int(keep.sum()) < 40
+
+
+def test_a_guided_rows_logprobs_are_the_guided_distribution_whatever_its_temperature_and_top_p():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 40)  # (a, 0) (a, 1) (b, 0) (b, 1)
+    no_layout = torch.zeros(40, dtype=torch.bool)
+    groups = {"a": _group("a", temperature=0.5, top_p=0.6, guidance_scale=2.0, seed=0, logprobs=3),
+              "b": _group("b", temperature=1.0, guidance_scale=2.0, seed=0, logprobs=3)}
+    order = [(k, i) for k in "ab" for i in (0, 1)]
+    out = Sampler(set(), lambda: no_layout)(logits.clone(), order, groups)
+    for row, rid in ((0, "a"), (2, "b")):
+        want = torch.log_softmax(guided_logits(logits[row:row + 1], logits[row + 1:row + 2], 2.0,
+                                               layout=no_layout)[0], -1)
+        logprob, top = out.logprobs[rid]
+        assert abs(logprob - float(want[out.tokens[rid]])) < 1e-5, rid  # not the tempered, truncated draw's
+        assert [t for t, _ in top] == want.topk(3).indices.tolist()

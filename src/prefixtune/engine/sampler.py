@@ -92,14 +92,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, order: Sequence[Hashable], groups: dict[str, Group]) -> Sampled:
         """logits (B, V) of the running rows in slot order `order`; every row belongs to a group in `groups`."""
         slot = {key: i for i, key in enumerate(order)}
-        logits = self._guide(logits, slot, [g for g in groups.values() if g.request.params.guided])
+        guided = [g for g in groups.values() if g.request.params.guided]
+        raw, logits = logits, self._guide(logits, slot, guided)  # raw: the rows' own logits (guided: a new tensor)
         logits = combine_experts(logits, slot, [g for g in groups.values() if g.request.experts is not None],
                                  sorted(self.eos_ids), self.layout)
         controlled = [g for g in groups.values() if g.penalty is not None or g.grammar is not None]
         logits = self._control(logits, slot, controlled)
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
         samplers = [groups[key[0]].sampler if key[1] == 0 else _COMPANION for key in order]
-        drawn = sample_rows(logits, samplers)
+        drawn = sample_rows(self._temper(logits, raw, slot, guided), samplers)
         out = Sampled()
         recorded = wants_logprobs(groups.values())
         if recorded:  # of the distribution just sampled from (after every logit stage above)
@@ -122,9 +123,20 @@ class Sampler:
         # EOS and layout tokens keep the adapter's own probabilities (engine/guidance.py).
         combined = guided_logits(logits.index_select(0, rows), logits.index_select(0, uncond), scale,
                                  eos_ids=sorted(self.eos_ids), layout=self.layout())  # (G, V)
-        # The sampler divides by the request's T; x T / T' makes that the guided temperature T'; top-p picks the
-        # candidates on the adapter's own distribution (new_group leaves guided rows' sampler without it). Greedy
-        # and beam groups pick by score: factor 1, no nucleus.
+        return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
+
+    @staticmethod
+    def _temper(logits: torch.Tensor, raw: torch.Tensor, slot: dict, guided: list[Group]) -> torch.Tensor:
+        """The logits guided rows draw from (`raw`: the adapter rows' own logits, before guidance): the sampler divides by the request's T, and x T / T' makes that the
+        guided temperature T' (guidance.guided_temperature); top-p picks the candidates on the adapter's own
+        distribution (new_group leaves guided rows' sampler without it). Greedy and beam groups pick by score:
+        factor 1, no nucleus. Only the draw sees this: log-probabilities stay those of the guided distribution,
+        before temperature and truncation, as for every other row."""
+        if not guided:
+            return logits
+        rows = torch.tensor([slot[(g.request.request_id, 0)] for g in guided], device=logits.device)
+        scale = torch.tensor([g.request.params.guidance_scale for g in guided], device=logits.device)
+        combined = logits.index_select(0, rows)  # (G, V)
         scored = [g.request.params.greedy or g.search is not None for g in guided]
         asked = torch.tensor([1.0 if s else g.request.params.temperature for g, s in zip(guided, scored)],
                              device=logits.device)
@@ -132,7 +144,7 @@ class Sampler:
         top_p = torch.tensor([1.0 if s else g.request.params.top_p for g, s in zip(guided, scored)],
                              device=logits.device)
         if bool((top_p < 1).any()):
-            keep = adapter_nucleus(logits.index_select(0, rows), temperature, top_p)  # (G, V)
+            keep = adapter_nucleus(raw.index_select(0, rows), temperature, top_p)  # (G, V)
             combined = combined.masked_fill(~keep, float("-inf"))
         combined = combined * (asked / temperature).view(-1, 1)  # (G, V)
         return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
