@@ -115,7 +115,7 @@ def test_policy_admits_groups_in_order_and_releases_cancelled():
     class R:
         def __init__(self, guided=False, adapter=None):
             self.params = SamplingParams(guidance_scale=2.0 if guided else 1.0)
-            self.adapter, self.cancelled, self.stopped = adapter, False, False
+            self.adapter, self.cancelled, self.stopped, self.experts = adapter, False, False, None
 
     policy = BatchPolicy(max_batch=3)
     running = [R()]

@@ -34,7 +34,8 @@ def _stream_until_error(client, results: list, started: threading.Event, index: 
 def test_a_killed_core_fails_its_streams_restarts_and_serves_again(serve_lm, tmp_path):
     roots = tmp_path / "roots"
     folder = write_random_adapter(roots, "gamma", serve_lm.loaded, tokens=5, seed=3, scale=10.0)
-    with live_server(serve_lm, engine_process=True, supervised=2, max_batch=8, max_model_len=256,
+    # 9 rows: the 8 streams and the plain request all run when the core is killed (none waits for a row).
+    with live_server(serve_lm, engine_process=True, supervised=2, max_batch=9, max_model_len=256,
                      adapter_roots=[roots]) as srv:
         client = srv.client()
         with srv.http() as http:
