@@ -1,10 +1,11 @@
 """Structured outputs and penalties on the real SmolLM2 (slow): the `openai` client's `chat.completions.parse`
-with a pydantic model gives schema-valid JSON in every one of 50 sampled requests, while unconstrained requests
-of other adapters share the batches; `frequency_penalty` lowers repeated n-grams in samples, and a row's
+with a pydantic model gives schema-valid JSON in every sampled request (20 in the suite; the documented run set
+PREFIXTUNE_PARSE_REQUESTS=50), while unconstrained requests of other adapters share the batches; `frequency_penalty` lowers repeated n-grams in samples, and a row's
 penalty changes only that row."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
@@ -23,7 +24,7 @@ from prefixtune.store import AdapterStore
 from prefixtune.testing import write_random_adapter
 
 pytestmark = pytest.mark.slow
-REQUESTS = 50
+REQUESTS = int(os.environ.get("PREFIXTUNE_PARSE_REQUESTS", "20"))
 TOPICS = ["a rainy day", "my new job", "losing my keys", "a surprise party", "the dentist", "a long flight",
           "winning a prize", "a broken phone", "meeting an old friend", "the exam results"]
 
