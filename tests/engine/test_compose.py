@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixtune.engine.compose import ComposeError, build_experts, concat_kv, parts_of
+from prefixtune.engine.compose import COMPOSE_BOOST, ComposeError, build_experts, concat_kv, parts_of
 from prefixtune.engine.guidance import guided_logits, product_logits
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.prefix.model import PrefixModel
@@ -55,12 +55,27 @@ def test_product_of_one_expert_is_the_guided_pair():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_product_floor_is_over_the_parts_mixture():
+    # Part 0 is sure of token 0; part 1 prefers token 1, which part 0 finds very rare. Under the parts'
+    # geometric mean token 1 would fall below the plausibility floor; under their mixture it stays choosable.
+    conds = torch.full((2, 6), -10.0)
+    conds[0, 0], conds[1, 0], conds[1, 1] = 10.0, 0.0, 2.0
+    uncond = torch.zeros(2, 6)
+    uncond[1, 2] = 3.0
+    got = product_logits(conds, uncond, torch.tensor([3.0, 1.0]))
+    assert torch.isfinite(got[:2]).all() and torch.isinf(got[2:]).all()
+    lc, lu = torch.log_softmax(conds, -1), torch.log_softmax(uncond, -1)
+    expected = 0.5 * lu[0] + 0.5 * lu[1] + 3.0 * (lc[0] - lu[0]) + 1.0 * (lc[1] - lu[1])
+    assert torch.allclose(got[:2], expected[:2], atol=1e-4)
+
+
 def test_product_of_experts_equals_separate_forwards(lm):
-    """Each part against its own family negative at its own scale (the manifests' recommendations)."""
+    """Each part against its own family negative at its own scale (the manifests' recommendations x the boost)."""
     got = lm.generate(PROMPTS[:2], [("emo-joy", "top-sports")] * 2, max_new_tokens=6, ignore_eos=True)
     for prompt, row in zip(PROMPTS, got):
         assert row.adapter == "emo-joy+top-sports"
-        assert row.tokens == _reference(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"], [2.0, 1.5], 6)
+        assert row.tokens == _reference(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"],
+                                         [2.0 * COMPOSE_BOOST, 1.5 * COMPOSE_BOOST], 6)
 
 
 def test_weights_set_each_parts_scale(lm):

@@ -65,3 +65,8 @@ def test_compose_eval_refuses_what_it_cannot_use(trained_store, eval_home, cli):
     assert result.exit_code != 0 and "stack" in result.output
     result = cli(["eval", "--compose", "emotion,single", "--data", "x", "--store", trained_store["store"]])
     assert result.exit_code != 0 and "--data" in result.output
+    result = cli(["eval", "--compose", "emotion,single", "--compose-weights", "2", "--store", trained_store["store"]])
+    assert result.exit_code != 0 and "--compose-weights gives 1 scales for 2 families" in result.output
+    result = cli(["eval", "--compose", "emotion,single", "--compose-weights", "2,x", "--store",
+                  trained_store["store"]])
+    assert result.exit_code != 0 and "--compose-weights takes comma-separated numbers" in result.output

@@ -43,21 +43,23 @@ def _given(flags: dict[str, Any], csv: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
-COMPOSE_ONLY = {"compose", "compose_data", "compose_methods", "instruction"}
+COMPOSE_ONLY = {"compose", "compose_data", "compose_methods", "compose_weights", "instruction"}
 
 
 def _compose_eval(flags: dict[str, Any], no_progress: bool) -> None:
     """`eval --compose A,B`: the single-adapter flags that do not apply are refused by name."""
     from prefixtune.eval.compose import ComposeEvalConfig, run_compose_eval
 
-    values = _given(flags, csv=("compose", "compose_data", "compose_methods"))
+    values = _given(flags, csv=("compose", "compose_data", "compose_methods", "compose_weights"))
     allowed = {f for f in ComposeEvalConfig.__dataclass_fields__} | COMPOSE_ONLY
     extra = sorted(k for k in values if k not in allowed or k == "data")
     if extra:
         raise typer.BadParameter(f"not used with --compose: {', '.join('--' + k.replace('_', '-') for k in extra)}",
                                  param_hint="--compose")
     values["families"] = values.pop("compose")
-    for old, new in (("compose_data", "data"), ("compose_methods", "methods")):
+    if "compose_weights" in values:
+        values["compose_weights"] = parse_floats(values["compose_weights"], "--compose-weights")
+    for old, new in (("compose_data", "data"), ("compose_methods", "methods"), ("compose_weights", "weights")):
         if old in values:
             values[new] = values.pop(old)
     if no_progress:
@@ -82,6 +84,9 @@ def register(app: typer.Typer) -> None:
         compose_methods: Optional[str] = Opt(None, help="--compose: what to sample, comma-separated: guidance, "
                                                         "concat (composed), alone, prompting (baselines); default "
                                                         "all."),
+        compose_weights: Optional[str] = Opt(None, help="--compose: each family's guidance scale in the product "
+                                                        "of experts, comma-separated in --compose order (default: "
+                                                        "the engine's rule, engine/compose.py)."),
         instruction: Optional[str] = Opt(None, help="--compose: the prompting baseline's request, {0} {1} = the "
                                                     "families' labels."),
         data: Optional[str] = Opt(None, help="Data to evaluate on (default: the adapter's training data)."),

@@ -8,8 +8,9 @@ Two ways to put k adapters on one row, both selectable per request (`compose_mod
 
       logp = mean_j log p_neg_j + sum_i scale_i * (log p_part_i - log p_neg(i))
 
-  (engine/guidance.product_logits: with k = 1 it is the guided pair's formula exactly), every row takes it, and
-  the group finishes together. Each part keeps its own scale against its own family's negative.
+  (engine/guidance.product_logits: with k = 1 it is the guided pair's formula exactly; its plausibility floor
+  is over the parts' mixture), every row takes it, and the group finishes together. Each part has its own scale
+  against its own family's negative: by default its manifest's recommendation x COMPOSE_BOOST.
 - `concat`: one row whose prefix is the parts' prefixes side by side along the virtual-token axis,
   (2L, kv_heads, P1 + P2, head_dim), prompt after them at positions P1 + P2 + j (PEFT's placement). Guided,
   like any adapter, against the concatenation of the parts' negatives when every part names one.
@@ -32,6 +33,10 @@ SEP = "+"
 MODES = ("guidance", "concat")
 DEFAULT_MODE = "guidance"  # measured ahead of concat on joint accuracy (docs/BENCHMARKS.md "Composition")
 MAX_COMPOSE = 4  # parts per composed adapter unless the caller sets another limit (rows grow with it)
+# A part's default scale in a product of experts is its manifest's recommendation times this: each part's push
+# competes with the others', and at the single-adapter scale the weaker aspect is lost (docs/BENCHMARKS.md
+# "Composition": emotion x topic, x1 gave joint accuracy 0.36, x2 with the mixture floor 0.55).
+COMPOSE_BOOST = 2.0
 
 
 class ComposeError(ValueError):
@@ -189,7 +194,8 @@ def concat_guidance(lm, name: str, scale: float | None, negative: str | None) ->
 def build_experts(lm, name: str, weights: Sequence[float] | None, scale: float | None,
                   negative: str | None) -> Experts:
     """The product of experts for "a+b": each part against its recommended negative (else the caller's, else
-    the base model) at its weight (else the caller's scale, else its recommended scale); tensors resolved."""
+    the base model) at its weight (else the caller's scale, else its recommended scale x COMPOSE_BOOST);
+    tensors resolved."""
     parts = parts_of(name, limit=None)
     weights = check_weights(weights, parts)
     guides = []
@@ -199,7 +205,8 @@ def build_experts(lm, name: str, weights: Sequence[float] | None, scale: float |
         neg = None if neg is not None and neg.lower() == "none" else neg
         if neg == part:
             raise ComposeError(f"guidance_negative {neg!r} is a part of {name!r}; name another adapter")
-        guides.append((weights[i] if weights else recommended if scale is None else scale, neg))
+        default = recommended * COMPOSE_BOOST if is_guided(recommended) else recommended
+        guides.append((weights[i] if weights else default if scale is None else scale, neg))
     for s, _ in guides:
         validate_scale(s)
     return experts_for(parts, guides).resolve(lambda n: lm.adapter(n).kv)
@@ -227,6 +234,6 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
     return logits
 
 
-__all__ = ["DEFAULT_MODE", "MAX_COMPOSE", "MODES", "SEP", "ComposeError", "Experts", "build_experts", "check_mode",
-           "check_weights", "combine_experts", "composed_name", "concat_adapter", "concat_guidance", "concat_kv",
+__all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "SEP", "ComposeError", "Experts", "build_experts",
+           "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter", "concat_guidance", "concat_kv",
            "experts_for", "is_composed", "parts_of"]

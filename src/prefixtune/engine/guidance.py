@@ -101,19 +101,19 @@ def product_logits(conds: torch.Tensor, uncond: torch.Tensor, scales: torch.Tens
                    layout: torch.Tensor | None = None) -> torch.Tensor:
     """Product of experts (V,) of k parts: conds (k, V) the parts' logits, uncond (k, V) each part's negative.
 
-        logp = mean_i log p_neg(i) + sum_i scales_i * (log p_i - log p_neg(i))
+        logp = mean_i log p_neg(i) + sum_i scales_i * (log p_part_i - log p_neg(i))
 
-    With k = 1 this is guided_logits. The guards act as for one adapter, the "adapter" being the parts' own
-    product (the normalised mean of their log-probabilities): layout tokens keep its probabilities and only
-    tokens above its plausibility floor can be chosen.
+    With k = 1 this is guided_logits. The guards act as for one adapter whose distribution is the parts'
+    mixture (the mean of their probabilities): layout tokens keep its probabilities and a token any part finds
+    plausible can be chosen, so one part's words (an emotion's) are not cut because another part (a news topic)
+    finds them rare (measured: docs/BENCHMARKS.md "Composition").
     """
     lc = torch.log_softmax(conds.float(), dim=-1)  # (k, V)
     lu = torch.log_softmax(uncond.float(), dim=-1)  # (k, V)
     push = (scales.to(lc.dtype).view(-1, 1) * (lc - lu)).sum(0, keepdim=True)  # (1, V)
-    out = lu.mean(0, keepdim=True) + push  # (1, V)
-    own = torch.log_softmax(lc.mean(0, keepdim=True), dim=-1)  # (1, V)
-    base = torch.log_softmax(lu.mean(0, keepdim=True), dim=-1)  # (1, V)
-    return _guarded(out, own, base, plausibility, eos_ids, layout)[0]
+    base = lu.mean(0, keepdim=True)  # (1, V)
+    own = torch.logsumexp(lc, dim=0, keepdim=True) - math.log(len(lc))  # (1, V): log of the parts' mixture
+    return _guarded(base + push, own, base, plausibility, eos_ids, layout)[0]
 
 
 def _guarded(out: torch.Tensor, lc: torch.Tensor, lu: torch.Tensor, plausibility: float | None,

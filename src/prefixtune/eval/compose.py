@@ -40,6 +40,7 @@ class ComposeEvalConfig(EvalSettings):
     families: list[str] = field(default_factory=list)  # per-label families NAME (adapters NAME-<label>), 2 or more
     data: list[str] | None = None  # each family's labelled data (default: what its adapters were trained on)
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # what to sample (composed modes, baselines)
+    weights: list[float] | None = None  # guidance: each family's part scale, in --compose order (default: engine's)
     instruction: str = DEFAULT_INSTRUCTION  # the prompting baseline's request, {0} {1} ... = each family's label
     store: str | None = None  # adapter store (default $PREFIXTUNE_HOME/adapters)
     model: str | None = None  # base model (default: the one in the first family's manifests)
@@ -92,7 +93,8 @@ def _sample(lm, prompts: list[str], adapters: list, seeds: list[int], cfg: Compo
         stop = start + cfg.eval_batch_size
         out = lm.generate(prompts[start:stop], adapters[start:stop], max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p, seed=seeds[start:stop],
-                          guidance_scale=None if chat else cfg.guidance_scale, compose_mode=mode, chat=chat)
+                          guidance_scale=None if chat else cfg.guidance_scale, compose_mode=mode, chat=chat,
+                          compose_weights=cfg.weights if mode == "guidance" else None)
         texts += [o.text.strip() for o in out]
         bar.update(len(out))
     bar.close()
@@ -153,6 +155,9 @@ def run_compose_eval(cfg: ComposeEvalConfig, say=print) -> dict[str, Any]:
     if cfg.data is not None and len(cfg.data) != len(cfg.families):
         raise DataError(f"--compose-data names {len(cfg.data)} sources for {len(cfg.families)} families; give one "
                         "per family, in the same order")
+    if cfg.weights is not None and len(cfg.weights) != len(cfg.families):
+        raise DataError(f"--compose-weights gives {len(cfg.weights)} scales for {len(cfg.families)} families; give "
+                        "one per family, in the same order")
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown or not cfg.methods:
         raise DataError(f"--compose-methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
