@@ -235,5 +235,5 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
 
 
 __all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "SEP", "ComposeError", "Experts", "build_experts",
-           "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter", "concat_guidance", "concat_kv",
-           "experts_for", "is_composed", "parts_of"]
+           "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter", "concat_guidance",
+           "concat_kv", "experts_for", "is_composed", "parts_of"]
