@@ -83,3 +83,38 @@ def test_a_guided_rows_logprobs_are_the_guided_distribution_whatever_its_tempera
         logprob, top = out.logprobs[rid]
         assert abs(logprob - float(want[out.tokens[rid]])) < 1e-5, rid  # not the tempered, truncated draw's
         assert [t for t, _ in top] == want.topk(3).indices.tolist()
+
+
+def test_a_guided_rows_nucleus_never_empties_what_a_grammar_allows():
+    logits = torch.zeros(2, 8)
+    logits[0, :2] = torch.tensor([3.0, 1.0])  # the adapter's nucleus at top-p 0.5 is token 0 alone
+    groups = {"a": _group("a", temperature=1.0, top_p=0.5, guidance_scale=2.0, seed=0)}
+    order = [("a", 0), ("a", 1)]
+    sampler, slot = Sampler(set(), lambda: torch.zeros(8, dtype=torch.bool)), {key: i for i, key in enumerate(order)}
+    combined = sampler._guide(logits, slot, list(groups.values()))
+    combined[0, 0] = float("-inf")  # a grammar forbids token 0
+    tempered = sampler._temper(combined, logits, slot, list(groups.values()))
+    assert torch.equal(torch.isfinite(tempered[0]), torch.isfinite(combined[0]))  # the grammar's set, not nothing
+    assert bool(torch.isfinite(tempered[0]).any())
+    assert sampler(logits, order, groups).tokens["a"] == 0  # without a grammar the nucleus holds
+
+
+def test_a_grammar_wins_over_a_guided_rows_plausibility_floor(tiny_lm):
+    """The floor (5% of the adapter's top token) may keep only tokens the grammar forbids: the row then draws
+    from what the grammar allows under the adapter's own logits, instead of failing the whole step."""
+    from prefixtune.engine.lm import PrefixLM
+    from prefixtune.engine.structured import Grammars, StructuredOutput
+
+    logits = torch.full((2, tiny_lm.model.config.vocab_size), -20.0)
+    tok = tiny_lm.tokenizer
+    yes, no = tok("yes", add_special_tokens=False).input_ids[0], tok("no", add_special_tokens=False).input_ids[0]
+    logits[0, tok("maybe", add_special_tokens=False).input_ids[0]] = 10.0  # the floor keeps this token alone
+    logits[0, yes], logits[0, no] = 0.0, -1.0
+    eos = set(PrefixLM(tiny_lm).eos_ids())
+    grammars = Grammars(tok, logits.shape[-1], eos)
+    params = SamplingParams(guidance_scale=2.0, structured=StructuredOutput(choice=("yes", "no")))
+    request = Request([1, 2], "a", params, request_id="a", grammar=grammars.compile(params.structured))
+    groups = {"a": new_group(request, eos, torch.device("cpu"))}
+    no_layout = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    out = Sampler(eos, lambda: no_layout)(logits, [("a", 0), ("a", 1)], groups)
+    assert out.tokens["a"] == yes

@@ -97,7 +97,7 @@ class Sampler:
         logits = combine_experts(logits, slot, [g for g in groups.values() if g.request.experts is not None],
                                  sorted(self.eos_ids), self.layout)
         controlled = [g for g in groups.values() if g.penalty is not None or g.grammar is not None]
-        logits = self._control(logits, slot, controlled)
+        logits = self._control(logits, raw, slot, controlled)
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
         samplers = [groups[key[0]].sampler if key[1] == 0 else _COMPANION for key in order]
         drawn = sample_rows(self._temper(logits, raw, slot, guided), samplers)
@@ -145,21 +145,32 @@ class Sampler:
                              device=logits.device)
         if bool((top_p < 1).any()):
             keep = adapter_nucleus(raw.index_select(0, rows), temperature, top_p)  # (G, V)
-            combined = combined.masked_fill(~keep, float("-inf"))
+            cut = combined.masked_fill(~keep, float("-inf"))
+            # A grammar may forbid every token of the adapter's nucleus: that row keeps what the grammar allows.
+            combined = torch.where(torch.isfinite(cut).any(-1, keepdim=True), cut, combined)
         combined = combined * (asked / temperature).view(-1, 1)  # (G, V)
         return logits.index_copy(0, rows, combined)  # (B, V); companions' own rows are never sampled
 
     @staticmethod
-    def _control(logits: torch.Tensor, slot: dict, controlled: list[Group]) -> torch.Tensor:
+    def _control(logits: torch.Tensor, raw: torch.Tensor, slot: dict, controlled: list[Group]) -> torch.Tensor:
         """Each controlled row's penalties and bias, then its grammar mask (masking last: no bias revives a
-        token the grammar forbids). Beam groups never get here (SamplingParams refuses them)."""
+        token the grammar forbids). Beam groups never get here (SamplingParams refuses them). A guided row whose
+        plausibility floor kept only tokens its grammar forbids is masked from its adapter's own logits (`raw`):
+        the grammar always wins over guidance, and a row never has nothing to draw."""
         if not controlled:
             return logits
         penalised = [g for g in controlled if g.penalty is not None]
         logits = apply_penalties(logits, [slot[(g.request.request_id, 0)] for g in penalised],
                                  [g.penalty for g in penalised])
         masked = [g for g in controlled if g.grammar is not None]
-        return constrain(logits, [slot[(g.request.request_id, 0)] for g in masked], [g.grammar for g in masked])
+        rows = [slot[(g.request.request_id, 0)] for g in masked]
+        out = constrain(logits, rows, [g.grammar for g in masked])
+        empty = [i for i, row in enumerate(rows) if not bool(torch.isfinite(out[row]).any())]
+        if empty:
+            fallback = constrain(raw, [rows[i] for i in empty], [masked[i].grammar for i in empty])
+            index = torch.tensor([rows[i] for i in empty], device=logits.device)
+            out = out.index_copy(0, index, fallback.index_select(0, index))
+        return out
 
     def _accept(self, group: Group, tokens: dict[str, int]) -> None:
         token = tokens[group.request.request_id]
