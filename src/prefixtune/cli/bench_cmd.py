@@ -11,6 +11,18 @@ from prefixtune.cli.common import parse_csv, user_errors
 from prefixtune.engine.policy import STEP_TOKENS
 
 
+def _save_report(report: dict, out: str, name: str) -> None:
+    """OUT/NAME as indented JSON (atomically), and where it went."""
+    import json
+    from pathlib import Path
+
+    from prefixtune.fileio import atomic_write_text
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / name, json.dumps(report, indent=2, default=str))
+    typer.echo(f"results in {out}/{name}")
+
+
 def register(app: typer.Typer) -> None:
     bench_app = typer.Typer(help="Benchmarks against baselines measured in the same run.", no_args_is_help=False)
 
@@ -75,11 +87,6 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("runs/bench-serve", "--out", help="Where results.json goes."),
     ) -> None:
         """Serving benchmarks; with --http, a load generator against the real server at several concurrencies."""
-        import json
-        from pathlib import Path
-
-        from prefixtune.fileio import atomic_write_text
-
         if not (http or ray):
             from prefixtune.bench.run import run_bench
 
@@ -96,9 +103,7 @@ def register(app: typer.Typer) -> None:
             from prefixtune.bench.serve_http import run_http
 
             report = run_http(model, tiny, levels, requests, max_tokens, adapters, repeats, peft, say=typer.echo)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out) / "results.json", json.dumps(report, indent=2, default=str))
-        typer.echo(f"results in {out}/results.json")
+        _save_report(report, out, "results.json")
 
     @bench_app.command("prefill")
     @user_errors
@@ -138,11 +143,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The engine vs a bare transformers loop, eager vs compiled, float32 vs bf16 vs int8, prefill, and the
         prefix overhead, as ratios measured in one run."""
-        import json
-        from pathlib import Path
-
         from prefixtune.bench.engine import EngineBenchConfig, run_engine_bench
-        from prefixtune.fileio import atomic_write_text
 
         def ints(text: str, flag: str) -> tuple[int, ...]:
             try:
@@ -158,9 +159,7 @@ def register(app: typer.Typer) -> None:
         if min(cfg.batches) < 1:
             raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batches")
         report = run_engine_bench(cfg, say=typer.echo)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out) / "engine.json", json.dumps(report, indent=2, default=str))
-        typer.echo(f"results in {out}/engine.json")
+        _save_report(report, out, "engine.json")
 
     @bench_app.command("soak")
     @user_errors
@@ -170,16 +169,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The real server (tiny model) under mixed traffic, hang-ups, cancels, admin loads and 429 bursts;
         requests by outcome, latency and memory per minute, and no row or request left at the end."""
-        import json
-        from pathlib import Path
-
         from prefixtune.bench.soak import run_soak
-        from prefixtune.fileio import atomic_write_text
 
         report = run_soak(minutes, say=typer.echo)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out) / "soak.json", json.dumps(report, indent=2))
-        typer.echo(f"results in {out}/soak.json")
+        _save_report(report, out, "soak.json")
         if report["5xx"] or report["running"] or report["waiting"]:
             raise typer.Exit(1)
 
