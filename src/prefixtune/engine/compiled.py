@@ -57,8 +57,12 @@ class CompiledDecode:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(self._batch))
         # The base model is frozen, so inductor may fold its weights into the graph (freezing): on a CPU it then
         # prepacks them for oneDNN (measured: 1.43x eager per decode step, vs 1.03x without, tiny model, batch 16).
-        options = {"freezing": True} if device.type == "cpu" else None
+        options = {"freezing": True} if device.type == "cpu" else {}
+        # The frozen model's modules never change while it serves, so dynamo need not check them before every
+        # step (measured: 0.6 ms of a 12 ms tiny-model step went to those guards).
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         self._fn = torch.compile(self._forward, mode=mode, dynamic=not self.buckets, options=options)
+        self.reuses_outputs = mode == "reduce-overhead"  # a CUDA graph's replay overwrites its last output
         self.failed: str | None = None  # why the compiled step was turned off
         self.compile_s = 0.0  # seconds spent in warm_up
         self._say = say or (lambda message: print(message, file=sys.stderr))
