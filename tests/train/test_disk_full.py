@@ -102,3 +102,31 @@ def test_disk_full_while_a_lora_adapter_is_saved(tmp_path, tiny_model_dir, tiny_
     for name, tensor in load_file(whole).items():
         torch.testing.assert_close(resumed[name], tensor)
 
+
+
+def test_disk_full_while_the_training_log_is_written(tmp_path, tiny_model_dir, tiny_lm, emotion_dir, monkeypatch,
+                                                     uninterrupted):
+    from prefixtune.train import report
+    from prefixtune.train.report import LogWriteError
+
+    real, calls = report.atomic_write_text, []
+
+    def full_on_second(path, text):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(report, "atomic_write_text", full_on_second)  # the eval at step 2 logs, step 4 fails
+    with pytest.raises(LogWriteError) as caught:
+        train(_cfg(tmp_path, tiny_model_dir, emotion_dir, eval_every=2), loaded=tiny_lm)
+    message = str(caught.value)
+    run = tmp_path / "run"
+    assert f"cannot write the training log {run / 'train_log.jsonl'}" in message
+    assert "No space left on device (ENOSPC); free space" in message
+    assert f"continue with: prefixtune train --config {run / 'run.json'} --resume" in message
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()][-1] == 2
+    monkeypatch.undo()
+    result = train(_cfg(tmp_path, tiny_model_dir, emotion_dir, eval_every=2, resume=True), loaded=tiny_lm)
+    assert json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    torch.testing.assert_close(load_adapter(result.out / "last" / "emo").flat, uninterrupted)  # evals draw nothing

@@ -35,6 +35,7 @@ from prefixtune.train.report import (
     plot_losses,
     preload_plotting,
     start_memory_window,
+    LogWriteError,
     write_log,
 )
 from prefixtune.train.saving import publish
@@ -304,22 +305,26 @@ class Trainer:
         else:
             progress.evals_without_gain += 1
         if self.is_main:
-            write_log(self.run_dir, progress.history)
+            self._write_log()
         if self.cfg.early_stopping and progress.evals_without_gain >= self.cfg.early_stopping:
             self.say(f"early stopping at step {progress.step}: no eval gain in {self.cfg.early_stopping} evals")
             return True
         return False
 
+    def _write_log(self) -> None:
+        with self._resumable():
+            write_log(self.run_dir, self.progress.history)
+
     @contextmanager
     def _resumable(self) -> Iterator[None]:
-        """An adapter write or store publish that fails (a full disk) loses no training: say how to go on."""
+        """An adapter, log or store write that fails (a full disk) loses no training: say how to go on."""
         try:
             yield
-        except StoreError as err:
+        except (StoreError, LogWriteError) as err:
             step = checkpoint_step(self.run_dir)
             kept = (f"the checkpoint in {self.run_dir / 'checkpoint'} (step {step}) is kept" if step is not None
                     else "no checkpoint was written yet")
-            raise StoreError(f"{err}. {kept}; once that is fixed, continue with: {self.resume_hint}") from err
+            raise type(err)(f"{err}. {kept}; once that is fixed, continue with: {self.resume_hint}") from err
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; prove it before rank 0 saves what it alone holds."""
@@ -338,10 +343,10 @@ class Trainer:
         self._check_ranks_agree()
         if stopped or not self.is_main:
             if self.is_main:
-                write_log(self.run_dir, progress.history)
+                self._write_log()
             return TrainResult(self.run_dir, {}, {}, stopped, self.warnings)
         last_metrics = next((r for r in reversed(progress.history) if r.get("kind") == "eval"), {})
-        write_log(self.run_dir, progress.history)
+        self._write_log()
         plot_losses(progress.history, self.run_dir / "loss_curve.png")
         with self._resumable():
             last = self.method.save(self, self.run_dir / "last", last_metrics)

@@ -10,11 +10,20 @@ from typing import Any
 
 import torch
 
-from prefixtune.fileio import atomic_write, atomic_write_text
+from prefixtune.errors import UserError
+from prefixtune.fileio import atomic_write, atomic_write_text, write_failure
+
+
+class LogWriteError(UserError, OSError):
+    """The training log could not be written (a full or read-only disk); the previous log is kept whole."""
 
 
 def write_log(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    path = run_dir / "train_log.jsonl"
+    try:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+    except OSError as err:
+        raise LogWriteError(write_failure(err, f"write the training log {path}")) from None
 
 
 def preload_plotting() -> None:
