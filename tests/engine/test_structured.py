@@ -1,4 +1,4 @@
-"""Structured outputs (xgrammar): constrained rows match their grammar, free rows beside them are untouched."""
+"""Structured outputs (llguidance): constrained rows match their grammar, free rows beside them are untouched."""
 
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def test_json_object_and_a_short_budget(lm):
 
 
 @pytest.mark.parametrize("spec, message", [
-    (StructuredOutput(json='{"type": "objekt"}'), 'invalid JSON schema: Unsupported type "objekt"'),
+    (StructuredOutput(json='{"type": "objekt"}'), 'invalid JSON schema: Invalid type: objekt'),
     (StructuredOutput(json="{not json"), "invalid JSON schema: not JSON"),
-    (StructuredOutput(regex="a(b"), "invalid regex: Regex parsing error at position 4: The parenthesis is not closed"),
-    (StructuredOutput(grammar="root ::= foo"), 'invalid grammar: EBNF parser error at line 1, column 10: Rule "foo"'),
+    (StructuredOutput(regex="a(b"), "invalid regex: regex parse error:\n    a(b\n     ^\nerror: unclosed group"),
+    (StructuredOutput(grammar="root ::= foo"), "invalid grammar: Rule 'foo' not found"),
     (StructuredOutput(), "exactly one of json, json_object, regex, grammar, choice; got none"),
     (StructuredOutput(choice=()), "non-empty list"),
     (StructuredOutput(choice=("a", "")), "non-empty strings"),

@@ -116,11 +116,11 @@ def test_langchain_chat_openai_plain_streamed_and_structured(server):
 
 @pytest.mark.parametrize("body, param, needle", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
-     "response_format", 'invalid JSON schema: Unsupported type "objekt"'),
+     "response_format", 'invalid JSON schema: Invalid type: objekt'),
     ({"response_format": {"type": "json_schema"}}, "response_format", "needs a json_schema object"),
     ({"response_format": {"type": "yaml"}}, "response_format", "type"),
     ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs", "invalid regex"),
-    ({"structured_outputs": {"grammar": "root ::= foo"}}, "structured_outputs", 'Rule "foo" is not defined'),
+    ({"structured_outputs": {"grammar": "root ::= foo"}}, "structured_outputs", "invalid grammar: Rule 'foo' not found"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one of"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),

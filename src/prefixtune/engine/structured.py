@@ -1,13 +1,14 @@
 """Structured outputs: a row whose text must match a JSON schema, any JSON object, a regex, a grammar or a choice.
 
-xgrammar (Dong et al. 2024; vLLM's default backend) does the work: a request's grammar is compiled once per
-distinct spec (the compiler caches by spec) when it is submitted, on the submitting thread, so the engine's
-stepping thread never waits for a compile; each admitted row then owns a GrammarMatcher that, every step, fills
-the row's bit in a token bitmask (which next tokens keep the text a prefix of a valid one) and accepts the token
-the row drew. The model's EOS tokens are the grammar's stop tokens: the mask allows EOS only where the grammar
+llguidance (Moskal et al. 2025; vLLM's `guidance` backend) does the work: a request's grammar is compiled once per
+distinct spec (cached by spec) when it is submitted, on the submitting thread, so the engine's stepping thread
+never waits for a compile; each admitted row then owns a copy of the compiled matcher that, every step, fills the
+row's bit in a token bitmask (which next tokens keep the text a prefix of a valid one) and consumes the token the
+row drew. The model's EOS tokens are the grammar's stop tokens: the mask allows EOS only where the grammar
 accepts, and once a grammar can only end, EOS is the one token left, so the row ends there ("stop"). JSON is
-compiled without free whitespace (`any_whitespace=False`: one space after ':' and ','), so a small model cannot
-wander into endless newlines; strict mode (no properties beyond the schema's) as OpenAI's strict schemas.
+compiled without free whitespace (one space after ':' and ','), so a small model cannot wander into endless
+newlines; objects take no properties beyond the schema's (OpenAI's strict schemas) unless the schema says so.
+Grammars are GBNF (llama.cpp's EBNF, rule `root`), converted to llguidance's Lark by its converter, or Lark.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from functools import lru_cache
 import torch
 
 KINDS = ("json", "json_object", "regex", "grammar", "choice")
+# No free whitespace: a small model given `[ \n\t]*` between tokens can spend its whole budget on newlines.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """What a row's output must match: exactly one of the fields (vLLM's structured_outputs, xgrammar's dialects)."""
+    """What a row's output must match: exactly one of the fields (vLLM's structured_outputs)."""
 
     json: str | None = None  # a JSON schema (its JSON text)
     json_object: bool = False  # any JSON object (OpenAI's response_format {"type": "json_object"})
     regex: str | None = None  # a regular expression the whole output matches
-    grammar: str | None = None  # an EBNF grammar (xgrammar's GBNF dialect, rule `root`)
+    grammar: str | None = None  # a grammar: GBNF (llama.cpp's EBNF, rule `root`) or Lark (rule `start`)
     choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
 
     @property
@@ -48,118 +51,179 @@ class StructuredOutput:
         _parse(self)
 
     def source(self) -> tuple[str, str]:
-        """(xgrammar dialect, text): json schemas and EBNF as given; a choice as an EBNF alternation."""
+        """(dialect: json, regex or lark; text): json schemas and regexes as given, GBNF converted to Lark."""
         kind = self.kind
         if kind == "json_object":
             return "json", '{"type": "object"}'
         if kind == "choice":
             if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
                 raise ValueError("choice must be a non-empty list of non-empty strings")
-            # JSON string literals are EBNF string literals in xgrammar's dialect (same escapes).
-            return "grammar", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice)
+            # JSON string literals are Lark string literals in llguidance (same escapes).
+            return "lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice)
+        if kind == "grammar":
+            return "lark", _to_lark(self.grammar)
         return kind, getattr(self, kind)
 
 
-def _error(exc: Exception) -> str:
-    """xgrammar's message without its C++ source location ('[11:09:40] /project/cpp/x.cc:83: ...')."""
-    text = str(exc).strip()
-    text = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text)
-    return text.replace("Check failed: (error.empty()) is false: ", "")
+def _to_lark(text: str) -> str:
+    """Lark as given; GBNF through llguidance's converter, its message kept when the GBNF does not parse."""
+    from llguidance.gbnf_to_lark import GrammarParser, is_lark_syntax, resolve
+
+    if is_lark_syntax(text):
+        return text
+
+    class Parser(GrammarParser):
+        def _parse_char(self, pos):
+            char, after = super()._parse_char(pos)
+            if char[:2] not in ("\\u", "\\U"):
+                return char, after
+            # llguidance 1.9.1's converter drops \u's leading zeros ("\ue9", which its Lark refuses); Lark takes
+            # \uXXXX, and a character beyond it stands for itself (never one of GBNF's specials).
+            code = int(pos.peek(10)[2:10 if char[1] == "U" else 6], 16)
+            return (chr(code) if code > 0xFFFF else f"\\u{code:04x}"), after
+
+    try:
+        rules = Parser().parse(text)
+        resolve(rules)  # rule references, `root` renamed `start`
+    except Exception as err:  # the converter raises bare Exceptions for unknown or missing rules
+        raise ValueError(f"invalid grammar: {err}") from None
+    return "%llguidance {}\n\n" + "\n\n".join(str(r) for r in sorted(rules.values(), key=lambda r: r.order))
+
+
+def _strict(schema):
+    """The schema with `additionalProperties: false` on every object schema that lists properties and says
+    nothing of others (vLLM's guidance backend does the same), so a model cannot invent keys."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _error(message: str) -> str:
+    """llguidance's message without its position prefix and its echo of the internal Lark (a '  1 | start: /a(b/'
+    line and a caret under it); a regex parser's own caret is kept."""
+    lines, echo = [], False
+    for line in message.strip().splitlines():
+        echo, skip = bool(re.match(r"\s*\d+ \|", line)), echo or bool(re.match(r"\s*\d+ \|", line))
+        if not skip:
+            lines.append(line)
+    text = re.sub(r"^(at )?\d+\(\d+\):\s*", "", "\n".join(lines))
+    return re.sub(r'^invalid regex ".*?" \(in regex\):\s*', "", text, flags=re.S).strip()
 
 
 @lru_cache(maxsize=256)
-def _parse(spec: StructuredOutput):
-    import xgrammar as xgr
+def _parse(spec: StructuredOutput) -> str:
+    """llguidance's grammar text for the spec, validated without a tokenizer."""
+    from llguidance import LLMatcher
 
     dialect, text = spec.source()
-    name = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[dialect]
+    name = {"json": "JSON schema", "regex": "regex", "lark": "grammar"}[dialect]
     if dialect == "json":
         try:
-            json.loads(text)
+            schema = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"invalid JSON schema: not JSON ({err})") from None
-    try:
-        if dialect == "json":
-            return xgr.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
-        if dialect == "regex":
-            return xgr.Grammar.from_regex(text)
-        return xgr.Grammar.from_ebnf(text)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"invalid {name}: {_error(err)}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"invalid JSON schema: a schema is a JSON object, not {text[:40]}")
+        grammar = LLMatcher.grammar_from_json_schema(_strict(schema), overrides=_JSON_OPTIONS)
+    elif dialect == "regex":
+        grammar = LLMatcher.grammar_from_regex(text)
+    else:
+        grammar = LLMatcher.grammar_from_lark(text)
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(f"invalid {name}: {_error(problem)}")
+    return grammar
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A spec's matcher at the start of its output (copied per row) and the bitmask's width."""
+
+    matcher: object  # llguidance.LLMatcher, never advanced itself
+    vocab: int  # the bitmask's width (>= the logits' when padded)
 
 
 class Grammars:
-    """Compiles specs for one tokenizer and logits width (xgrammar's TokenizerInfo is built once, lazily: ~0.6 s
+    """Compiles specs for one tokenizer and logits width (llguidance's token tables are built once, lazily: ~2 s
     for a 49k vocabulary) and caches the compiled grammars by spec. Thread-safe."""
 
     def __init__(self, tokenizer, width: int, eos_ids: set[int]):
         self._tokenizer, self.width, self.eos_ids = tokenizer, width, sorted(eos_ids)
         self._lock = threading.Lock()
-        self._compiler = None
-        self._compiled: dict[StructuredOutput, object] = {}
+        self._compiled: dict[StructuredOutput, Compiled] = {}
 
-    def compile(self, spec: StructuredOutput):
+    def compile(self, spec: StructuredOutput) -> Compiled:
+        from llguidance import LLMatcher
+
         grammar = _parse(spec)  # ValueError naming the problem
         with self._lock:
             if spec in self._compiled:
                 return self._compiled[spec]
-            if self._compiler is None:
-                self._compiler = _compiler(self._tokenizer, self.width, tuple(self.eos_ids))
-            try:
-                compiled = self._compiler.compile_grammar(grammar)
-            except (RuntimeError, ValueError) as err:
-                raise ValueError(f"structured output could not be compiled: {_error(err)}") from None
+            tokenizer = _tokenizer(self._tokenizer, self.width, tuple(self.eos_ids))
+            matcher = LLMatcher(tokenizer, grammar, log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"structured output could not be compiled: {_error(matcher.get_error())}")
             if len(self._compiled) >= 256:
                 self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[spec] = compiled
-            return compiled
+            self._compiled[spec] = Compiled(matcher, tokenizer.vocab_size)
+            return self._compiled[spec]
 
 
-_COMPILERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(width, eos): compiler}
-_COMPILERS_LOCK = threading.Lock()
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(width, eos): LLTokenizer}
+_TOKENIZERS_LOCK = threading.Lock()
 
 
-def _compiler(tokenizer, width: int, eos_ids: tuple[int, ...]):
-    """One xgrammar compiler per tokenizer object and logits width: offline generate builds an engine per call."""
-    import xgrammar as xgr
+def _tokenizer(tokenizer, width: int, eos_ids: tuple[int, ...]):
+    """One llguidance tokenizer per tokenizer object and logits width: offline generate builds an engine per call."""
+    import llguidance.hf
 
-    with _COMPILERS_LOCK:
-        per = _COMPILERS.setdefault(tokenizer, {})
+    with _TOKENIZERS_LOCK:
+        per = _TOKENIZERS.setdefault(tokenizer, {})
         if (width, eos_ids) not in per:
             # Its own copy: a fast tokenizer used from two threads at once fails ("Already borrowed").
-            info = xgr.TokenizerInfo.from_huggingface(copy.deepcopy(tokenizer), vocab_size=max(width, len(tokenizer)),
-                                                      stop_token_ids=list(eos_ids))
-            per[(width, eos_ids)] = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+            per[(width, eos_ids)] = llguidance.hf.from_tokenizer(
+                copy.deepcopy(tokenizer), n_vocab=max(width, len(tokenizer)), eos_token=list(eos_ids))
         return per[(width, eos_ids)]
 
 
 class RowGrammar:
     """One row's position in its grammar (written by the engine's worker only)."""
 
-    def __init__(self, compiled):
-        import xgrammar as xgr
-
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.vocab = compiled.tokenizer_info.vocab_size  # the bitmask's width (>= the logits' when padded)
+    def __init__(self, compiled: Compiled):
+        self.matcher = compiled.matcher.deep_copy()
+        self.vocab = compiled.vocab
 
     def accept(self, token: int) -> bool:
         """Advance past the drawn token; False if the grammar refuses it (the mask should have prevented it)."""
-        if self.matcher.is_terminated():
+        if self.matcher.is_stopped():
             return True
-        return bool(self.matcher.accept_token(token))
+        return bool(self.matcher.consume_token(token))
+
+
+_EXECUTOR = None  # llguidance's thread pool for a batch's mask fills, made on first use
+_BITS = torch.ones(32, dtype=torch.int32) << torch.arange(32, dtype=torch.int32)  # bit i of a mask word
 
 
 def constrain(logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar]) -> torch.Tensor:
     """logits (B, V) with each of `rows` (slot indices) masked to the tokens its grammar allows next."""
     if not rows:
         return logits
-    import xgrammar as xgr
+    global _EXECUTOR
+    import llguidance
+    import llguidance.numpy as lln
 
+    if _EXECUTOR is None:
+        _EXECUTOR = llguidance.LLExecutor()
     width = logits.shape[-1]
-    bitmask = xgr.allocate_token_bitmask(len(rows), grammars[0].vocab)  # (R, ceil(vocab / 32)) int32, on the CPU
-    for i, g in enumerate(grammars):
-        g.matcher.fill_next_token_bitmask(bitmask, i)
+    bitmask = lln.allocate_token_bitmask(len(rows), grammars[0].vocab)  # (R, ceil(vocab / 32)) int32
+    lln.fill_next_token_bitmask_par(_EXECUTOR, [(g.matcher, i) for i, g in enumerate(grammars)], bitmask)
+    words = torch.from_numpy(bitmask).to(logits.device)
+    allowed = (words.unsqueeze(-1) & _BITS.to(logits.device)).ne(0).flatten(1)[:, :width]  # (R, words * 32) -> (R, V)
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    x = logits.index_select(0, index).float()  # (R, V)
-    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device), vocab_size=min(width, grammars[0].vocab))
-    return logits.index_copy(0, index, x.to(logits.dtype))
+    x = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))  # (R, V)
+    return logits.index_copy(0, index, x)
