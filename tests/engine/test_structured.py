@@ -104,3 +104,30 @@ def test_padded_logits_mask_the_padding_and_leave_other_rows(lm):
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
     spec = StructuredOutput(choice=("yes", "no"))
     assert grammars.compile(spec) is grammars.compile(spec)  # compiled once per spec
+
+
+def _walk(lm, spec: StructuredOutput, text: str) -> bool:
+    """Whether `text`'s tokens, then EOS, are all accepted by the spec's grammar."""
+    row = RowGrammar(Grammars(lm.tokenizer, len(lm.tokenizer), set(lm.eos_ids())).compile(spec))
+    tokens = lm.tokenizer(text, add_special_tokens=False).input_ids + [min(lm.eos_ids())]
+    return all(row.accept(t) for t in tokens)
+
+
+def test_objects_take_no_keys_beyond_the_schemas_unless_it_says_so(lm):
+    """OpenAI's strict schemas: a schema that lists properties and says nothing of others refuses invented keys."""
+    closed = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    open_ = {**closed, "additionalProperties": True}
+    assert _walk(lm, StructuredOutput(json=json.dumps(closed)), '{"a": 1}')
+    assert not _walk(lm, StructuredOutput(json=json.dumps(closed)), '{"a": 1, "b": 2}')
+    assert _walk(lm, StructuredOutput(json=json.dumps(open_)), '{"a": 1, "b": 2}')
+    assert not _walk(lm, StructuredOutput(json=json.dumps(closed)), '{"a":1}')  # no free whitespace either
+
+
+@pytest.mark.parametrize("grammar", [
+    'root ::= "caf\\u00e9 " [\\u0041-\\u0043]{2} smile\nsmile ::= "\\U0001F600" # GBNF escapes',
+    'start: "caf\\u00e9 " /[A-C]{2}/ smile\nsmile: "\U0001F600"',  # Lark, as given
+])
+def test_grammars_are_gbnf_or_lark(lm, grammar):
+    spec = StructuredOutput(grammar=grammar)
+    assert _walk(lm, spec, "café AB\U0001F600")
+    assert not _walk(lm, spec, "café AD\U0001F600")

@@ -69,7 +69,7 @@ class StructuredOutputs(_Body):
     json_object: bool | None = None  # any JSON object
     regex: Text | None = None  # a regular expression the whole output matches
     choice: list[Text] | None = None  # the output is exactly one of these strings
-    grammar: Text | None = None  # an EBNF grammar (xgrammar's GBNF dialect, rule `root`)
+    grammar: Text | None = None  # a grammar: GBNF (llama.cpp's EBNF, rule `root`) or Lark (rule `start`)
 
 
 class JSONSchemaFormat(_Body):
