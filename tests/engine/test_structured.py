@@ -131,3 +131,10 @@ def test_grammars_are_gbnf_or_lark(lm, grammar):
     spec = StructuredOutput(grammar=grammar)
     assert _walk(lm, spec, "café AB\U0001F600")
     assert not _walk(lm, spec, "café AD\U0001F600")
+
+
+def test_regex_classes_are_ascii_and_dot_takes_a_newline(lm):
+    """JSON Schema's (and JavaScript's) \\d and \\w, not the Rust crate's Unicode ones."""
+    assert _walk(lm, StructuredOutput(regex=r"\d+ \w.b"), "12 x\nb")
+    assert not _walk(lm, StructuredOutput(regex=r"\d+"), "\u0663")  # ARABIC-INDIC DIGIT THREE
+    assert not _walk(lm, StructuredOutput(regex=r"\w+"), "é")

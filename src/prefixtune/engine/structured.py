@@ -25,7 +25,10 @@ import torch
 
 KINDS = ("json", "json_object", "regex", "grammar", "choice")
 # No free whitespace: a small model given `[ \n\t]*` between tokens can spend its whole budget on newlines.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# Lenient (keywords llguidance does not implement, e.g. uniqueItems, are ignored) and "\u00e9" escapes allowed
+# in strings: what xgrammar accepted before, so no schema that worked is refused now.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True,
+                 "json_allow_general_unicode_escapes": True}
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _error(message: str) -> str:
 @lru_cache(maxsize=256)
 def _parse(spec: StructuredOutput) -> str:
     """llguidance's grammar text for the spec, validated without a tokenizer."""
-    from llguidance import LLMatcher
+    from llguidance import LLMatcher, regex_to_lark
 
     dialect, text = spec.source()
     name = {"json": "JSON schema", "regex": "regex", "lark": "grammar"}[dialect]
@@ -131,9 +134,18 @@ def _parse(spec: StructuredOutput) -> str:
             raise ValueError(f"invalid JSON schema: a schema is a JSON object, not {text[:40]}")
         grammar = LLMatcher.grammar_from_json_schema(_strict(schema), overrides=_JSON_OPTIONS)
     elif dialect == "regex":
-        grammar = LLMatcher.grammar_from_regex(text)
+        _check(name, LLMatcher.grammar_from_regex(text))  # its message quotes the regex as given
+        # \d and \w are ASCII (JSON Schema's, JavaScript's and xgrammar's), not the Rust crate's Unicode classes,
+        # and `.` also matches a newline (as xgrammar's did): the same outputs as before the move to llguidance.
+        grammar = LLMatcher.grammar_from_lark(f"start: /(?s:{regex_to_lark(text, 'dw')})/")
     else:
         grammar = LLMatcher.grammar_from_lark(text)
+    return _check(name, grammar)
+
+
+def _check(name: str, grammar: str) -> str:
+    from llguidance import LLMatcher
+
     problem = LLMatcher.validate_grammar(grammar)
     if problem:
         raise ValueError(f"invalid {name}: {_error(problem)}")
