@@ -126,6 +126,8 @@ def test_objects_take_no_keys_beyond_the_schemas_unless_it_says_so(lm):
 @pytest.mark.parametrize("grammar", [
     'root ::= "caf\\u00e9 " [\\u0041-\\u0043]{2} smile\nsmile ::= "\\U0001F600" # GBNF escapes',
     'start: "caf\\u00e9 " /[A-C]{2}/ smile\nsmile: "\U0001F600"',  # Lark, as given
+    # xgrammar's EBNF: a rule's body goes on over lines until the next `name ::=`
+    'root ::= "caf\\u00e9 " ab\n    smile  # a comment\n\nab ::= [A-C]{2}\n  | "ZZ"\nsmile ::= "\\U0001F600"',
 ])
 def test_grammars_are_gbnf_or_lark(lm, grammar):
     spec = StructuredOutput(grammar=grammar)

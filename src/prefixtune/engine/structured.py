@@ -68,6 +68,9 @@ class StructuredOutput:
         return kind, getattr(self, kind)
 
 
+_RULE_AHEAD = re.compile(r"(\s|#[^\r\n]*)*([\w-]+\s*::=|$)")  # blank lines and comments, then a rule or the end
+
+
 def _to_lark(text: str) -> str:
     """Lark as given; GBNF through llguidance's converter, its message kept when the GBNF does not parse."""
     from llguidance.gbnf_to_lark import GrammarParser, is_lark_syntax, resolve
@@ -76,6 +79,16 @@ def _to_lark(text: str) -> str:
         return text
 
     class Parser(GrammarParser):
+        """The converter's GBNF parser, reading xgrammar's EBNF as xgrammar did."""
+
+        def _skip_space(self, pos, allow_newlines):
+            pos = super()._skip_space(pos, allow_newlines)
+            # A rule's body may go on over several lines: it ends where the next `name ::=` starts (llama.cpp's
+            # GBNF ends it at the line's end outside parentheses).
+            if not allow_newlines and pos.current() in ("\r", "\n") and not _RULE_AHEAD.match(pos.text, pos.pos):
+                pos = super()._skip_space(pos, True)
+            return pos
+
         def _parse_char(self, pos):
             char, after = super()._parse_char(pos)
             if char[:2] not in ("\\u", "\\U"):
