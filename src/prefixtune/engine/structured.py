@@ -1,6 +1,6 @@
 """Structured outputs: a row whose text must match a JSON schema, any JSON object, a regex, a grammar or a choice.
 
-llguidance (Moskal et al. 2025; vLLM's `guidance` backend) does the work: a request's grammar is compiled once per
+llguidance (guidance-ai's; vLLM's `guidance` backend) does the work: a request's grammar is compiled once per
 distinct spec (cached by spec) when it is submitted, on the submitting thread, so the engine's stepping thread
 never waits for a compile; each admitted row then owns a copy of the compiled matcher that, every step, fills the
 row's bit in a token bitmask (which next tokens keep the text a prefix of a valid one) and consumes the token the
@@ -8,7 +8,8 @@ row drew. The model's EOS tokens are the grammar's stop tokens: the mask allows 
 accepts, and once a grammar can only end, EOS is the one token left, so the row ends there ("stop"). JSON is
 compiled without free whitespace (one space after ':' and ','), so a small model cannot wander into endless
 newlines; objects take no properties beyond the schema's (OpenAI's strict schemas) unless the schema says so.
-Grammars are GBNF (llama.cpp's EBNF, rule `root`), converted to llguidance's Lark by its converter, or Lark.
+Grammars are EBNF as llama.cpp's GBNF and xgrammar write it (rule `root`; a rule may run over several lines),
+converted to llguidance's Lark by its converter, or Lark itself (rule `start`).
 """
 
 from __future__ import annotations
