@@ -121,6 +121,9 @@ def test_objects_take_no_keys_beyond_the_schemas_unless_it_says_so(lm):
     assert not _walk(lm, StructuredOutput(json=json.dumps(closed)), '{"a": 1, "b": 2}')
     assert _walk(lm, StructuredOutput(json=json.dumps(open_)), '{"a": 1, "b": 2}')
     assert not _walk(lm, StructuredOutput(json=json.dumps(closed)), '{"a":1}')  # no free whitespace either
+    named = {"type": "object", "properties": {"properties": {"const": {"properties": 1}}}}  # names, data: not schemas
+    assert _walk(lm, StructuredOutput(json=json.dumps(named)), '{"properties": {"properties": 1}}')
+    assert not _walk(lm, StructuredOutput(json=json.dumps(named)), '{"additionalProperties": 1}')
 
 
 @pytest.mark.parametrize("grammar", [

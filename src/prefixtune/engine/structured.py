@@ -107,7 +107,8 @@ def _to_lark(text: str) -> str:
     return "%llguidance {}\n\n" + "\n\n".join(str(r) for r in sorted(rules.values(), key=lambda r: r.order))
 
 
-_VALUES = ("const", "enum", "default", "examples")  # schema keywords whose values are data, not schemas
+_VALUES = ("const", "enum", "default", "examples")  # keywords whose values are data, not schemas
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
 
 
 def _strict(schema):
@@ -117,7 +118,12 @@ def _strict(schema):
         return [_strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: v if k in _VALUES else _strict(v) for k, v in schema.items()}
+    out = {}
+    for key, value in schema.items():
+        if key in _MAPS and isinstance(value, dict):  # a property may be named "properties"
+            out[key] = {name: _strict(s) for name, s in value.items()}
+        else:
+            out[key] = value if key in _VALUES else _strict(value)
     if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
