@@ -285,7 +285,7 @@ def run_engine_bench(cfg: EngineBenchConfig, say=print) -> dict[str, Any]:
             report["compiled"] = compiled_table(lm, cfg, prompt, say)
         report["bf16"] = bf16_table(lm, cfg, prompt, say)
         if cfg.quantize:
-            report["int8"] = quantized_table(lm, cfg, prompt, say)
+            report["quantized"] = quantized_table(lm, cfg, prompt, say)
         report["prefill"] = prefill_table(lm, cfg, prompt, say)
         report["prefix"] = prefix_table(lm, cfg, prompt, say)
     return report
