@@ -25,7 +25,10 @@ def test_bench_engine_reports_every_table(tmp_path, monkeypatch):
     assert row["bare"] > 0 and row["engine"] > 0 and row["served"] is None
     assert f"({row['engine'] / row['bare']:.2f}x)" in result.output  # the printed ratio is of these figures
     assert "skipped: no bf16 on" in result.output and "skipped" in report["bf16"]
-    assert 0 <= report["int8"]["greedy agreement"] <= 1 and report["int8"]["int8"] > 0
+    q = report["quantized"]
+    assert 0 <= q["int8"]["greedy agreement"] <= 1 and q["fp16"]["greedy agreement"] == 1  # fp16: no drift
+    fp16 = q["fp16"]["batch 2"]
+    assert f"fp16 {fp16:7.1f} tok/s = {fp16 / q['float32 batch 2']:.2f}x" in result.output  # ratio of these figures
     assert set(report["prefix"]["batch 2"]) == {"0", "4"}  # JSON keys
     assert report["prefill"]["engine"] > 0 and "compiled" not in report
 

@@ -4,7 +4,7 @@
   `transformers` greedy loop (forward + argmax over a DynamicCache) at each batch size, same torch threads;
 - eager vs the compiled decode step (engine/compiled.py), with the compile time;
 - float32 vs bf16 (only on a CPU with native bf16 or a GPU, unless --force-bf16: emulated bf16 is only slower);
-- int8 weight-only vs float32 at batch 1 (prefixtune.quantize), with greedy agreement;
+- int8 and fp16 quantized bases vs float32 at batch 1 and the largest (prefixtune.quantize), greedy agreement;
 - prefill tokens/s: the engine vs one bare forward of the same prompts;
 - prefix overhead: decode tokens/s with P virtual tokens per row vs none, at batch 1 and the largest batch.
 
@@ -40,7 +40,7 @@ class EngineBenchConfig:
     prefix_lengths: tuple[int, ...] = (0, 10, 20, 50, 100)  # virtual tokens per row in the prefix sweep
     repeats: int = 2  # alternating runs per pair (the best counts)
     compile: bool = True  # measure the compiled decode step (compiling takes seconds to minutes)
-    quantize: bool = True  # measure int8 weight-only at batch 1
+    quantize: bool = True  # measure the --quantize modes (int8, fp16) at batch 1 and the largest batch
     force_bf16: bool = False  # measure bf16 even on a CPU without native bf16
     served: bool = True  # also the engine in its own process (starts a second process)
 
@@ -209,17 +209,27 @@ def _agreement(ref: list[int], got: list[int]) -> float:
 
 
 def quantized_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[str, Any]:
-    from prefixtune.quantize import quantize_model
+    """Each --quantize mode (prefixtune.quantize) vs float32 at batch 1 and the largest batch, alternating, with
+    greedy agreement over `new_tokens`."""
+    from prefixtune.quantize import QUANTIZE_CHOICES, quantize_model
 
-    q = _sibling(lm, quantize_model(copy.deepcopy(lm.model), "int8"))
-    f32 = i8 = 0.0
-    for _ in range(cfg.repeats):
-        f32 = max(f32, _offline_tps(lm, prompt, 1, cfg.new_tokens))
-        i8 = max(i8, _offline_tps(q, prompt, 1, cfg.new_tokens))
-    agree = _agreement(_greedy(lm, prompt, cfg.new_tokens), _greedy(q, prompt, cfg.new_tokens))
-    say(f"int8 weight-only batch 1: {i8:7.1f} tok/s = {i8 / f32:.2f}x float32 ({f32:.1f}); greedy tokens agree "
-        f"up to {agree:.0%} of {cfg.new_tokens}")
-    return {"float32": f32, "int8": i8, "greedy agreement": agree}
+    modes = {m: _sibling(lm, quantize_model(copy.deepcopy(lm.model), m)) for m in QUANTIZE_CHOICES}
+    ref = _greedy(lm, prompt, cfg.new_tokens)
+    out: dict[str, Any] = {m: {"greedy agreement": _agreement(ref, _greedy(q, prompt, cfg.new_tokens))}
+                           for m, q in modes.items()}
+    for b in sorted({min(cfg.batches), max(cfg.batches)}):
+        best = dict.fromkeys(["float32", *modes], 0.0)
+        for _ in range(cfg.repeats):
+            for name, model in (("float32", lm), *modes.items()):
+                best[name] = max(best[name], _offline_tps(model, prompt, b, cfg.new_tokens))
+        out[f"float32 batch {b}"] = best["float32"]
+        for m in modes:
+            out[m][f"batch {b}"] = best[m]
+        say(f"quantized batch {b:>3}: " + " | ".join(f"{m} {best[m]:7.1f} tok/s = {best[m] / best['float32']:.2f}x"
+                                                     for m in modes) + f" float32 ({best['float32']:.1f})")
+    say("quantized greedy tokens agree with float32's up to: "
+        + ", ".join(f"{m} {out[m]['greedy agreement']:.0%}" for m in modes) + f" of {cfg.new_tokens}")
+    return out
 
 
 def prefill_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[str, Any]:
@@ -275,7 +285,7 @@ def run_engine_bench(cfg: EngineBenchConfig, say=print) -> dict[str, Any]:
             report["compiled"] = compiled_table(lm, cfg, prompt, say)
         report["bf16"] = bf16_table(lm, cfg, prompt, say)
         if cfg.quantize:
-            report["int8"] = quantized_table(lm, cfg, prompt, say)
+            report["quantized"] = quantized_table(lm, cfg, prompt, say)
         report["prefill"] = prefill_table(lm, cfg, prompt, say)
         report["prefix"] = prefix_table(lm, cfg, prompt, say)
     return report

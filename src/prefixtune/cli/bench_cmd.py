@@ -136,12 +136,12 @@ def register(app: typer.Typer) -> None:
                                            help="Comma-separated virtual tokens per row (prefix overhead)."),
         repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating runs per pair (best counts)."),
         compile: bool = typer.Option(True, "--compile/--no-compile", help="Measure the compiled decode step."),
-        quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="Measure int8 weight-only at batch 1."),
+        quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="Measure --quantize int8 and fp16 at batch 1 and the largest batch."),
         force_bf16: bool = typer.Option(False, "--force-bf16", help="Measure bf16 even without native bf16."),
         served: bool = typer.Option(True, "--served/--no-served", help="Also the engine in its own process."),
         out: str = typer.Option("runs/bench-engine", "--out", help="Where engine.json goes."),
     ) -> None:
-        """The engine vs a bare transformers loop, eager vs compiled, float32 vs bf16 vs int8, prefill, and the
+        """The engine vs a bare transformers loop, eager vs compiled, float32 vs bf16 vs int8/fp16, prefill, and the
         prefix overhead, as ratios measured in one run."""
         from prefixtune.bench.engine import EngineBenchConfig, run_engine_bench
 

@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16"),
         compile: bool = typer.Option(False, "--compile/--no-compile",
                                      help="Compile the decode step (torch.compile; pays off over long outputs)."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: weight-only int8 frozen base (torchao)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="fp16 | int8: quantized frozen base, CPU (fp16: no drift; int8: faster, drifts; docs/BENCHMARKS.md)."),
     ) -> None:
         """Generate text with one or more adapters (one result per adapter, one mixed batch)."""
         from prefixtune.engine.sampling import SamplingParams

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
         compile: bool = typer.Option(False, "--compile/--no-compile",
                                      help="Compile the decode step (torch.compile), warmed up at start."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: weight-only int8 frozen base (torchao)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="fp16 | int8: quantized frozen base, CPU (fp16: no drift; int8: faster, drifts; docs/BENCHMARKS.md)."),
         shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", min=0,
                                                help="Seconds in-flight requests get to finish on SIGTERM."),
         force: bool = typer.Option(False, "--force", help="Serve adapters trained on another base of the same shape."),

@@ -48,7 +48,7 @@ class EngineSpec:
     max_step_tokens: int | str | None = "auto"  # decode rows + prefill tokens per step ("auto": by device; None: whole)
     threads: int | None = None  # torch CPU threads in the engine process (None: runtime.configure_threads' policy)
     compile: bool = False  # compile the decode step (torch.compile), warmed up before the first request
-    quantize: str | None = None  # int8: weight-only int8 frozen base (torchao); None: the model's dtype
+    quantize: str | None = None  # int8 | fp16: quantized frozen base (prefixtune.quantize); None: the model's dtype
 
 
 class EventSink:

@@ -26,6 +26,7 @@ from prefixtune.engine.rows import build_requests
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.structured import StructuredOutput
 from prefixtune.engine.scoring import Score, score_texts, with_adapters
+from prefixtune.engine.scheduler import logits_width
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
@@ -74,11 +75,12 @@ class PrefixLM:
     def load(cls, model: str = "smollm2-135m", store: str | Path | None = None, device: str | None = None,
              dtype: str | None = None, compile: bool = False, quantize: str | None = None, max_batch: int = 16,
              **kwargs: Any) -> PrefixLM:
-        """Load the base model once; kwargs: cache_size, cache_bytes, force. `quantize="int8"`: int8 weight-only
+        """Load the base model once; kwargs: cache_size, cache_bytes, force. `quantize="int8"|"fp16"`: quantized
         frozen base (prefixtune.quantize); `compile`: a compiled decode step warmed up for `max_batch` rows."""
         from prefixtune.models import load_base_model
-        from prefixtune.quantize import quantize_model
+        from prefixtune.quantize import check_quantize, quantize_model
 
+        quantize = check_quantize(quantize)  # a bad value fails before the model loads
         loaded = load_base_model(model, device=device, dtype=dtype)
         quantize_model(loaded.model, quantize)
         lm = cls(loaded, store, **kwargs)
@@ -265,7 +267,7 @@ class PrefixLM:
         tokenizer used from two threads at once fails ("Already borrowed").
         """
         if self._layout is None:
-            vocab = self.model.get_output_embeddings().weight.shape[0]
+            vocab = logits_width(self.model)
             self._layout = layout_mask(tokenizer or self.tokenizer, vocab).to(self.device)
         return self._layout
 

@@ -409,8 +409,8 @@ class Scheduler:
 def logits_width(model) -> int:
     """Token ids the model scores (its output layer's rows; may exceed the tokenizer's vocabulary: padding)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+    rows = getattr(head, "out_features", None)  # also a quantized head's (its `weight` is a method there)
+    return int(rows) if rows is not None else int(model.config.vocab_size)
 
 
 def cost(request: Request) -> int:
