@@ -18,6 +18,7 @@ serves on the quantized one.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -72,4 +73,8 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
         # A tied LM head is replaced by its quantized copy; the input embedding keeps the float weight.
         quantize_dynamic(model, spec, inplace=True)
     model.config.prefixtune_quantized = mode  # so reports can say what ran
+    if mode == "int8":
+        print("prefixtune: --quantize int8 quantizes activations with one scale per batch: outputs drift (SmolLM2: "
+              "eval loss +0.96) and a row's tokens depend on the rows beside it; --quantize fp16 keeps float32's "
+              "outputs (docs/BENCHMARKS.md, 'Quantized base')", file=sys.stderr)
     return model

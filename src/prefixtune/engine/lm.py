@@ -23,10 +23,10 @@ from prefixtune.engine import compose
 from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.rows import build_requests
+from prefixtune.engine.runner import logits_width
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.structured import StructuredOutput
 from prefixtune.engine.scoring import Score, score_texts, with_adapters
-from prefixtune.engine.scheduler import logits_width
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape

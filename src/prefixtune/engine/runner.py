@@ -389,3 +389,10 @@ class ModelRunner:
         """(B, T, W) bool -> (B, 1, T, W) additive mask; a finite floor keeps fully masked math NaN-free."""
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)  # (B, T, W)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min).unsqueeze(1)  # (B, 1, T, W)
+
+
+def logits_width(model) -> int:
+    """Token ids the model scores (its output layer's rows; may exceed the tokenizer's vocabulary: padding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = getattr(head, "out_features", None)  # also a quantized head's (its `weight` is a method there)
+    return int(rows) if rows is not None else int(model.config.vocab_size)

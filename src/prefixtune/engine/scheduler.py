@@ -29,7 +29,7 @@ from prefixtune.engine.output import OutputProcessor, RowEvent
 from prefixtune.engine.penalties import check_bias_ids
 from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, prefill_rows, rows_of, step_tokens
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
-from prefixtune.engine.runner import ModelRunner
+from prefixtune.engine.runner import ModelRunner, logits_width
 from prefixtune.engine.sampler import Group, Sampler, new_group
 from prefixtune.engine.structured import Grammars
 
@@ -404,13 +404,6 @@ class Scheduler:
                 f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
                 f"{need} > max_model_len {self.max_model_len}"
             )
-
-
-def logits_width(model) -> int:
-    """Token ids the model scores (its output layer's rows; may exceed the tokenizer's vocabulary: padding)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    rows = getattr(head, "out_features", None)  # also a quantized head's (its `weight` is a method there)
-    return int(rows) if rows is not None else int(model.config.vocab_size)
 
 
 def cost(request: Request) -> int:
