@@ -54,3 +54,31 @@ def emotion_dir() -> Path:
     if not (path / "train.jsonl").is_file():
         pytest.skip(f"shared emotion data not found at {path}")
     return path
+
+
+# The longest test files, longest first (per-file totals of a full `make test` run on the 2-core dev machine).
+# `--dist loadfile` runs each file whole on one worker and hands files out in collection order (the Makefile
+# turns off xdist's reordering by test count, which put these one-test files last): started first, they run
+# beside the many short files instead of leaving one worker alone at the end. Update when --durations changes.
+LONGEST_FIRST = (
+    "tests/server/test_smollm2_controls.py",
+    "tests/test_models.py",
+    "tests/bench/test_bench_serve_http.py",
+    "tests/server/test_engine_process.py",
+    "tests/eval/test_compare_full.py",
+    "tests/bench/test_bench_soak.py",
+    "tests/server/test_ray_serve.py",
+    "tests/train/test_distributed.py",
+    "tests/engine/test_compiled.py",
+    "tests/bench/test_bench_smoke.py",
+    "tests/train/test_training.py",
+    "tests/server/test_supervisor.py",
+    "tests/server/test_lm_eval.py",
+    "tests/server/test_serve_cli.py",
+    "tests/eval/test_compare_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole

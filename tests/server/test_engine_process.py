@@ -125,7 +125,8 @@ def test_admin_load_by_path_and_unload_reach_the_core(server, serve_lm, roots):
         client.completions.create(model="gamma", prompt="Hello", max_tokens=2)
 
 
-def test_an_engine_process_that_dies_fails_its_requests_and_health(serve_lm):
+def test_an_engine_process_that_dies_fails_its_requests_health_and_admin_at_once(serve_lm):
+    # One engine process for both halves (each start costs ~10 s): killed mid-stream, then the dead core's admin.
     with live_server(serve_lm, engine_process=True, max_batch=4, max_model_len=128) as srv:
         client = srv.client()
         stream = client.completions.create(model="alpha", prompt="Go", max_tokens=100, temperature=0, stream=True,
@@ -140,6 +141,15 @@ def test_an_engine_process_that_dies_fails_its_requests_and_health(serve_lm):
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(model="alpha", prompt="Go", max_tokens=2)
         assert err.value.status_code == 503
+
+        wait_for(lambda: not srv.scheduler.alive, what="the client notices the dead core")
+        with srv.http() as http:
+            start = time.monotonic()
+            load = http.post("/v1/adapters", json={"name": "alpha"}, timeout=30)
+            assert time.monotonic() - start < 1.0 and load.status_code == 503
+            assert http.delete("/v1/adapters/beta", timeout=30).status_code == 503
+            assert "beta" in [m["id"] for m in http.get("/v1/models").json()["data"]]  # the unload changed nothing
+        assert _served_within(client, 1.0, model="beta", prompt="Hello") == 503
 
 
 def test_a_model_that_cannot_load_raises_its_own_error_in_the_front_end(tmp_path):
@@ -177,20 +187,6 @@ def test_a_core_that_never_answers_an_admin_load_blocks_no_request(serve_lm, mon
         assert response.status_code == 503 and "did not load" in response.json()["error"]["message"]
         assert engine.alive and not engine._calls  # the timed-out call left no entry behind
         assert _served_within(client, 1.0, model="alpha", prompt="Hello") == 200  # rolled back, still served
-
-
-def test_a_dead_core_answers_admin_and_requests_at_once(serve_lm):
-    with live_server(serve_lm, engine_process=True, max_batch=4, max_model_len=128) as srv:
-        srv.scheduler.process.kill()
-        wait_for(lambda: not srv.scheduler.alive, what="the client notices the dead core")
-        client = srv.client()
-        with srv.http() as http:
-            start = time.monotonic()
-            load = http.post("/v1/adapters", json={"name": "alpha"}, timeout=30)
-            assert time.monotonic() - start < 1.0 and load.status_code == 503
-            assert http.delete("/v1/adapters/beta", timeout=30).status_code == 503
-            assert "beta" in [m["id"] for m in http.get("/v1/models").json()["data"]]  # the unload changed nothing
-        assert _served_within(client, 1.0, model="beta", prompt="Hello") == 503
 
 
 def test_the_core_survives_a_bad_command_and_a_cancel_among_identical_requests(serve_lm, tmp_path):
