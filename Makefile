@@ -24,7 +24,7 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 # One worker per core, each test file on one worker (its module fixtures stay in one process), files handed out
 # in collection order (tests/conftest.py puts the longest first); the 15 slowest tests are listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -p no:langsmith --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/prefixtune demo --model $(MODEL) --data $(DATA) --out $(DEMO_OUT) $(DEMO_ARGS)
