@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from prefixtune.engine.compose import COMPOSE_BOOST, ComposeError, build_experts, concat_kv, parts_of
-from prefixtune.engine.guidance import guided_logits, product_logits
+from prefixtune.engine.compose import (COMPOSE_BOOST, REPEAT_DECAY, ComposeError, build_experts, concat_kv,
+                                       part_scales, parts_of)
+from prefixtune.engine.guidance import product_logits
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.prefix.model import PrefixModel
 from prefixtune.store import AdapterStore
 from prefixtune.testing import write_random_adapter
 
 PROMPTS = ["The weather today is", "Hi", "Once upon a time, in a land far away,"]
+EMOTIONS = ["anger", "fear", "joy", "love", "sadness", "surprise"]
+TOPICS = ["business", "scitech", "sports", "world"]
+# The fixture's default scales (part_scales): each recommendation x COMPOSE_BOOST, the 4-topic part x ln 4 / ln 6.
+DEFAULT_SCALES = [2.0 * COMPOSE_BOOST, 1.5 * COMPOSE_BOOST * math.log(4) / math.log(6)]
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +27,17 @@ def lm(tmp_path_factory, tiny_lm):
     root = tmp_path_factory.mktemp("compose-store")
     write_random_adapter(root, "emo-all", tiny_lm, tokens=3, seed=3)
     write_random_adapter(root, "top-all", tiny_lm, tokens=5, seed=6)
-    write_random_adapter(root, "emo-joy", tiny_lm, tokens=4, seed=1, guidance={"scale": 2.0, "negative": "emo-all"})
+    write_random_adapter(root, "emo-joy", tiny_lm, tokens=4, seed=1, guidance={"scale": 2.0, "negative": "emo-all"},
+                         label="joy", labels=EMOTIONS)
     write_random_adapter(root, "top-sports", tiny_lm, tokens=6, seed=2,
-                         guidance={"scale": 1.5, "negative": "top-all"})
+                         guidance={"scale": 1.5, "negative": "top-all"}, label="sports", labels=TOPICS)
     write_random_adapter(root, "plain", tiny_lm, tokens=4, seed=7)
     return PrefixLM(tiny_lm, AdapterStore(root))
 
 
 def _reference(lm, prompt, parts, negatives, scales, steps):
-    """Product-of-experts greedy decoding from separate full forwards per step (no cache, no batching)."""
+    """Product-of-experts greedy decoding from separate full forwards per step (no cache, no batching); a token's
+    push decays with the times it was already drawn."""
     model = PrefixModel(lm.model)
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
     kv = [lm.adapter(p).kv for p in parts]
@@ -38,21 +47,37 @@ def _reference(lm, prompt, parts, negatives, scales, steps):
         mask = torch.ones_like(ids)
         conds = torch.cat([model(ids, mask, prefixes=[k]).logits[:, -1] for k in kv])  # (k, V)
         unconds = torch.cat([model(ids, mask, prefixes=[n]).logits[:, -1] for n in neg])  # (k, V)
+        counts = torch.zeros(conds.shape[-1]).index_add(0, torch.tensor(out, dtype=torch.long),
+                                                        torch.ones(len(out)))  # (V,)
         token = int(product_logits(conds, unconds, torch.tensor(scales), eos_ids=sorted(lm.eos_ids()),
-                                   layout=lm.layout_mask()).argmax(-1))
+                                   layout=lm.layout_mask(), decay=REPEAT_DECAY ** counts).argmax(-1))
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
 
 
-def test_product_of_one_expert_is_the_guided_pair():
+def test_product_is_the_parts_mixture_plus_each_parts_push():
     torch.manual_seed(0)
-    cond, uncond = torch.randn(1, 50), torch.randn(1, 50)
-    layout = torch.zeros(50, dtype=torch.bool)
-    layout[:5] = True
-    expected = guided_logits(cond, uncond, 2.5, eos_ids=[7], layout=layout)[0]
-    got = product_logits(cond, uncond, torch.tensor([2.5]), eos_ids=[7], layout=layout)
-    assert torch.allclose(got, expected, atol=1e-5)
+    conds, uncond = torch.randn(2, 50), torch.randn(2, 50)
+    got = product_logits(conds, uncond, torch.tensor([2.5, 1.5]), plausibility=0.0)
+    lc, lu = torch.log_softmax(conds, -1), torch.log_softmax(uncond, -1)
+    mixture = torch.log(torch.softmax(conds, -1).mean(0))
+    assert torch.allclose(got, mixture + 2.5 * (lc[0] - lu[0]) + 1.5 * (lc[1] - lu[1]), atol=1e-4)
+    # Scale 0 for every part: the parts' mixture itself.
+    assert torch.allclose(product_logits(conds, uncond, torch.zeros(2), plausibility=0.0), mixture, atol=1e-5)
+
+
+def test_decay_weighs_each_tokens_push():
+    torch.manual_seed(1)
+    conds, uncond = torch.randn(2, 20), torch.randn(2, 20)
+    scales = torch.tensor([3.0, 2.0])
+    full = product_logits(conds, uncond, scales, plausibility=0.0)
+    decay = torch.ones(20)
+    decay[4] = 0.25
+    got = product_logits(conds, uncond, scales, plausibility=0.0, decay=decay)
+    mixture = torch.log(torch.softmax(conds, -1).mean(0))
+    assert torch.allclose(got[torch.arange(20) != 4], full[torch.arange(20) != 4], atol=1e-5)
+    assert torch.allclose(got[4] - mixture[4], 0.25 * (full[4] - mixture[4]), atol=1e-4)
 
 
 def test_product_floor_is_over_the_parts_mixture():
@@ -65,17 +90,30 @@ def test_product_floor_is_over_the_parts_mixture():
     got = product_logits(conds, uncond, torch.tensor([3.0, 1.0]))
     assert torch.isfinite(got[:2]).all() and torch.isinf(got[2:]).all()
     lc, lu = torch.log_softmax(conds, -1), torch.log_softmax(uncond, -1)
-    expected = 0.5 * lu[0] + 0.5 * lu[1] + 3.0 * (lc[0] - lu[0]) + 1.0 * (lc[1] - lu[1])
+    mixture = torch.log(torch.softmax(conds, -1).mean(0))
+    expected = mixture + 3.0 * (lc[0] - lu[0]) + 1.0 * (lc[1] - lu[1])
     assert torch.allclose(got[:2], expected[:2], atol=1e-4)
 
 
+@pytest.mark.parametrize("recommended, labels, expected", [
+    ([1.5, 1.5], [6, 4], [3.0, 3.0 * math.log(4) / math.log(6)]),  # more labels, the stronger push
+    ([1.5, 2.0], [4, 4], [3.0, 4.0]),  # equal label counts: each recommendation x COMPOSE_BOOST
+    ([1.5, 1.5], [6, 0], [3.0, 3.0]),  # a part with no known label set counts as the largest
+    ([1.0, 1.5], [6, 4], [1.0, 3.0 * math.log(4) / math.log(6)]),  # a part recommending no guidance stays so
+])
+def test_part_scales_follow_the_label_counts(recommended, labels, expected):
+    assert part_scales(recommended, labels) == pytest.approx(expected)
+
+
 def test_product_of_experts_equals_separate_forwards(lm):
-    """Each part against its own family negative at its own scale (the manifests' recommendations x the boost)."""
-    got = lm.generate(PROMPTS[:2], [("emo-joy", "top-sports")] * 2, max_new_tokens=6, ignore_eos=True)
+    """Each part against its own family negative at its own scale (part_scales from the manifests), pushes
+    decaying with repeats."""
+    assert build_experts(lm, "emo-joy+top-sports", None, None, None).scales == pytest.approx(DEFAULT_SCALES)
+    got = lm.generate(PROMPTS[:2], [("emo-joy", "top-sports")] * 2, max_new_tokens=12, ignore_eos=True)
     for prompt, row in zip(PROMPTS, got):
         assert row.adapter == "emo-joy+top-sports"
         assert row.tokens == _reference(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"],
-                                         [2.0 * COMPOSE_BOOST, 1.5 * COMPOSE_BOOST], 6)
+                                         DEFAULT_SCALES, 12)
 
 
 def test_weights_set_each_parts_scale(lm):

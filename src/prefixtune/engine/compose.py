@@ -6,11 +6,12 @@ Two ways to put k adapters on one row, both selectable per request (`compose_mod
   is a group of k part rows (each its own adapter's prefix) and one row per distinct negative (a part's family
   adapter `NAME-all`, or the base model), all with the same prompt. Each step the group draws one token from
 
-      logp = mean_j log p_neg_j + sum_i scale_i * (log p_part_i - log p_neg(i))
+      logp = log mean_i p_part_i + sum_i scale_i * decay * (log p_part_i - log p_neg(i))
 
-  (engine/guidance.product_logits: with k = 1 it is the guided pair's formula exactly; its plausibility floor
-  is over the parts' mixture), every row takes it, and the group finishes together. Each part has its own scale
-  against its own family's negative: by default its manifest's recommendation x COMPOSE_BOOST.
+  (engine/guidance.product_logits: the parts' mixture as the anchor, also for its plausibility floor), every
+  row takes it, and the group finishes together. Each part has its own scale against its own family's
+  negative: by default its manifest's recommendation x COMPOSE_BOOST x ln(its label count) / ln(the largest
+  label count among the parts) (part_scales). `decay` is REPEAT_DECAY ** (times the row already drew the token).
 - `concat`: one row whose prefix is the parts' prefixes side by side along the virtual-token axis,
   (2L, kv_heads, P1 + P2, head_dim), prompt after them at positions P1 + P2 + j (PEFT's placement). Guided,
   like any adapter, against the concatenation of the parts' negatives when every part names one.
@@ -20,8 +21,9 @@ Adapter names never hold "+" (store.validate_name), so a composed name is unambi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,10 +35,27 @@ SEP = "+"
 MODES = ("guidance", "concat")
 DEFAULT_MODE = "guidance"  # measured ahead of concat on joint accuracy (docs/BENCHMARKS.md "Composition")
 MAX_COMPOSE = 4  # parts per composed adapter unless the caller sets another limit (rows grow with it)
-# A part's default scale in a product of experts is its manifest's recommendation times this: each part's push
-# competes with the others', and at the single-adapter scale the weaker aspect is lost (docs/BENCHMARKS.md
-# "Composition": emotion x topic, x1 gave joint accuracy 0.36, x2 with the mixture floor 0.55).
+# A part's default scale in a product of experts is its manifest's recommendation times COMPOSE_BOOST, times
+# ln(its family's label count) / ln(the largest count among the parts): each part's push competes with the
+# others', a label picked among more labels carries more information (6 emotions: ln 6 nats, 4 topics: ln 4),
+# and at the single-adapter scale the weaker aspect is lost (docs/BENCHMARKS.md "Composition").
 COMPOSE_BOOST = 2.0
+# Each time a composed row has already drawn a token, that token's guidance push is multiplied by this: the
+# parts' pushes otherwise keep promoting the word they favour ("loving loving loving loving"), while the
+# anchor (the parts' mixture) still decides whether repeating it is natural (docs/BENCHMARKS.md "Tuning").
+REPEAT_DECAY = 0.5
+
+
+def part_scales(recommended: Sequence[float], labels: Sequence[int | None]) -> list[float]:
+    """Each part's default scale from its recommended one and its family's label count (COMPOSE_BOOST's rule);
+    a part recommending no guidance stays unguided, one with no known label set counts as the largest."""
+    known = [n for n in labels if n and n > 1]
+    top = max(known, default=0)
+    out = []
+    for rec, n in zip(recommended, labels):
+        share = math.log(n) / math.log(top) if n and n > 1 else 1.0
+        out.append(float(rec) * COMPOSE_BOOST * share if is_guided(rec) else float(rec))
+    return out
 
 
 class ComposeError(ValueError):
@@ -194,19 +213,22 @@ def concat_guidance(lm, name: str, scale: float | None, negative: str | None) ->
 def build_experts(lm, name: str, weights: Sequence[float] | None, scale: float | None,
                   negative: str | None) -> Experts:
     """The product of experts for "a+b": each part against its recommended negative (else the caller's, else
-    the base model) at its weight (else the caller's scale, else its recommended scale x COMPOSE_BOOST);
-    tensors resolved."""
+    the base model) at its weight (else the caller's scale, else part_scales from its recommended scale and its
+    manifest's label count); tensors resolved."""
     parts = parts_of(name, limit=None)
     weights = check_weights(weights, parts)
-    guides = []
-    for i, part in enumerate(parts):
-        recommended, family = lm.guidance(part)  # (1, None) when the manifest recommends nothing
+    recommended, negatives = [], []
+    for part in parts:
+        scale_i, family = lm.guidance(part)  # (1, None) when the manifest recommends nothing
         neg = negative if negative is not None else family
         neg = None if neg is not None and neg.lower() == "none" else neg
         if neg == part:
             raise ComposeError(f"guidance_negative {neg!r} is a part of {name!r}; name another adapter")
-        default = recommended * COMPOSE_BOOST if is_guided(recommended) else recommended
-        guides.append((weights[i] if weights else default if scale is None else scale, neg))
+        recommended.append(scale_i)
+        negatives.append(neg)
+    labels = [len(getattr(lm.manifest(p), "labels", None) or ()) for p in parts]
+    scales = weights or ([scale] * len(parts) if scale is not None else part_scales(recommended, labels))
+    guides = list(zip(scales, negatives))
     for s, _ in guides:
         validate_scale(s)
     return experts_for(parts, guides).resolve(lambda n: lm.adapter(n).kv)
@@ -228,12 +250,23 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
         rows = torch.tensor([slot[(request_id, i)] for i in range(k)], device=logits.device)
         negs = torch.tensor([slot[(request_id, k + j)] for j in experts.negative_of], device=logits.device)
         scales = torch.tensor(experts.scales, device=logits.device)
+        decay = None if group.counts is None else REPEAT_DECAY ** group.counts  # (V,)
         combined = product_logits(logits.index_select(0, rows), logits.index_select(0, negs), scales,
-                                  eos_ids=eos_ids, layout=mask)  # (V,)
+                                  eos_ids=eos_ids, layout=mask, decay=decay)  # (V,)
         logits = logits.index_copy(0, rows[:1], combined.unsqueeze(0))  # (B, V)
     return logits
 
 
-__all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "SEP", "ComposeError", "Experts", "build_experts",
-           "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter", "concat_guidance",
-           "concat_kv", "experts_for", "is_composed", "parts_of"]
+def note_tokens(groups: Sequence, tokens: dict[str, int], width: int, device) -> None:
+    """Count each composed group's drawn token into its `counts` (V,) (what REPEAT_DECAY weighs pushes by)."""
+    for group in groups:
+        if group.counts is None:
+            group.counts = torch.zeros(width, device=device)  # (V,)
+        token = tokens.get(group.request.request_id)
+        if token is not None and token < width:
+            group.counts[token] += 1
+
+
+__all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "REPEAT_DECAY", "SEP", "ComposeError", "Experts",
+           "build_experts", "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter",
+           "concat_guidance", "concat_kv", "experts_for", "is_composed", "note_tokens", "part_scales", "parts_of"]

@@ -98,22 +98,26 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch
 
 def product_logits(conds: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor,
                    plausibility: float | None = None, eos_ids: Sequence[int] = (),
-                   layout: torch.Tensor | None = None) -> torch.Tensor:
+                   layout: torch.Tensor | None = None, decay: torch.Tensor | None = None) -> torch.Tensor:
     """Product of experts (V,) of k parts: conds (k, V) the parts' logits, uncond (k, V) each part's negative.
 
-        logp = mean_i log p_neg(i) + sum_i scales_i * (log p_part_i - log p_neg(i))
+        logp = log mean_i p_part_i + decay * sum_i scales_i * (log p_part_i - log p_neg(i))
 
-    With k = 1 this is guided_logits. The guards act as for one adapter whose distribution is the parts'
-    mixture (the mean of their probabilities): layout tokens keep its probabilities and a token any part finds
-    plausible can be chosen, so one part's words (an emotion's) are not cut because another part (a news topic)
-    finds them rare (measured: docs/BENCHMARKS.md "Composition").
+    The anchor is the parts' mixture (the mean of their probabilities), and each part adds its own guidance
+    push on top. `decay` (V,), optional, weighs each token's push (engine/compose.py lowers it for tokens the
+    row already drew). The guards act as for one adapter whose distribution is that mixture: layout tokens keep
+    its probabilities and a token any part finds plausible can be chosen, so one part's words (an emotion's)
+    are not cut because another part (a news topic) finds them rare (measured: docs/BENCHMARKS.md
+    "Composition").
     """
     lc = torch.log_softmax(conds.float(), dim=-1)  # (k, V)
     lu = torch.log_softmax(uncond.float(), dim=-1)  # (k, V)
     push = (scales.to(lc.dtype).view(-1, 1) * (lc - lu)).sum(0, keepdim=True)  # (1, V)
-    base = lu.mean(0, keepdim=True)  # (1, V)
-    own = torch.logsumexp(lc, dim=0, keepdim=True) - math.log(len(lc))  # (1, V): log of the parts' mixture
-    return _guarded(base + push, own, base, plausibility, eos_ids, layout)[0]
+    if decay is not None:
+        push = push * decay.to(lc.dtype)
+    mixture = torch.logsumexp(lc, dim=0, keepdim=True) - math.log(len(lc))  # (1, V)
+    # A token some negative masks gets no push: the mixture decides (-inf in any negative makes the sum -inf).
+    return _guarded(mixture + push, mixture, lu.sum(0, keepdim=True), plausibility, eos_ids, layout)[0]
 
 
 def _guarded(out: torch.Tensor, lc: torch.Tensor, lu: torch.Tensor, plausibility: float | None,

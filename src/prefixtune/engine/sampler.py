@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from prefixtune.engine.beam import BeamSearch
-from prefixtune.engine.compose import combine_experts
+from prefixtune.engine.compose import combine_experts, note_tokens
 from prefixtune.engine.guidance import adapter_nucleus, guided_logits, guided_temperature
 from prefixtune.engine.logprobs import sampled_entries, wants_logprobs
 from prefixtune.engine.penalties import RowPenalty, apply_penalties, new_penalty
@@ -39,6 +39,7 @@ class Group:
     penalty: RowPenalty | None = None  # its penalties / logit bias and generated-token counts (None: none)
     grammar: RowGrammar | None = None  # its structured output's matcher (None: free text)
     prompt_logprobs: list | None = None  # echo/scoring: prompt entries so far (engine/logprobs.py), sent once
+    counts: torch.Tensor | None = None  # a composed group's drawn-token counts (V,) (engine/compose.note_tokens)
 
     @property
     def keys(self) -> list[tuple[str, int]]:
@@ -94,8 +95,8 @@ class Sampler:
         slot = {key: i for i, key in enumerate(order)}
         guided = [g for g in groups.values() if g.request.params.guided]
         raw, logits = logits, self._guide(logits, slot, guided)  # raw: the rows' own logits (guided: a new tensor)
-        logits = combine_experts(logits, slot, [g for g in groups.values() if g.request.experts is not None],
-                                 sorted(self.eos_ids), self.layout)
+        composed = [g for g in groups.values() if g.request.experts is not None]
+        logits = combine_experts(logits, slot, composed, sorted(self.eos_ids), self.layout)
         controlled = [g for g in groups.values() if g.penalty is not None or g.grammar is not None]
         logits = self._control(logits, raw, slot, controlled)
         # Companion rows take their group's token; a greedy placeholder sampler keeps the call vectorised.
@@ -108,6 +109,7 @@ class Sampler:
         out.tokens = {key[0]: drawn[i] for i, key in enumerate(order) if key[1] == 0}
         for group in controlled:
             self._accept(group, out.tokens)
+        note_tokens(composed, out.tokens, logits.shape[-1], logits.device)
         out.row_tokens = {key: out.tokens[key[0]] for key in order}
         for group in groups.values():
             if group.search is not None and not group.request.cancelled:
