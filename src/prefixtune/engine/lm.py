@@ -335,7 +335,7 @@ class PrefixLM:
         makes every row's text match it (engine/structured.py).
         A row's adapter may be composed: a tuple of adapter names or "a+b" (engine/compose.py). compose_mode
         "guidance" (default) runs a product of experts, each part guided against its own negative at its
-        compose_weights entry (else guidance_scale, else its recommended scale); "concat" runs one row with the
+        compose_weights entry (else guidance_scale, else compose.part_scales); "concat" runs one row with the
         parts' prefixes side by side.
         All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
