@@ -42,7 +42,8 @@ MAX_COMPOSE = 4  # parts per composed adapter unless the caller sets another lim
 COMPOSE_BOOST = 2.0
 # Each time a composed row has already drawn a token, that token's guidance push is multiplied by this: the
 # parts' pushes otherwise keep promoting the word they favour ("loving loving loving loving"), while the
-# anchor (the parts' mixture) still decides whether repeating it is natural (docs/BENCHMARKS.md "Tuning").
+# anchor (the parts' mixture) still decides whether repeating it is natural (docs/BENCHMARKS.md, "Tuning the
+# product of experts").
 REPEAT_DECAY = 0.5
 
 
