@@ -4,7 +4,8 @@ The engine hands over RowEvents (a sampled token and/or the engine's finish reas
 its incremental detokenizer and stop-string matcher (engine/text.py), and its Outputs go to Request.emit.
 A stop string is found here, a step or two after the token that completed it was sampled: the processor
 finishes the request at once (its text and token count end at the stop) and asks the engine to drop the
-row (`on_stop(request_id)`; `on_stop(request_id, True)` cancels the row of a consumer that raised); tokens the engine sampled meanwhile are discarded, as vLLM v1 does.
+row (`on_stop(request_id)`; `on_stop(request_id, True)` cancels the row of a consumer that raised); tokens the
+engine sampled meanwhile are discarded, as vLLM v1 does.
 
 This is also the only writer of SchedulerStats.finished (finishes of queued requests cancelled from the event
 loop come through here too), so the counters have one owning thread.

@@ -129,11 +129,12 @@ class Sampler:
 
     @staticmethod
     def _temper(logits: torch.Tensor, raw: torch.Tensor, slot: dict, guided: list[Group]) -> torch.Tensor:
-        """The logits guided rows draw from (`raw`: the adapter rows' own logits, before guidance): the sampler divides by the request's T, and x T / T' makes that the
-        guided temperature T' (guidance.guided_temperature); top-p picks the candidates on the adapter's own
-        distribution (new_group leaves guided rows' sampler without it). Greedy and beam groups pick by score:
-        factor 1, no nucleus. Only the draw sees this: log-probabilities stay those of the guided distribution,
-        before temperature and truncation, as for every other row."""
+        """The logits guided rows draw from (`raw`: the adapter rows' own logits, before guidance): the sampler
+        divides by the request's T, and x T / T' makes that the guided temperature T'
+        (guidance.guided_temperature); top-p picks the candidates on the adapter's own distribution (new_group
+        leaves guided rows' sampler without it). Greedy and beam groups pick by score: factor 1, no nucleus.
+        Only the draw sees this: log-probabilities stay those of the guided distribution, before temperature and
+        truncation, as for every other row."""
         if not guided:
             return logits
         rows = torch.tensor([slot[(g.request.request_id, 0)] for g in guided], device=logits.device)
