@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -312,13 +313,25 @@ def test_bundled_smollm2_loads_offline_from_the_cache(offline: None, monkeypatch
 @pytest.mark.slow
 def test_gguf_path_and_fresh_conversion_match_the_cache(offline: None, monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
+    # Both loads below read the same GGUF with the same function: the second gets a copy of the first's result
+    # (dequantizing SmolLM2 twice took 1-2 minutes of the suite's longest test).
+    read, reads = models._load_gguf, {}
+
+    def read_once(gguf: Path):
+        if gguf not in reads:
+            reads[gguf] = read(gguf)
+        return copy.deepcopy(reads[gguf])  # each load owns its model, as two real reads would
+
+    monkeypatch.setattr(models, "_load_gguf", read_once)
     cached = load_base_model(DEFAULT_MODEL)
     direct = load_base_model(str(smollm2_gguf_path()))  # the .gguf path form of --model
     assert direct.path == str(smollm2_gguf_path())
     _assert_frozen_and_ready(direct)
     assert direct.fingerprint == cached.fingerprint
 
-    monkeypatch.setenv("PREFIXTUNE_HOME", str(tmp_path))  # a real, un-stubbed conversion
+    # A real conversion into a fresh home; everything after the GGUF read (the copy that save_pretrained
+    # accepts, the save, the cache) runs for real.
+    monkeypatch.setenv("PREFIXTUNE_HOME", str(tmp_path))
     fresh = load_base_model(DEFAULT_MODEL)
     assert Path(fresh.path) == tmp_path / "models" / DEFAULT_MODEL
     assert fresh.fingerprint == cached.fingerprint
