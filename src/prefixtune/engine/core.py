@@ -94,8 +94,12 @@ class EventSink:
             self.conn.send(message)
 
 
-def main(conn, spec: EngineSpec) -> None:
-    """The child process: load, say ready (or why not), then serve commands until shutdown."""
+def main(conn, spec: EngineSpec, env: dict[str, str] | None = None) -> None:
+    """The child process: load, say ready (or why not), then serve commands until shutdown. `env`: the front
+    end's environment when it started this process (a fork server's children inherit the server's)."""
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
     try:
         if spec.threads is not None:  # read by runtime.configure_threads when the model loads
             from prefixtune.runtime import THREADS_ENV
