@@ -28,6 +28,7 @@ PINNED = "p0"  # held by every replica outside the LRU
 PRELOADED = "r1"  # every replica loads it at start, into its LRU
 PROMPT = "I feel so happy today because"
 LONG = 200  # tokens of the in-flight streams (tiny model: 256 positions)
+COMPOSED = [f"{PINNED}+{PRELOADED}", "r2+r3"]  # composed models, asked for after the placement tests
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,13 @@ def reference(tiny_model_dir, ray_store):
     out = {}
     with live_server(lm) as srv:
         client = srv.client()
-        for model in [*NAMES, PINNED, "tiny-base"]:
-            for n in (12, LONG):
-                r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0,
-                                              extra_body={"ignore_eos": True})
-                out[model, n] = r.choices[0].text
-    assert len({out[m, 12] for m in [*NAMES, PINNED, "tiny-base"]}) == 7, "adapters must change greedy output"
+        # Composed models ("a+b") run as a product of experts, the default composition.
+        asked = [(m, n) for m in [*NAMES, PINNED, "tiny-base"] for n in (12, LONG)] + [(m, 12) for m in COMPOSED]
+        for model, n in asked:
+            r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            out[model, n] = r.choices[0].text
+    assert len({out[m, 12] for m in [*NAMES, PINNED, "tiny-base", *COMPOSED]}) == 9, "each model changes the output"
     return out
 
 
@@ -293,3 +295,10 @@ def test_a_replica_killed_mid_stream_fails_only_its_requests_and_is_replaced(clu
           f"adapter sent {failover_at:.2f} s after it was served in {failover:.2f} s ({attempts} attempt(s)); a "
           f"replacement reported {replaced:.1f} s after it; adapters held by {[holders(cluster, n) for n in doomed]}"
           f" (new replica {new['id']}, survivor {survivor}); load average {os.getloadavg()[0]:.1f}")
+
+
+def test_composed_models_run_as_experts_on_a_replica(cluster, client, reference):
+    """Last: a composed request loads its parts into whichever replica Serve picks (placement is not checked)."""
+    for model in COMPOSED:
+        assert complete(client, model) == reference[model, 12], model
+        assert complete(client, model, stream=True) == reference[model, 12], model

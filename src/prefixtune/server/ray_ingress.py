@@ -133,13 +133,12 @@ class RemoteScheduler:
         if self._closed:
             raise SchedulerClosed("the server is shutting down")
         first = requests[0]
-        if first.experts is not None:  # replicas take one prefix per row (server/ray_replica.py)
-            raise ValueError("the Ray backend does not run composed models as guided experts; send "
-                             "compose_mode \"concat\"")
         model_id = first.adapter if first.adapter is not None and first.adapter not in self.pinned else ""
         rows = [(r.prompt_ids, r.params) for r in requests]
+        # A composed request's experts cross without tensors; the replica reads the parts from its own LRU.
+        experts = None if first.experts is None else first.experts.spec()
         stream = self.handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
-            first.adapter, first.negative, rows)
+            first.adapter, first.negative, rows, experts)
         try:
             answer = await stream.__anext__()
         except BaseException as err:  # the client left (or the replica died) before the answer: free the rows

@@ -142,8 +142,9 @@ class ReplicaBase:
                 "dtype": str(self.lm.dtype).removeprefix("torch."), "device": str(self.lm.device)}
 
     async def generate(self, adapter: str | None, negative: str | None,
-                       rows: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple]:
-        """("accepted",) or ("refused", kind, message) first, then ("outputs", [(row, Output), ...])."""
+                       rows: list[tuple[list[int], SamplingParams]], experts=None) -> AsyncIterator[tuple]:
+        """("accepted",) or ("refused", kind, message) first, then ("outputs", [(row, Output), ...]). `experts`:
+        a composed request's product of experts without tensors (engine/compose.Experts.spec)."""
         held: list[HeldAdapter] = []
 
         async def kv_of(name: str | None):
@@ -159,12 +160,18 @@ class ReplicaBase:
         try:
             try:
                 prefix, negative_prefix = await kv_of(adapter), await kv_of(negative)
+                parts = {}  # a composed request's parts and negatives, each held (and released) like an adapter
+                for name in () if experts is None else (*experts.parts, *experts.negatives):
+                    if name not in parts:
+                        parts[name] = await kv_of(name)
             except Exception as err:  # noqa: BLE001 - an unreadable or incompatible adapter refuses the request
                 yield ("refused", "adapter", f"{type(err).__name__}: {err}")
                 return
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
             requests = [Request(ids, adapter, params, partial(_emit, loop, queue, i), prefix, negative=negative,
-                                negative_prefix=negative_prefix) for i, (ids, params) in enumerate(rows)]
+                                negative_prefix=negative_prefix,
+                                experts=None if experts is None else experts.spec().resolve(parts.__getitem__))
+                        for i, (ids, params) in enumerate(rows)]
             try:
                 self.scheduler.submit_many(requests)
             except (QueueFull, SchedulerClosed, ValueError) as err:
