@@ -60,7 +60,12 @@ def part_scales(recommended: Sequence[float], labels: Sequence[int | None]) -> l
 
 
 class ComposeError(ValueError):
-    """A composed adapter that cannot be built (bad name, too many parts, unknown mode, weights)."""
+    """A composed adapter that cannot be built (bad name, too many parts, unknown mode, weights). `param`: the
+    request field at fault (what the server's 400 names)."""
+
+    def __init__(self, message: str, param: str = "model"):
+        super().__init__(message)
+        self.param = param
 
 
 def is_composed(name: str | None) -> bool:
@@ -85,7 +90,7 @@ def parts_of(name: str | Sequence[str], limit: int | None = MAX_COMPOSE) -> list
 def check_mode(mode: str | None) -> str:
     mode = DEFAULT_MODE if mode is None else mode
     if mode not in MODES:
-        raise ComposeError(f"compose_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ComposeError(f"compose_mode must be one of {', '.join(MODES)}, got {mode!r}", "compose_mode")
     return mode
 
 
@@ -96,10 +101,10 @@ def check_weights(weights: Sequence[float] | None, parts: Sequence[str]) -> list
     weights = list(weights)
     if len(weights) != len(parts):
         raise ComposeError(f"compose_weights has {len(weights)} values for {len(parts)} adapters "
-                           f"({SEP.join(parts)}); give one weight per adapter")
+                           f"({SEP.join(parts)}); give one weight per adapter", "compose_weights")
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
-            raise ComposeError(f"compose_weights must be finite numbers >= 0, got {w!r}")
+            raise ComposeError(f"compose_weights must be finite numbers >= 0, got {w!r}", "compose_weights")
     return [float(w) for w in weights]
 
 
@@ -168,13 +173,13 @@ def composed_names(adapters: Sequence, mode: str | None, limit: int | None, beam
     mode = check_mode(mode)
     if weights is not None and mode == "concat":
         raise ComposeError("compose_weights set each part's guidance scale in compose_mode 'guidance'; 'concat' "
-                           "runs one row: use guidance_scale")
+                           "runs one row: use guidance_scale", "compose_weights")
     for name in dict.fromkeys(names):
         if is_composed(name):
             parts_of(name, limit)
             if mode == "guidance" and beam:
                 raise ComposeError("a composed adapter in guidance mode samples; beam search needs "
-                                   "compose_mode='concat'")
+                                   "compose_mode='concat'", "num_beams")
     return names
 
 

@@ -8,7 +8,7 @@ guidance scales, in the name's order (engine/compose.py).
 
 from __future__ import annotations
 
-from prefixtune.engine.compose import ComposeError, Experts, build_experts, check_mode, is_composed, parts_of
+from prefixtune.engine.compose import ComposeError, Experts, build_experts, composed_names, is_composed, parts_of
 from prefixtune.errors import user_error_types
 from prefixtune.prefix.peft_io import AdapterFormatError
 from prefixtune.server.protocol import APIError
@@ -37,14 +37,12 @@ def prepare_composed(registry, adapter: str | None, scale: float | None, negativ
         field = "compose_mode" if mode is not None else "compose_weights"
         raise APIError(400, f"{field} applies to a composed model (model: \"a+b\"); {adapter or 'the base model'!r} "
                             "is a single model", param=field)
-    if check_mode(mode) == "concat":
-        if weights is not None:
-            raise APIError(400, "compose_weights set each part's guidance scale in compose_mode \"guidance\"; "
-                                "\"concat\" runs one row: use guidance_scale", param="compose_weights")
+    try:  # the mode, weights against it and beams against guidance: the engine's checks (engine/compose.py)
+        composed_names([adapter], mode, None, beam=beams, weights=weights)
+    except ComposeError as err:
+        raise APIError(400, str(err), param=err.param) from err
+    if mode == "concat":
         return None
-    if beams:
-        raise APIError(400, "a composed model in compose_mode \"guidance\" samples; beam search needs "
-                            "compose_mode \"concat\"", param="num_beams")
     if negative is not None and negative.lower() != "none" and negative not in registry.base_ids:
         served = set(registry.names())
         unknown = [p for p in (parts_of(negative, None) if is_composed(negative) else [negative]) if p not in served]
@@ -59,7 +57,7 @@ def prepare_composed(registry, adapter: str | None, scale: float | None, negativ
         raise APIError(500, f"an adapter of {adapter!r} is damaged on the server: {err}", "server_error",
                        param="model", code="adapter_damaged") from err
     except ComposeError as err:
-        raise APIError(400, str(err), param="compose_weights" if "weight" in str(err) else "model") from err
+        raise APIError(400, str(err), param=err.param) from err
     except user_error_types() as err:
         raise APIError(400, f"composed model {adapter!r} cannot be used: {err}", param="model",
                        code="adapter_incompatible") from err
