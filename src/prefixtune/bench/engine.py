@@ -91,6 +91,11 @@ def _engine_prefill_tps(lm, prompt: list[int], batch: int) -> float:
     return batch * len(prompt) / (time.perf_counter() - start)
 
 
+def _long_prompt(prompt: list[int], cfg: EngineBenchConfig) -> list[int]:
+    """`prompt` repeated to cfg.prefill_tokens tokens (the prefill measurements' prompt)."""
+    return (prompt * cfg.prefill_tokens)[:cfg.prefill_tokens]
+
+
 def _sibling(lm, model):
     """A PrefixLM over another copy of the base model (bf16, quantized), same tokenizer and store."""
     from prefixtune.engine.lm import PrefixLM
@@ -174,7 +179,6 @@ def compiled_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[s
                 f"{compiled / bare:.2f}x bare loop (ceiling {ceiling:.2f}x: the LM head + argmax alone)")
     finally:
         lm.compiled_decode = None
-    lm.compiled_decode = None
     out["greedy identical"] = same == _greedy(lm, prompt, cfg.new_tokens)
     say(f"compiled vs eager greedy tokens identical: {out['greedy identical']}")
     return out
@@ -192,7 +196,7 @@ def bf16_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[str, 
         bf = _best(lambda: _offline_tps(half, prompt, b, cfg.new_tokens), cfg.repeats)
         out[f"decode batch {b}"] = {"float32": f32, "bfloat16": bf}
         say(f"bf16 decode batch {b:>3}: {bf:7.0f} tok/s = {bf / f32:.2f}x float32")
-    long = (prompt * cfg.prefill_tokens)[:cfg.prefill_tokens]
+    long = _long_prompt(prompt, cfg)
     f32 = _best(lambda: _engine_prefill_tps(lm, long, max(cfg.batches)), cfg.repeats)
     bf = _best(lambda: _engine_prefill_tps(half, long, max(cfg.batches)), cfg.repeats)
     out["prefill"] = {"float32": f32, "bfloat16": bf}
@@ -233,7 +237,7 @@ def quantized_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[
 
 
 def prefill_table(lm, cfg: EngineBenchConfig, prompt: list[int], say) -> dict[str, Any]:
-    long = (prompt * cfg.prefill_tokens)[:cfg.prefill_tokens]
+    long = _long_prompt(prompt, cfg)
     b = max(cfg.batches)
     bare = ours = 0.0
     for _ in range(cfg.repeats):
