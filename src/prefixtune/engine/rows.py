@@ -57,6 +57,7 @@ def base_guidance(scale: float | None, lora) -> tuple[float, None]:
     validate_scale(scale)
     return float(scale), None
 
+
 def check_positions(lm, lengths: Sequence[int], virtual: Sequence[int], max_new_tokens: int) -> None:
     """Refuse rows that would run past the model's positions (learned position tables crash there)."""
     limit = max_positions(lm.model.config)

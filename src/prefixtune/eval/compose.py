@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from prefixtune.data import DataBundle, DataError
-from prefixtune.eval.evaluate import EvalSettings, Method, sample_seeds, start_prompt
+from prefixtune.engine.guidance import OFF
+from prefixtune.eval.evaluate import EvalSettings, Method, generate_texts, sample_seeds, start_prompt
 from prefixtune.eval.judge import Judge, check_judge_labels, describe_judge, load_judge
 from prefixtune.eval.quality import real_sample, sample_stats
 from prefixtune.eval.report import fmt, write_json
@@ -85,20 +86,11 @@ def _family(store: AdapterStore, name: str, source: str | None, cfg: ComposeEval
 
 def _sample(lm, prompts: list[str], adapters: list, seeds: list[int], cfg: ComposeEvalConfig, desc: str,
             mode: str | None = None, chat: bool = False) -> list[str]:
-    from tqdm.auto import tqdm
-
-    texts: list[str] = []
-    bar = tqdm(total=len(prompts), desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=False)
-    for start in range(0, len(prompts), cfg.eval_batch_size):
-        stop = start + cfg.eval_batch_size
-        out = lm.generate(prompts[start:stop], adapters[start:stop], max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p, seed=seeds[start:stop],
-                          guidance_scale=None if chat else cfg.guidance_scale, compose_mode=mode, chat=chat,
+    # Each part (or adapter alone) is guided against its own negative, never --guidance-negative; the prompting
+    # baseline's rows run the base model, unguided.
+    return generate_texts(lm, prompts, adapters, seeds, replace(cfg, guidance_negative=None), desc,
+                          guidance_scale=OFF if chat else None, compose_mode=mode, chat=chat,
                           compose_weights=cfg.weights if mode == "guidance" else None)
-        texts += [o.text.strip() for o in out]
-        bar.update(len(out))
-    bar.close()
-    return texts
 
 
 def _score(families: list[Family], combos: list[tuple[str, ...]], texts: list[str], per: int) -> dict[str, Any]:

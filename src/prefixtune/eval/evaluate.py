@@ -117,10 +117,11 @@ def eval_loss(lm, method: Method, rows: list[Example], settings: EvalSettings) -
             "eval_tokens": total_tokens, "skipped_rows": skipped}
 
 
-def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[int], settings: EvalSettings,
-              desc: str, temperature: float | None = None, guidance_scale: float | None = None,
-              lora_base=None) -> list[str]:
-    """Samples in batches. `lora_base` (a LoRA method's disable_adapter) guides LoRA rows against the base."""
+def generate_texts(lm, prompts: list[str], adapters: list, seeds: list[int], settings: EvalSettings,
+                   desc: str, temperature: float | None = None, guidance_scale: float | None = None,
+                   lora_base=None, **generate_kwargs: Any) -> list[str]:
+    """Samples in batches of settings.eval_batch_size, stripped, with a progress bar. `lora_base` (a LoRA method's
+    disable_adapter) guides LoRA rows against the base; `generate_kwargs` go to PrefixLM.generate as they are."""
     texts: list[str] = []
     bar = _bar(len(prompts), desc, settings.progress)
     temp = settings.temperature if temperature is None else temperature
@@ -134,7 +135,7 @@ def _generate(lm, prompts: list[str], adapters: list[str | None], seeds: list[in
             prompts[start:stop], adapters[start:stop], max_new_tokens=settings.max_new_tokens,
             temperature=temp, top_p=settings.top_p, min_p=settings.min_p, seed=seeds[start:stop],
             guidance_scale=scale, guidance_negative=None if lora is not None else settings.guidance_negative,
-            lora=lora)]
+            lora=lora, **generate_kwargs)]
         texts.extend(t.strip() for t in batch)
         bar.update(len(batch))
     bar.close()
@@ -162,7 +163,7 @@ def generate_samples(lm, method: Method, settings: EvalSettings, guidance_scale:
             adapters.append(method.adapter(label))
             labels.append(label)
             seeds.append(seed)
-    texts = _generate(lm, prompts, adapters, seeds, settings, f"{method.name}: samples",
+    texts = generate_texts(lm, prompts, adapters, seeds, settings, f"{method.name}: samples",
                       guidance_scale=guidance_scale, lora_base=lora_base)
     return [{"label": label, "seed": seed, "adapter": adapter, "text": text}
             for label, seed, adapter, text in zip(labels, seeds, adapters, texts)]
@@ -216,7 +217,7 @@ def reference_eval(lm, method: Method, data_inputs: list[Example], references: l
         refs.append(references[i])
     if not prompts:
         raise DataError(f"{method.name}: no rows with references to score")
-    outputs = _generate(lm, prompts, adapters, [0] * len(prompts), settings, f"{method.name}: references",
+    outputs = generate_texts(lm, prompts, adapters, [0] * len(prompts), settings, f"{method.name}: references",
                         temperature=0.0)
     scores = reference_scores(outputs, refs)
     scores["examples"] = [{"prompt": p, "output": o, "reference": r}
