@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"errors", "paths", "fileio", "version", "runtime"},  # leaves: import nothing of the package
     {"data", "prefix", "templates"},
     {"fingerprint"},
-    {"models", "quantize"},
+    {"models", "quantize", "adapter_folder"},
     {"store"},
     {"train", "engine"},  # training and inference share prefix/models/store, never each other
     {"eval", "server", "testing"},

@@ -374,9 +374,9 @@ def test_fingerprint_is_cached_by_file_stat(tiny_model_dir: Path, tmp_path: Path
 
 
 def test_load_shell_has_tokenizer_and_config_but_no_weights(tiny_model_dir: Path, tiny_lm, tmp_path: Path) -> None:
+    from prefixtune.adapter_folder import StoreError
     from prefixtune.engine.lm import PrefixLM
     from prefixtune.models import load_shell
-    from prefixtune.store import StoreError
     from prefixtune.testing import write_random_adapter
 
     shell = load_shell(str(tiny_model_dir), torch.float32, tiny_lm.fingerprint)

@@ -1,4 +1,5 @@
-"""The adapter store on real folders: names, atomic writes, rename/rm, compatibility, import/export."""
+"""The adapter store and its folders (adapter_folder.py) on real files: names, atomic writes, rename/rm,
+compatibility, import/export."""
 
 from __future__ import annotations
 
@@ -9,21 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
-from prefixtune.prefix.peft_io import CONFIG_FILE, TRAINABLE_FILE, WEIGHTS_FILE, save_adapter
-from prefixtune.prefix.shapes import ShapeMismatchError, prefix_shape
-from prefixtune.store import (
+from prefixtune.adapter_folder import (
     MANIFEST_FILE,
-    AdapterStore,
     Manifest,
     StoreError,
     check_compatible,
-    default_store,
-    key_metric,
     shape_dict,
     validate_name,
     write_adapter_folder,
 )
+from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
+from prefixtune.prefix.peft_io import CONFIG_FILE, TRAINABLE_FILE, WEIGHTS_FILE, save_adapter
+from prefixtune.prefix.shapes import ShapeMismatchError, prefix_shape
+from prefixtune.store import AdapterStore, default_store, key_metric
 from prefixtune.testing import make_tiny_model
 
 
@@ -66,7 +65,7 @@ def test_crash_while_writing_leaves_nothing_visible(tmp_path, shape, monkeypatch
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")  # after PEFT's files are written, before the manifest
 
-    monkeypatch.setattr("prefixtune.store.atomic_write_text", crash)
+    monkeypatch.setattr("prefixtune.adapter_folder.atomic_write_text", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         _write(tmp_path, "new", shape)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -86,7 +85,7 @@ def test_kill_while_deleting_the_replaced_adapter_keeps_the_new_one_whole(tmp_pa
             files[0].unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("prefixtune.store.shutil.rmtree", killed_rmtree)
+    monkeypatch.setattr("prefixtune.fileio.shutil.rmtree", killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path, "keep", shape, tokens=5)
     monkeypatch.undo()

@@ -12,11 +12,12 @@ import pytest
 from fault_injection import fill_disk_after, read_only
 from typer.testing import CliRunner
 
+from prefixtune.adapter_folder import MANIFEST_FILE, ManifestError, StoreError
 from prefixtune.cli import app
 from prefixtune.prefix import peft_io
 from prefixtune.prefix.peft_io import CONFIG_FILE, TRAINABLE_FILE, WEIGHTS_FILE, AdapterFormatError
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import MANIFEST_FILE, AdapterStore, ManifestError, StoreError
+from prefixtune.store import AdapterStore
 from prefixtune.testing import make_tiny_model
 from test_store import _write
 

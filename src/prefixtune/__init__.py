@@ -15,14 +15,15 @@ _LAZY = {
     "PrefixLM": "prefixtune.engine.lm",
     "Generation": "prefixtune.engine.lm",
     "AdapterStore": "prefixtune.store",
-    "StoreError": "prefixtune.store",
+    "StoreError": "prefixtune.adapter_folder",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from prefixtune.adapter_folder import StoreError
     from prefixtune.engine.lm import Generation, PrefixLM
-    from prefixtune.store import AdapterStore, StoreError
+    from prefixtune.store import AdapterStore
 
 
 def __getattr__(name: str) -> Any:

@@ -98,9 +98,9 @@ def write_random_adapter(root: str | Path, name: str, loaded: Any, tokens: int =
     `scale` > 1 makes the prefix strong enough to change greedy output; `fingerprint`/`base`/`shape`
     let a test fake an adapter trained on another model.
     """
+    from prefixtune.adapter_folder import Manifest, shape_dict, write_adapter_folder
     from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder
     from prefixtune.prefix.shapes import prefix_shape
-    from prefixtune.store import Manifest, shape_dict, write_adapter_folder
 
     shape = shape or prefix_shape(loaded.model.config)
     torch.manual_seed(seed)

@@ -7,13 +7,14 @@ import shutil
 import pytest
 import torch
 
+from prefixtune.adapter_folder import StoreError
 from prefixtune.bench.serve_speed import measure_swap_ms
 from prefixtune.engine.lm import AdapterCache, CachedAdapter, Generation, PrefixLM
 from prefixtune.engine.text import cut_at_stop
 from prefixtune.models import model_fingerprint
 from prefixtune.prefix.peft_io import WEIGHTS_FILE
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import AdapterStore, StoreError
+from prefixtune.store import AdapterStore
 from prefixtune.testing import make_tiny_model, write_random_adapter as write_adapter
 
 
@@ -264,7 +265,8 @@ def test_adapter_with_the_legacy_fingerprint_still_loads_and_warns_once(tiny_lm,
     import json
     import warnings
 
-    from prefixtune.store import MANIFEST_FILE, LegacyFingerprintWarning
+    from prefixtune.adapter_folder import MANIFEST_FILE
+    from prefixtune.store import LegacyFingerprintWarning
 
     folder = write_adapter(tmp_path, "old-adapter", tiny_lm, fingerprint=tiny_lm.legacy_fingerprint)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from prefixtune.adapter_folder import MANIFEST_FILE, StoreError
 from prefixtune.prefix.peft_io import CONFIG_FILE, TRAINABLE_FILE, WEIGHTS_FILE, AdapterFormatError, load_adapter
 from prefixtune.prefix.shapes import ShapeMismatchError, prefix_shape
-from prefixtune.store import MANIFEST_FILE, AdapterStore, StoreError
+from prefixtune.store import AdapterStore
 from prefixtune.testing import write_random_adapter
 
 

@@ -12,10 +12,10 @@ import pytest
 from fault_injection import read_only
 from serve_helpers import live_server
 
+from prefixtune.adapter_folder import MANIFEST_FILE
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.models import load_base_model
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE
-from prefixtune.store import MANIFEST_FILE
 
 BODY = {"prompt": "Tell me", "max_tokens": 3, "temperature": 0}
 

@@ -14,8 +14,9 @@ from fault_injection import fill_disk_after
 from peft import peft_model
 from safetensors.torch import load_file
 
+from prefixtune.adapter_folder import StoreError
 from prefixtune.prefix.peft_io import load_adapter
-from prefixtune.store import AdapterStore, StoreError
+from prefixtune.store import AdapterStore
 from prefixtune.train import checkpoint
 from prefixtune.train.checkpoint import CheckpointError
 from prefixtune.train.config import TrainConfig

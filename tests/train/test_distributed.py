@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 import prefixtune
+from prefixtune.adapter_folder import read_manifest
 from prefixtune.cli import app
 from prefixtune.prefix.peft_io import load_adapter
-from prefixtune.store import read_manifest
 
 LABELS = ("joy", "anger", "fear", "sadness")
 

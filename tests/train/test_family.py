@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from prefixtune.adapter_folder import read_manifest
 from prefixtune.prefix.encoder import PrefixConfig
 from prefixtune.prefix.model import PrefixModel
-from prefixtune.store import read_manifest
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.contrastive import contrastive_forward
 from prefixtune.train.examples import Tokenized, collate

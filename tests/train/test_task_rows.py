@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from prefixtune.adapter_folder import read_manifest
 from prefixtune.data import DataError, Example, load_data
-from prefixtune.store import read_manifest
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.run import train
 from prefixtune.train.task_rows import tokenize_task

@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
+from prefixtune.adapter_folder import read_manifest
 from prefixtune.cli import app
-from prefixtune.store import read_manifest
 
 runner = CliRunner()
 

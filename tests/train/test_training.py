@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefixtune.adapter_folder import read_manifest
 from prefixtune.data import load_data
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import read_manifest
 from prefixtune.train.config import TrainConfig
 from prefixtune.train.examples import tokenize
 from prefixtune.train.loop import Trainer

@@ -53,9 +53,9 @@ class TaskBenchConfig:
 
 
 def _save(folder: Path, flat, loaded, cfg: TaskBenchConfig, name: str, metrics: dict[str, Any]) -> Path:
+    from prefixtune.adapter_folder import Manifest, shape_dict, write_adapter_folder
     from prefixtune.prefix.encoder import PrefixConfig
     from prefixtune.prefix.shapes import prefix_shape
-    from prefixtune.store import Manifest, shape_dict, write_adapter_folder
     from prefixtune.templates import input_fields
 
     shape = prefix_shape(loaded.model.config)

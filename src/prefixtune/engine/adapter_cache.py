@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from prefixtune.store import Manifest
+from prefixtune.adapter_folder import Manifest
 
 
 @dataclass

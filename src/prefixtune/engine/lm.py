@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from prefixtune.adapter_folder import Manifest, StoreError, check_compatible, read_manifest
 from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
 from prefixtune.engine.beam import check_beam_request
 from prefixtune.engine import compose
@@ -30,7 +31,7 @@ from prefixtune.engine.scoring import Score, score_texts, with_adapters
 from prefixtune.prefix.encoder import flat_to_kv
 from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
-from prefixtune.store import AdapterStore, Manifest, StoreError, check_compatible, default_store, read_manifest
+from prefixtune.store import AdapterStore, default_store
 from prefixtune.templates import fill_template, input_fields, is_task_template
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixtune.adapter_folder import Manifest, StoreError, read_manifest
 from prefixtune.data import DataBundle, DataError
 from prefixtune.eval.evaluate import EvalSettings, Method, evaluate_method
 from prefixtune.eval.judge import describe_judge, load_judge
@@ -16,7 +17,7 @@ from prefixtune.eval.report import eval_markdown, plot_confusion, write_json
 from prefixtune.eval.sweep import SWEEP_TEMPERATURES, SWEEP_TOP_PS, check_grid, plot_sampling_sweep, sampling_sweep, \
     sweep_markdown
 from prefixtune.fileio import atomic_write_text
-from prefixtune.store import AdapterStore, Manifest, StoreError, read_manifest
+from prefixtune.store import AdapterStore
 from prefixtune.templates import fill_template, is_task_template
 
 __all__ = ["EvalConfig", "method_from_adapters", "resolve_adapters", "run_eval"]

@@ -11,11 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prefixtune.adapter_folder import StoreError
 from prefixtune.data import DataError
 from prefixtune.eval.reference import DecodeSettings, group_items, sample_items, score_methods, scores_table
 from prefixtune.eval.report import write_json
 from prefixtune.fileio import atomic_write_text
-from prefixtune.store import StoreError
 from prefixtune.templates import input_fields
 
 BASE = "base (same template, no prefix)"

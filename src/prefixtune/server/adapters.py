@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from prefixtune.adapter_folder import ManifestError, StoreError, validate_name
 from prefixtune.engine.compose import Experts, is_composed
 from prefixtune.errors import user_error_types
 from prefixtune.server.compose import check_composed, prepare_composed
 from prefixtune.server.protocol import APIError
 from prefixtune.server.security import snapshot_adapter
 from prefixtune.prefix.peft_io import AdapterFormatError
-from prefixtune.store import ManifestError, StoreError, validate_name
 
 RESCAN_S = 5.0  # at most this stale when the folder's mtime cannot tell (e.g. a file rewritten in place)
 

@@ -8,11 +8,11 @@ guidance scales, in the name's order (engine/compose.py).
 
 from __future__ import annotations
 
+from prefixtune.adapter_folder import ManifestError
 from prefixtune.engine.compose import ComposeError, Experts, build_experts, composed_names, is_composed, parts_of
 from prefixtune.errors import user_error_types
 from prefixtune.prefix.peft_io import AdapterFormatError
 from prefixtune.server.protocol import APIError
-from prefixtune.store import ManifestError
 
 
 def check_composed(model: str, limit: int, base_ids: set[str]) -> list[str]:

@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from prefixtune.adapter_folder import MANIFEST_FILE, read_manifest
 from prefixtune.errors import UserError
-from prefixtune.store import MANIFEST_FILE, read_manifest
 
 
 class CardInfo:

@@ -204,8 +204,8 @@ def _finite(value, name: str) -> None:
 
 def check_settings(cfg: TrainConfig) -> None:
     """Value checks for every field (no I/O). Normalises storage_dtype aliases (fp16 -> float16)."""
+    from prefixtune.adapter_folder import StoreError, validate_name
     from prefixtune.prefix.encoder import INIT_CHOICES
-    from prefixtune.store import StoreError, validate_name
 
     key = str(cfg.storage_dtype).strip().lower().removeprefix("torch.")
     _need(key in STORAGE_ALIASES, f"--storage-dtype {cfg.storage_dtype!r}: use float32, bfloat16 or float16 "

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prefixtune.store import StoreError
+from prefixtune.adapter_folder import StoreError
 from prefixtune.train.checkpoint import (
     Progress,
     checkpoint_step,

@@ -128,8 +128,8 @@ class LoraMethod(WeightsMethod):
             p.data = p.data.float()
 
     def save(self, trainer, root, metrics):
+        from prefixtune.adapter_folder import writing
         from prefixtune.fileio import atomic_folder
-        from prefixtune.store import writing
 
         target = Path(root) / self.cfg.name
         with writing(f"write the adapter folder {target}"), atomic_folder(target) as tmp:  # a full disk: StoreError

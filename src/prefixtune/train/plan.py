@@ -8,11 +8,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from prefixtune.adapter_folder import StoreError, validate_name
 from prefixtune.data import DataBundle, DataError, Example
 from prefixtune.prefix.encoder import PrefixConfig, PrefixEncoder, flat_to_kv, text_kv
 from prefixtune.prefix.peft_io import load_adapter
 from prefixtune.prefix.model import PrefixModel
-from prefixtune.store import StoreError, validate_name
 from prefixtune.templates import fill_template, input_fields, is_task_template
 from prefixtune.train.config import ConfigError, TrainConfig
 from prefixtune.train.examples import Tokenized, tokenize

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefixtune.store import AdapterStore, Manifest, write_adapter_folder
+from prefixtune.adapter_folder import Manifest, write_adapter_folder
+from prefixtune.store import AdapterStore
 from prefixtune.templates import input_fields
 
 
