@@ -25,15 +25,15 @@ from collections.abc import Sequence
 
 import torch
 
+from prefixtune.engine.admission import check_request, cost, resolve_prefixes
 from prefixtune.engine.output import OutputProcessor, RowEvent
-from prefixtune.engine.penalties import check_bias_ids
-from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, prefill_rows, rows_of, step_tokens
+from prefixtune.engine.policy import MODES, BatchPolicy, Schedule, chunks, prefill_rows, step_tokens
 from prefixtune.engine.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerStats
 from prefixtune.engine.runner import ModelRunner, logits_width
 from prefixtune.engine.sampler import Group, Sampler, new_group
 from prefixtune.engine.structured import Grammars
 
-__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats", "cost"]
+__all__ = ["MODES", "Output", "QueueFull", "Request", "Scheduler", "SchedulerClosed", "SchedulerStats"]
 
 
 class Scheduler:
@@ -120,17 +120,7 @@ class Scheduler:
     def submit_many(self, requests: Sequence[Request]) -> list[str]:
         """Queue all requests or none (a request with n choices must not be half-admitted)."""
         for r in requests:
-            r.params.validate()
-            if not r.prompt_ids:
-                raise ValueError("prompt is empty: at least one token is needed")
-            if rows_of(r) > self.max_batch:
-                what = ("a composed request" if r.experts is not None else "a guided request" if r.params.guided
-                        else f"num_beams={r.params.num_beams}")
-                raise ValueError(f"{what} needs {rows_of(r)} batch rows but max_batch is {self.max_batch}")
-            self._check_length(r)
-            check_bias_ids(r.params.logit_bias, self.width)
-            if r.params.structured is not None and r.grammar is None:
-                r.grammar = self.grammars.compile(r.params.structured)
+            check_request(r, self.max_batch, self.max_model_len, self.width, self.grammars)
         need = sum(cost(r) for r in requests)
         with self._cv:
             if self._closed:
@@ -256,7 +246,7 @@ class Scheduler:
         joining = []
         for r in schedule.admit:
             try:  # everything that can fail for one request alone happens here, before it takes a row
-                prefixes = self._prefixes(r)
+                prefixes = resolve_prefixes(r, self.lm, self.lm_lock, self.max_model_len)
                 group = new_group(r, self.eos_ids, self.runner.device)
             except Exception as exc:  # noqa: BLE001 - an unloadable adapter or bad setting fails only its request
                 with self._cv:
@@ -328,24 +318,6 @@ class Scheduler:
         if self._live.pop(request.request_id, None) is not None:
             self._inflight_tokens -= cost(request)
 
-    def _prefixes(self, r: Request) -> list[torch.Tensor | None]:
-        """One prefix per row of the request's group (2L, kv_heads, P, head_dim) or None (the base model)."""
-        if r.experts is not None:
-            with self.lm_lock:
-                r.experts.resolve(lambda name: self.lm.adapter(name).kv)
-            self._check_length(r, r.experts.virtual)
-            return list(r.experts.prefixes)
-        prefix, negative = r.prefix, r.negative_prefix
-        if prefix is None and r.adapter is not None:
-            with self.lm_lock:
-                prefix = self.lm.adapter(r.adapter).kv
-        if r.params.guided and negative is None and r.negative is not None:
-            with self.lm_lock:
-                negative = self.lm.adapter(r.negative).kv
-        virtual = max(0 if p is None else int(p.shape[2]) for p in (prefix, negative))
-        self._check_length(r, virtual)
-        return [prefix, negative] if r.params.guided else [prefix] * rows_of(r)
-
     def _layout(self) -> torch.Tensor:
         # A worker thread uses its own tokenizer copy: a fast tokenizer shared across threads fails.
         if self._thread is not None and self._layout_tokenizer is None:
@@ -390,22 +362,3 @@ class Scheduler:
             with self._cv:
                 self._forget(request)
         self.output.put([RowEvent(r, finish="abort") for r in waiting + requests])
-
-    def _check_length(self, r: Request, prefix_len: int | None = None) -> None:
-        if self.max_model_len is None:
-            return
-        if prefix_len is None and r.experts is not None:
-            prefix_len = r.experts.virtual
-        if prefix_len is None:
-            prefix_len = max(0 if p is None else int(p.shape[2]) for p in (r.prefix, r.negative_prefix))
-        need = prefix_len + len(r.prompt_ids) + r.params.max_new_tokens
-        if need > self.max_model_len:
-            raise ValueError(
-                f"{prefix_len} virtual + {len(r.prompt_ids)} prompt + {r.params.max_new_tokens} new tokens = "
-                f"{need} > max_model_len {self.max_model_len}"
-            )
-
-
-def cost(request: Request) -> int:
-    """Batch room a request holds while in flight: prompt + max_new_tokens on each of its rows."""
-    return rows_of(request) * (len(request.prompt_ids) + request.params.max_new_tokens)

@@ -12,8 +12,9 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
+from prefixtune.engine.admission import cost
 from prefixtune.engine.sampling import SamplingParams
-from prefixtune.engine.scheduler import Scheduler, cost
+from prefixtune.engine.scheduler import Scheduler
 from prefixtune.server import protocol as P
 from prefixtune.server.adapters import AdapterRegistry
 from prefixtune.server.beams import beam_fields
