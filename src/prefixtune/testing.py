@@ -9,12 +9,15 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prefixtune.models import ensure_smollm2_cached
+
+if TYPE_CHECKING:
+    from prefixtune.store import AdapterStore
 
 TINY_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 
@@ -112,6 +115,21 @@ def write_random_adapter(root: str | Path, name: str, loaded: Any, tokens: int =
                         base_fingerprint=fingerprint or loaded.fingerprint, shape=shape_dict(shape),
                         prefix=config.to_dict(), **manifest_fields)
     return write_adapter_folder(Path(root) / name, encoder.fold(), shape, config, manifest, encoder)
+
+
+# Two adapters of different lengths, so the rows of a mixed batch differ in width: the engine tests' store.
+ADAPTER_PAIR: dict[str, dict[str, Any]] = {"a": {"tokens": 4, "seed": 1}, "b": {"tokens": 7, "seed": 2}}
+
+
+def write_random_store(root: str | Path, loaded: Any, adapters: dict[str, dict[str, Any]] | None = None
+                       ) -> AdapterStore:
+    """An AdapterStore at root holding a random adapter per name (its value: write_random_adapter's keywords);
+    ADAPTER_PAIR when `adapters` is None."""
+    from prefixtune.store import AdapterStore
+
+    for name, kwargs in (ADAPTER_PAIR if adapters is None else adapters).items():
+        write_random_adapter(root, name, loaded, **kwargs)
+    return AdapterStore(root)
 
 
 def engine_greedy(model: PreTrainedModel, prompts: list[list[int]], prefixes: list[torch.Tensor | None],

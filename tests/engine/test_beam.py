@@ -10,17 +10,9 @@ from types import SimpleNamespace
 
 from prefixtune.engine.beam import BeamParams, banned_tokens
 from prefixtune.engine.lm import PrefixLM
-from prefixtune.testing import make_tiny_model, make_tiny_tokenizer, write_random_adapter
+from prefixtune.testing import make_tiny_model, make_tiny_tokenizer
 
 PROMPTS = ["The Eagle is a French", "Hello there, how are", "x"]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("beam-store")
-    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    write_random_adapter(root, "b", tiny_lm, tokens=7, seed=2)
-    return PrefixLM(tiny_lm, root)
 
 
 def test_one_beam_is_greedy(lm):

@@ -11,8 +11,7 @@ from prefixtune.engine.compiled import CompiledDecode, batch_buckets, compile_de
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.runner import ModelRunner
 from prefixtune.models import LoadedModel
-from prefixtune.store import AdapterStore
-from prefixtune.testing import make_tiny_model, make_tiny_tokenizer, write_random_adapter
+from prefixtune.testing import make_tiny_model, make_tiny_tokenizer, write_random_store
 
 PROMPTS = ["The weather today is", "Once upon a time, in a land far away,", "Hi", "Emotion: joy\nText: i feel"]
 ADAPTERS = ["a", "b", None, "a", "b"]
@@ -24,10 +23,8 @@ def sharp(tmp_path_factory):
     model = make_tiny_model("llama", sharp=True)
     loaded = LoadedModel(model=model, tokenizer=make_tiny_tokenizer(), name="tiny-sharp", path="tiny-sharp",
                          device=torch.device("cpu"), dtype=torch.float32, fingerprint="tiny-sharp")
-    root = tmp_path_factory.mktemp("store")
-    write_random_adapter(root, "a", loaded, tokens=5, seed=1)
-    write_random_adapter(root, "b", loaded, tokens=11, seed=2)
-    return loaded, AdapterStore(root)
+    adapters = {"a": {"tokens": 5, "seed": 1}, "b": {"tokens": 11, "seed": 2}}
+    return loaded, write_random_store(tmp_path_factory.mktemp("store"), loaded, adapters)
 
 
 def _generate(lm: PrefixLM, n: int = 12) -> list[list[int]]:

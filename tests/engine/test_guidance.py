@@ -8,21 +8,20 @@ import torch
 from prefixtune.engine.guidance import guided_logits, layout_mask
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.prefix.model import PrefixModel
-from prefixtune.store import AdapterStore
-from prefixtune.testing import write_random_adapter
+from prefixtune.testing import ADAPTER_PAIR, write_random_store
 
 PROMPTS = ["The weather today is", "Hi", "Once upon a time, in a land far away,"]
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("guided-store")
-    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    write_random_adapter(root, "b", tiny_lm, tokens=7, seed=2)
-    write_random_adapter(root, "fam", tiny_lm, tokens=3, seed=3)
-    write_random_adapter(root, "rec", tiny_lm, tokens=4, seed=4, guidance={"scale": 2.5, "negative": "fam"})
-    write_random_adapter(root, "orphan", tiny_lm, tokens=4, seed=5, guidance={"scale": 3.0, "negative": "gone"})
-    return PrefixLM(tiny_lm, AdapterStore(root))
+    """The engine tests' pair, a negative "fam", and two adapters recommending guidance: against "fam", and
+    against a name the store lacks."""
+    store = write_random_store(tmp_path_factory.mktemp("guided-store"), tiny_lm, {
+        **ADAPTER_PAIR, "fam": {"tokens": 3, "seed": 3},
+        "rec": {"tokens": 4, "seed": 4, "guidance": {"scale": 2.5, "negative": "fam"}},
+        "orphan": {"tokens": 4, "seed": 5, "guidance": {"scale": 3.0, "negative": "gone"}}})
+    return PrefixLM(tiny_lm, store)
 
 
 def _reference(lm, prompt, adapter, negative, scale, steps):

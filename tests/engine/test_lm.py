@@ -15,7 +15,7 @@ from prefixtune.models import model_fingerprint
 from prefixtune.prefix.peft_io import WEIGHTS_FILE
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore
-from prefixtune.testing import make_tiny_model, write_random_adapter as write_adapter
+from prefixtune.testing import ADAPTER_PAIR, make_tiny_model, write_random_store, write_random_adapter as write_adapter
 
 
 PROMPTS = ["Emotion: joy\nText:", "The weather today is", "Once upon a time, in a land far away,", "Hi"]
@@ -23,13 +23,11 @@ PROMPTS = ["Emotion: joy\nText:", "The weather today is", "Once upon a time, in 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("store")
-    write_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    write_adapter(root, "b", tiny_lm, tokens=7, seed=2)
-    write_adapter(root, "c", tiny_lm, tokens=2, seed=3)
-    write_adapter(root, "emo", tiny_lm, seed=4, template="Emotion: {label}\nText:", labels=["joy", "anger"])
-    write_adapter(root, "emo-joy", tiny_lm, seed=5, template="Text:", label="joy", labels=["joy", "anger"])
-    return AdapterStore(root)
+    labels = ["joy", "anger"]
+    return write_random_store(tmp_path_factory.mktemp("store"), tiny_lm, {
+        **ADAPTER_PAIR, "c": {"tokens": 2, "seed": 3},
+        "emo": {"seed": 4, "template": "Emotion: {label}\nText:", "labels": labels},
+        "emo-joy": {"seed": 5, "template": "Text:", "label": "joy", "labels": labels}})
 
 
 @pytest.fixture

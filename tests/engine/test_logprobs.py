@@ -7,23 +7,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
-from prefixtune.store import AdapterStore
-from prefixtune.testing import forward_logprobs, write_random_adapter
+from prefixtune.testing import forward_logprobs
 
 TEXTS = ["The weather today is rather cold and grey", "Hi there", "Once upon a time, in a land far away, a fox",
          "Emotion: joy\nText: i feel glad"]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("store")
-    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    write_random_adapter(root, "b", tiny_lm, tokens=7, seed=2)
-    return PrefixLM(tiny_lm, AdapterStore(root))
 
 
 def _forward_logits(model_dir, lm, text, adapter) -> list[list[float]]:

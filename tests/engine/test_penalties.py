@@ -6,21 +6,11 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.penalties import apply_penalties, new_penalty
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.scheduler import Scheduler
-from prefixtune.store import AdapterStore
-from prefixtune.testing import write_random_adapter
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("penalty-store")
-    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    return PrefixLM(tiny_lm, AdapterStore(root))
 
 
 def _state(params: SamplingParams, prompt: list[int], generated: list[int]):

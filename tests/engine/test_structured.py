@@ -9,26 +9,15 @@ import jsonschema
 import pytest
 import torch
 
-from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.requests import Request
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.structured import Grammars, RowGrammar, StructuredOutput, constrain
-from prefixtune.store import AdapterStore
-from prefixtune.testing import write_random_adapter
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "mood": {"enum": ["calm", "angry"]}},
           "required": ["ok", "n", "mood"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, tiny_lm):
-    root = tmp_path_factory.mktemp("structured-store")
-    write_random_adapter(root, "a", tiny_lm, tokens=4, seed=1)
-    write_random_adapter(root, "b", tiny_lm, tokens=6, seed=2)
-    return PrefixLM(tiny_lm, AdapterStore(root))
 
 
 def _request(lm, prompt: str, adapter: str | None, structured=None, **params) -> Request:
