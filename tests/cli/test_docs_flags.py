@@ -16,6 +16,8 @@ import pytest
 from typer.main import get_command
 
 from prefixtune.cli import app
+from prefixtune.cli.eval_cmd import COMPARE_CONFIG_FILE_ONLY, EVAL_CONFIG_ONLY
+from prefixtune.cli.train_cmd import CONFIG_FILE_ONLY as TRAIN_CONFIG_FILE_ONLY
 from prefixtune.eval.compare_setup import CompareConfig
 from prefixtune.eval.evaluate import EvalSettings
 from prefixtune.train.config import TrainConfig
@@ -23,25 +25,6 @@ from prefixtune.train.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLI = get_command(app)
-
-# Settings only a config file (train --config / compare --config) sets, each with why it has no flag.
-TRAIN_CONFIG_FILE_ONLY = {
-    "weight_decay": "AdamW detail; 0 suits prefixes",
-    "warmup_ratio": "schedule detail",
-    "grad_clip": "schedule detail",
-    "lora_dropout": "LoRA detail",
-    "progress": "set by --no-progress",
-}
-EVAL_CONFIG_ONLY = {
-    "max_length": "scoring length follows the adapter's training",
-    "progress": "set by --no-progress",
-    "real_stats": "the real-text columns of the report, always on from the CLI",
-}
-COMPARE_CONFIG_FILE_ONLY = {
-    "temperature", "top_p", "min_p", "eval_batch_size", "progress", "guidance_negative", "guidance_sweep",
-    "real_stats", "weight_decay", "warmup_ratio", "grad_clip", "lora_dropout", "chat",
-}
-
 
 def _is_group(cmd: Any) -> bool:
     return hasattr(cmd, "commands")  # typer ships its own copy of click, so no isinstance
@@ -65,7 +48,7 @@ def _param_names(path: list[str]) -> set[str]:
 @pytest.mark.parametrize(("path", "config", "config_only"), [
     (["train"], TrainConfig, set(TRAIN_CONFIG_FILE_ONLY)),
     (["eval"], EvalSettings, set(EVAL_CONFIG_ONLY)),
-    (["compare"], CompareConfig, COMPARE_CONFIG_FILE_ONLY),
+    (["compare"], CompareConfig, set(COMPARE_CONFIG_FILE_ONLY)),
 ])
 def test_every_config_field_is_a_flag_or_listed_as_config_only(path, config, config_only):
     names = {f.name for f in fields(config)}

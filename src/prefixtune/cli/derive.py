@@ -1,0 +1,215 @@
+"""Typer options derived from a config dataclass: one flag per field, its help the field's doc comment.
+
+The project documents a config field with a trailing one-line comment (`lr: float = 3e-4  # peak learning
+rate`), so the help text is read from the class's source with `tokenize` rather than moved into
+`field(metadata=...)`: the configs stay in the one style they share with every other dataclass here. The
+source is read WITHOUT importing the module: the eval and server configs live in modules that import torch
+(4 s), and `prefixtune --help` must stay fast. tests/cli/test_derive.py checks the read fields against the
+imported classes.
+
+A derived option defaults to None, meaning "not given", so a config file or a recipe fills the rest; a spec
+with `defaults=True` uses the dataclass's own defaults instead (commands with no config file).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import inspect
+import io
+import tokenize
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import typer
+
+from prefixtune.cli.common import parse_csv, parse_floats
+
+# What an annotation may name; anything else (dicts, engine types) has no flag and must be excluded.
+TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path, "list": list,
+                         "Optional": Optional}
+_NO_DEFAULT = object()
+
+
+class FieldDocError(TypeError):
+    """A config field cannot become a flag: no doc comment, or a type the CLI cannot parse."""
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One dataclass field as read from source."""
+
+    name: str  # the field's name
+    type: Any  # the annotation, evaluated over TYPES (None when it names something else)
+    doc: str  # the trailing comment, without "# " ("" when there is none)
+    default: Any  # the default when it is a constant expression, else _NO_DEFAULT
+
+
+@functools.lru_cache(maxsize=None)
+def _module_ast(module: str) -> tuple[ast.Module, dict[int, str]]:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise FieldDocError(f"no module {module}")
+    source = Path(spec.origin).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return ast.parse(source), comments
+
+
+def _constant(node: ast.expr | None) -> Any:
+    """The value of a constant expression (`1 << 20`, `-1.0`, `"text"`), else _NO_DEFAULT."""
+    if node is None or not all(isinstance(n, (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop))
+                               for n in ast.walk(node)):
+        return _NO_DEFAULT
+    return eval(compile(ast.Expression(node), "<default>", "eval"), {"__builtins__": {}})
+
+
+def _annotation(node: ast.expr) -> Any:
+    try:
+        return eval(compile(ast.Expression(node), "<annotation>", "eval"), {"__builtins__": {}, **TYPES})
+    except NameError:
+        return None
+
+
+def _find_class(module: str, name: str) -> tuple[str, ast.ClassDef]:
+    """The class `name` as defined in `module` or imported into it (`from M import name`)."""
+    tree, _ = _module_ast(module)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return module, node
+        if isinstance(node, ast.ImportFrom) and node.module and any(a.name == name for a in node.names):
+            return _find_class(node.module, name)
+    raise FieldDocError(f"no class {name} in {module}")
+
+
+@functools.lru_cache(maxsize=None)
+def read_fields(target: str) -> tuple[FieldInfo, ...]:
+    """The fields of the dataclass `module:Class`, base classes' first (as `dataclasses.fields` orders them)."""
+    module, _, name = target.partition(":")
+    module, cls = _find_class(module, name)
+    found: dict[str, FieldInfo] = {}
+    for base in cls.bases:
+        if isinstance(base, ast.Name):
+            found.update((f.name, f) for f in read_fields(f"{module}:{base.id}"))
+    _, comments = _module_ast(module)
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found[node.target.id] = FieldInfo(node.target.id, _annotation(node.annotation),
+                                              comments.get(node.end_lineno or node.lineno, ""), _constant(node.value))
+    return tuple(found.values())
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
+
+
+def _csv_callback(item: type, flag: str) -> Callable[[Optional[str]], Any]:
+    """Parses `a,b,c` into a list (of numbers for list[float] / list[int]); a bad number names the flag."""
+
+    def parse(value: Optional[str]) -> Any:
+        items = parse_csv(value)
+        if item is str or items is None:
+            return items
+        numbers = parse_floats(items, flag)
+        if item is int:
+            if any(n != int(n) for n in numbers):
+                raise typer.BadParameter(f"{flag} takes comma-separated whole numbers, got {value!r}")
+            return [int(n) for n in numbers]
+        return numbers
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Which fields of one config dataclass become a command's flags, and how the odd ones are spelled."""
+
+    config: str  # the dataclass as "module:Class", read from source without importing the module
+    exclude: Mapping[str, str] = field(default_factory=dict)  # field -> why the command has no flag for it
+    only: tuple[str, ...] | None = None  # just these fields (the others come from another spec or nowhere)
+    names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # field -> option names replacing --field
+    params: Mapping[str, str] = field(default_factory=dict)  # field -> parameter name when not the field's own
+    help_prefix: str = ""  # put before every help line, e.g. "--compose: "
+    defaults: bool = False  # the dataclass defaults are the options' defaults (else None = not given)
+
+    def fields(self) -> list[FieldInfo]:
+        known = {f.name: f for f in read_fields(self.config)}
+        wanted = [*(self.only or ()), *self.exclude, *self.names, *self.params]
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise FieldDocError(f"{self.config} has no field {', '.join(unknown)}")
+        chosen = [known[n] for n in self.only] if self.only is not None else list(known.values())
+        return [f for f in chosen if f.name not in self.exclude]
+
+    def parameters(self) -> list[inspect.Parameter]:
+        return [self._parameter(f) for f in self.fields()]
+
+    def param_name(self, name: str) -> str:
+        return self.params.get(name, name)
+
+    def _default_note(self, info: FieldInfo, tp: Any, names: tuple[str, ...]) -> str:
+        """The dataclass default, said in the help when the option's own default is None (= not given)."""
+        if self.defaults or info.default in (_NO_DEFAULT, None, ""):
+            return ""
+        if tp is bool:  # name the default's side, unless it is the plain "off" of an automatic --x/--no-x
+            pair = names[0].split("/")
+            automatic = not info.default and len(pair) == 2 and pair[1] == "--no-" + pair[0][2:]
+            return f" (default {pair[0] if info.default else pair[1]})" if len(pair) == 2 and not automatic else ""
+        return f" (default {info.default})"
+
+    def _parameter(self, info: FieldInfo) -> inspect.Parameter:
+        where = f"{self.config} field {info.name!r}"
+        if not info.doc:
+            raise FieldDocError(f"{where} has no doc comment: add `# what it is` after it (it is the --help text)")
+        tp = _unwrap_optional(info.type)
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if tp not in (str, int, float, bool, Path) and item not in (str, int, float, Path):
+            raise FieldDocError(f"{where}: a {info.type!r} has no flag; exclude it from the command's spec")
+        flag = "--" + self.param_name(info.name).replace("_", "-")
+        names = self.names.get(info.name) or ((f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,))
+        listed = " (comma-separated)" if item is not None else ""
+        help_text = self.help_prefix + info.doc + listed + self._default_note(info, tp, names)
+        default = info.default if self.defaults and info.default is not _NO_DEFAULT else None
+        extra: dict[str, Any] = {}
+        annotation: Any = Optional[tp]
+        if item is not None:  # a comma-separated list: "--labels joy,anger"
+            annotation, extra["callback"] = Optional[str], _csv_callback(item, names[0].split("/")[0])
+        option = typer.Option(default, *names, help=help_text, show_default=self.defaults, **extra)
+        return inspect.Parameter(self.param_name(info.name), inspect.Parameter.KEYWORD_ONLY, default=option,
+                                 annotation=annotation)
+
+
+def config_flags(*specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of each spec. The command takes its own options explicitly and the
+    derived ones through `**given`: only those the user gave (not None), lists already split."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(fn)  # the command module's string annotations, resolved there
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        derived = [p for spec in specs for p in spec.parameters()]
+        names = [p.name for p in own + derived]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise FieldDocError(f"{fn.__name__}: parameters derived twice or also explicit: {', '.join(clash)}")
+        derived_names = {p.name for p in derived}
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            given = {k: kwargs.pop(k) for k in derived_names}
+            return fn(**kwargs, **{k: v for k, v in given.items() if v is not None})
+
+        del command.__wrapped__  # typer must see the built signature, not fn's
+        command.__signature__ = inspect.Signature(own + derived)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + derived}
+        return command
+
+    return decorate
