@@ -111,13 +111,13 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _csv_callback(item: type, flag: str) -> Callable[[Optional[str]], Any]:
+def _csv_parser(item: type, flag: str) -> Callable[[Optional[str]], Any]:
     """Parses `a,b,c` into a list (of numbers for list[float] / list[int]); a bad number names the flag."""
 
     def parse(value: Optional[str]) -> Any:
         items = parse_csv(value)
-        if item is str or items is None:
-            return items
+        if items is None or item in (str, Path):
+            return items if items is None else [item(v) for v in items]
         numbers = parse_floats(items, flag)
         if item is int:
             if any(n != int(n) for n in numbers):
@@ -138,18 +138,20 @@ class Spec:
     names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # field -> option names replacing --field
     params: Mapping[str, str] = field(default_factory=dict)  # field -> parameter name when not the field's own
     help_prefix: str = ""  # put before every help line, e.g. "--compose: "
+    default_notes: Mapping[str, str] = field(default_factory=dict)  # field -> what not giving it means here
     defaults: bool = False  # the dataclass defaults are the options' defaults (else None = not given)
 
     def fields(self) -> list[FieldInfo]:
         known = {f.name: f for f in read_fields(self.config)}
-        wanted = [*(self.only or ()), *self.exclude, *self.names, *self.params]
+        wanted = [*(self.only or ()), *self.exclude, *self.names, *self.params, *self.default_notes]
         unknown = sorted(set(wanted) - set(known))
         if unknown:
             raise FieldDocError(f"{self.config} has no field {', '.join(unknown)}")
         chosen = [known[n] for n in self.only] if self.only is not None else list(known.values())
         return [f for f in chosen if f.name not in self.exclude]
 
-    def parameters(self) -> list[inspect.Parameter]:
+    def parameters(self) -> list[tuple[inspect.Parameter, Callable[[Any], Any] | None]]:
+        """One keyword parameter per field, each with the parser of its value (comma lists) or None."""
         return [self._parameter(f) for f in self.fields()]
 
     def param_name(self, name: str) -> str:
@@ -157,6 +159,8 @@ class Spec:
 
     def _default_note(self, info: FieldInfo, tp: Any, names: tuple[str, ...]) -> str:
         """The dataclass default, said in the help when the option's own default is None (= not given)."""
+        if info.name in self.default_notes:
+            return f" (default: {self.default_notes[info.name]})"
         if self.defaults or info.default in (_NO_DEFAULT, None, ""):
             return ""
         if tp is bool:  # name the default's side, unless it is the plain "off" of an automatic --x/--no-x
@@ -165,7 +169,7 @@ class Spec:
             return f" (default {pair[0] if info.default else pair[1]})" if len(pair) == 2 and not automatic else ""
         return f" (default {info.default})"
 
-    def _parameter(self, info: FieldInfo) -> inspect.Parameter:
+    def _parameter(self, info: FieldInfo) -> tuple[inspect.Parameter, Callable[[Any], Any] | None]:
         where = f"{self.config} field {info.name!r}"
         if not info.doc:
             raise FieldDocError(f"{where} has no doc comment: add `# what it is` after it (it is the --help text)")
@@ -178,13 +182,12 @@ class Spec:
         listed = " (comma-separated)" if item is not None else ""
         help_text = self.help_prefix + info.doc + listed + self._default_note(info, tp, names)
         default = info.default if self.defaults and info.default is not _NO_DEFAULT else None
-        extra: dict[str, Any] = {}
-        annotation: Any = Optional[tp]
-        if item is not None:  # a comma-separated list: "--labels joy,anger"
-            annotation, extra["callback"] = Optional[str], _csv_callback(item, names[0].split("/")[0])
-        option = typer.Option(default, *names, help=help_text, show_default=self.defaults, **extra)
+        option = typer.Option(default, *names, help=help_text, show_default=self.defaults)
+        # A list is one comma-separated flag ("--labels joy,anger"), split in the command (a bad number then
+        # reads "Invalid value: --flag takes ...", as the commands' own checks do).
+        parse = _csv_parser(item, names[0]) if item is not None else None
         return inspect.Parameter(self.param_name(info.name), inspect.Parameter.KEYWORD_ONLY, default=option,
-                                 annotation=annotation)
+                                 annotation=Optional[str] if item is not None else Optional[tp]), parse
 
 
 def config_flags(*specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -195,16 +198,18 @@ def config_flags(*specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., A
         hints = typing.get_type_hints(fn)  # the command module's string annotations, resolved there
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        derived = [p for spec in specs for p in spec.parameters()]
+        parsers = [pair for spec in specs for pair in spec.parameters()]
+        derived = [p for p, _ in parsers]
         names = [p.name for p in own + derived]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
             raise FieldDocError(f"{fn.__name__}: parameters derived twice or also explicit: {', '.join(clash)}")
-        derived_names = {p.name for p in derived}
+        parse = {p.name: parser for p, parser in parsers}
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            given = {k: kwargs.pop(k) for k in derived_names}
+            given = {k: kwargs.pop(k) for k in parse}
+            given = {k: parse[k](v) if parse[k] else v for k, v in given.items() if v is not None}
             return fn(**kwargs, **{k: v for k, v in given.items() if v is not None})
 
         del command.__wrapped__  # typer must see the built signature, not fn's

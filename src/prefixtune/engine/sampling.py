@@ -17,9 +17,9 @@ class SamplingParams:
     """How one request picks its next tokens."""
 
     max_new_tokens: int = 40  # generated tokens at most
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling mass
-    top_k: int = 0  # 0 = no top-k cut
+    top_k: int = 0  # sample among the k likeliest tokens (0 = no top-k cut)
     seed: int | None = None  # fixes the row's random stream (independent of batch mates)
     stop: list[str] = field(default_factory=list)  # stop strings (cut from the text)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
