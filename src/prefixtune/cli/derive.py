@@ -46,6 +46,7 @@ class FieldInfo:
 
     name: str  # the field's name
     type: Any  # the annotation, evaluated over TYPES (None when it names something else)
+    annotation: str  # the annotation as written
     doc: str  # the trailing comment, without "# " ("" when there is none)
     default: Any  # the default when it is a constant expression, else _NO_DEFAULT
 
@@ -99,8 +100,9 @@ def read_fields(target: str) -> tuple[FieldInfo, ...]:
     _, comments = _module_ast(module)
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = comments.get(node.end_lineno or node.lineno, "")
             found[node.target.id] = FieldInfo(node.target.id, _annotation(node.annotation),
-                                              comments.get(node.end_lineno or node.lineno, ""), _constant(node.value))
+                                              ast.unparse(node.annotation), doc, _constant(node.value))
     return tuple(found.values())
 
 
@@ -176,7 +178,7 @@ class Spec:
         tp = _unwrap_optional(info.type)
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if tp not in (str, int, float, bool, Path) and item not in (str, int, float, Path):
-            raise FieldDocError(f"{where}: a {info.type!r} has no flag; exclude it from the command's spec")
+            raise FieldDocError(f"{where}: a {info.annotation} has no flag; exclude it from the command's spec")
         flag = "--" + self.param_name(info.name).replace("_", "-")
         names = self.names.get(info.name) or ((f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,))
         listed = " (comma-separated)" if item is not None else ""
