@@ -112,13 +112,17 @@ def test_help_is_the_doc_comment_with_the_default(settings_module):
     assert all(p.default is None for name, p in params.items() if name != "name")
 
 
-def test_defaults_true_uses_the_dataclass_defaults(settings_module):
-    cli, seen = _app(Spec(settings_module, only=("lr", "balance", "text_field"), defaults=True,
-                          default_notes={"lr": "the recipe's"}))
-    assert _invoke(cli).exit_code == 0
-    assert seen == {"lr": 3e-4, "balance": True, "text_field": "text", "name": "x"}
+def test_notes_options_and_take(settings_module):
+    spec = Spec(settings_module, only=("lr", "balance", "max_steps"), default_notes={"lr": "the recipe's"},
+                options={"max_steps": {"min": 1}}, params={"balance": "even"})
+    cli, seen = _app(spec)
     params = {p.name: p for p in get_command(cli).commands["run"].params}
     assert params["lr"].help == "peak learning rate (default: the recipe's)"
+    low = _invoke(cli, "--max-steps", "0")
+    assert low.exit_code == 2 and "max-steps" in low.output
+    assert _invoke(cli, "--even", "--max-steps", "2").exit_code == 0
+    assert spec.flag("balance") == "--even"
+    assert spec.take(seen) == {"balance": True, "max_steps": 2} and seen == {"name": "x"}
 
 
 def test_a_field_without_a_doc_comment_fails_at_registration(settings_module):

@@ -7,8 +7,8 @@ source is read WITHOUT importing the module: the eval and server configs live in
 (4 s), and `prefixtune --help` must stay fast. tests/cli/test_derive.py checks the read fields against the
 imported classes.
 
-A derived option defaults to None, meaning "not given", so a config file or a recipe fills the rest; a spec
-with `defaults=True` uses the dataclass's own defaults instead (commands with no config file).
+A derived option defaults to None, meaning "not given", so a config file, a recipe or the dataclass's own
+default fills the rest; the help says the dataclass default.
 """
 
 from __future__ import annotations
@@ -141,11 +141,12 @@ class Spec:
     params: Mapping[str, str] = field(default_factory=dict)  # field -> parameter name when not the field's own
     help_prefix: str = ""  # put before every help line, e.g. "--compose: "
     default_notes: Mapping[str, str] = field(default_factory=dict)  # field -> what not giving it means here
-    defaults: bool = False  # the dataclass defaults are the options' defaults (else None = not given)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # field -> more typer.Option arguments
 
     def fields(self) -> list[FieldInfo]:
         known = {f.name: f for f in read_fields(self.config)}
-        wanted = [*(self.only or ()), *self.exclude, *self.names, *self.params, *self.default_notes]
+        wanted = [*(self.only or ()), *self.exclude, *self.names, *self.params, *self.default_notes,
+                  *self.options]
         unknown = sorted(set(wanted) - set(known))
         if unknown:
             raise FieldDocError(f"{self.config} has no field {', '.join(unknown)}")
@@ -159,11 +160,19 @@ class Spec:
     def param_name(self, name: str) -> str:
         return self.params.get(name, name)
 
+    def flag(self, name: str) -> str:
+        """The field's first option name: what an error message calls it."""
+        return (self.names.get(name) or ("--" + self.param_name(name).replace("_", "-"),))[0].split("/")[0]
+
+    def take(self, given: dict[str, Any]) -> dict[str, Any]:
+        """This spec's values out of a command's `given`, keyed by field name."""
+        return {f.name: given.pop(self.param_name(f.name)) for f in self.fields() if self.param_name(f.name) in given}
+
     def _default_note(self, info: FieldInfo, tp: Any, names: tuple[str, ...]) -> str:
         """The dataclass default, said in the help when the option's own default is None (= not given)."""
         if info.name in self.default_notes:
             return f" (default: {self.default_notes[info.name]})"
-        if self.defaults or info.default in (_NO_DEFAULT, None, ""):
+        if info.default in (_NO_DEFAULT, None, ""):
             return ""
         if tp is bool:  # name the default's side, unless it is the plain "off" of an automatic --x/--no-x
             pair = names[0].split("/")
@@ -183,8 +192,7 @@ class Spec:
         names = self.names.get(info.name) or ((f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,))
         listed = " (comma-separated)" if item is not None else ""
         help_text = self.help_prefix + info.doc + listed + self._default_note(info, tp, names)
-        default = info.default if self.defaults and info.default is not _NO_DEFAULT else None
-        option = typer.Option(default, *names, help=help_text, show_default=self.defaults)
+        option = typer.Option(None, *names, help=help_text, show_default=False, **self.options.get(info.name, {}))
         # A list is one comma-separated flag ("--labels joy,anger"), split in the command (a bad number then
         # reads "Invalid value: --flag takes ...", as the commands' own checks do).
         parse = _csv_parser(item, names[0]) if item is not None else None

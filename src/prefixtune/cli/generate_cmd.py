@@ -75,9 +75,8 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16"),
         compile: bool = typer.Option(False, "--compile/--no-compile",
                                      help="Compile the decode step (torch.compile; pays off over long outputs)."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="fp16 | int8: quantized frozen base, CPU "
-                                                                        "(fp16: no drift; int8: faster, drifts; "
-                                                                        "docs/BENCHMARKS.md)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="fp16 | int8: quantized frozen base, CPU (fp16: "
+                                               "no drift; int8: faster, drifts; docs/BENCHMARKS.md)."),
         **sampling: Any,
     ) -> None:
         """Generate text with one or more adapters (one result per adapter, one mixed batch)."""
@@ -88,8 +87,7 @@ def register(app: typer.Typer) -> None:
         names = list(adapter) or ([] if adapter_path else [BASE])
         sampling.update(stop=list(stop), chat=chat, guidance_negative=guidance_negative, num_samples=num_samples,
                         compose_mode=compose_mode)
-        sampling["compose_weights"] = _check_request(names, adapter_path, store, sampling, compose_weights,
-                                                     max_compose)
+        sampling["compose_weights"] = _check_request(names, adapter_path, store, sampling, compose_weights, max_compose)
         from prefixtune.engine.lm import PrefixLM
         from prefixtune.quantize import check_quantize
 

@@ -8,14 +8,15 @@ from prefixtune.store import StoreError, validate_name
 
 
 def run_ray(settings, engine: dict, placement: dict) -> None:
-    """Deploy on Ray Serve and serve until SIGINT/SIGTERM; every bad flag is a usage error before Ray starts."""
-    address = placement["address"]
+    """Deploy on Ray Serve and serve until SIGINT/SIGTERM; every bad flag is a usage error before Ray starts.
+    `placement` holds the RayOptions flags given."""
+    address = placement.get("address")
     if address is not None and address != "auto" and not address.startswith("ray://"):
         raise typer.BadParameter(f"{address!r}: give ray://HEAD:10001 (Ray Client) or auto (the cluster this node "
                                  "joined with `ray start --address`)", param_hint="--address")
-    if placement["max_replicas"] is not None and placement["max_replicas"] < placement["replicas"]:
-        raise typer.BadParameter(f"{placement['max_replicas']} < --replicas {placement['replicas']}",
-                                 param_hint="--max-replicas")
+    replicas = placement.get("replicas", 1)  # RayOptions' default
+    if placement.get("max_replicas") is not None and placement["max_replicas"] < replicas:
+        raise typer.BadParameter(f"{placement['max_replicas']} < --replicas {replicas}", param_hint="--max-replicas")
     if settings.adapter_roots:
         raise typer.BadParameter("loading adapters by path copies them onto one machine; with --backend ray put "
                                  "them in the store (every replica reads it)", param_hint="--adapter-root")

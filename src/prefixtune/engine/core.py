@@ -42,7 +42,7 @@ class EngineSpec:
     force: bool = False  # serve adapters trained on another base of the same shape
     max_batch: int = 16  # rows decoded together
     max_queue: int = 256  # waiting rows before QueueFull
-    mode: str = "continuous"  # batching mode (engine/policy.py)
+    mode: str = "continuous"  # batching: continuous (rows join/leave every step) or grouped (engine/policy.py)
     max_model_len: int | None = None  # virtual + prompt + new tokens per row (None = the model's limit)
     max_inflight_tokens: int = 1 << 19  # prompt + max_new_tokens over in-flight rows
     max_step_tokens: int | str | None = "auto"  # decode rows + prefill tokens per step ("auto": by device; None: whole)

@@ -31,10 +31,10 @@ class ServerSettings:
     """HTTP-side policy (batch and queue limits live on the Scheduler)."""
 
     model_name: str  # the base model's id in /v1/models and in requests
-    host: str = "127.0.0.1"  # loopback unless asked otherwise
-    port: int = 8000  # 0 = any free port
+    host: str = "127.0.0.1"  # interface to listen on (loopback unless asked otherwise)
+    port: int = 8000  # port to listen on (0 = any free port)
     api_key: str | None = None  # required as `Authorization: Bearer` on every endpoint but /health
-    admin: bool = True  # POST /v1/adapters and DELETE /v1/adapters/{name}
+    admin: bool = True  # serve POST /v1/adapters and DELETE /v1/adapters/{name}
     adapter_roots: list[Path] = field(default_factory=list)  # folders adapters may be loaded from by path
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_model_len: int | None = None  # virtual + prompt + new tokens per row; None = the model's limit
