@@ -31,12 +31,14 @@ SAMPLING = Spec("prefixtune.engine.sampling:SamplingParams",
                        "guidance_scale": ("--guidance-scale", "-g")},
                 default_notes={"guidance_scale": "what the adapter recommends",
                                "seed": "a fresh stream; given, the same for every row"})
+# How the model loads: the fields `prefixtune serve` shares with it.
+LOAD = Spec("prefixtune.engine.core:EngineSpec", only=("device", "dtype", "force", "compile", "quantize"))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     @user_errors
-    @config_flags(SAMPLING)
+    @config_flags(SAMPLING, LOAD)
     def generate(
         prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (after the template with --label)."),
         adapter: list[str] = typer.Option(
@@ -68,16 +70,8 @@ def register(app: typer.Typer) -> None:
                                             "(default: what each part recommends)."),
         max_compose: int = typer.Option(4, "--max-compose", min=2, help="Most adapters in one composed --adapter."),
         num_samples: int = typer.Option(1, "--num-samples", help="Samples per row, seeded --seed, --seed+1, ..."),
-        force: bool = typer.Option(False, "--force", help="Use adapters trained on another base model "
-                                                          "(only when the shapes match)."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16"),
-        compile: bool = typer.Option(False, "--compile/--no-compile",
-                                     help="Compile the decode step (torch.compile; pays off over long outputs)."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="fp16 | int8: quantized frozen base, CPU (fp16: "
-                                               "no drift; int8: faster, drifts; docs/BENCHMARKS.md)."),
-        **sampling: Any,
+        **given: Any,
     ) -> None:
         """Generate text with one or more adapters (one result per adapter, one mixed batch)."""
         # Everything a user can get wrong is checked before the (slow) model load.
@@ -85,14 +79,14 @@ def register(app: typer.Typer) -> None:
         if not prompt and label is None and inputs is None:
             _fail("give --prompt, --label, or both (a task adapter: --input or --input-file)")
         names = list(adapter) or ([] if adapter_path else [BASE])
+        sampling, load = SAMPLING.take(given), LOAD.take(given)
         sampling.update(stop=list(stop), chat=chat, guidance_negative=guidance_negative, num_samples=num_samples,
                         compose_mode=compose_mode)
         sampling["compose_weights"] = _check_request(names, adapter_path, store, sampling, compose_weights, max_compose)
         from prefixtune.engine.lm import PrefixLM
         from prefixtune.quantize import check_quantize
 
-        lm = PrefixLM.load(model, store, device=device, dtype=dtype, force=force, compile=compile,
-                           quantize=check_quantize(quantize))
+        lm = PrefixLM.load(model, store, **{**load, "quantize": check_quantize(load.get("quantize"))})
         lm.max_compose = max_compose
         rows: list[str | None] = [None if n.lower() == BASE else n for n in names]
         rows += [lm.register(str(folder), folder) for folder in adapter_path]
@@ -118,7 +112,7 @@ def _check_request(names: list[str], adapter_paths: list[Path], store: Optional[
     for folder in adapter_paths:
         if not folder.is_dir():
             _fail(f"--adapter-path {folder} is not a folder")
-    fields = {k: v for k, v in sampling.items() if k in SAMPLING.only}
+    fields = {k: v for k, v in sampling.items() if k in SAMPLING.only}  # without the generate-only keys
     params = SamplingParams(**{**fields, "guidance_scale": fields.get("guidance_scale", 1.0)}, stop=sampling["stop"])
     try:
         params.validate()

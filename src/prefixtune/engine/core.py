@@ -39,7 +39,7 @@ class EngineSpec:
     store: str | None = None  # adapter store folder (None = the default store)
     device: str | None = None  # auto, cpu, cuda, cuda:N
     dtype: str | None = None  # auto, float32, bfloat16, float16
-    force: bool = False  # serve adapters trained on another base of the same shape
+    force: bool = False  # use adapters trained on another base of the same shape
     max_batch: int = 16  # rows decoded together
     max_queue: int = 256  # waiting rows before QueueFull
     mode: str = "continuous"  # batching: continuous (rows join/leave every step) or grouped (engine/policy.py)
