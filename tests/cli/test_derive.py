@@ -13,7 +13,7 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from prefixtune.cli import app, eval_cmd, generate_cmd, train_cmd
+from prefixtune.cli import app, eval_cmd, generate_cmd, serve_cmd, train_cmd
 from prefixtune.cli.derive import _NO_DEFAULT, FieldDocError, Spec, config_flags, read_fields
 
 CONFIG_SOURCE = '''
@@ -139,7 +139,8 @@ def test_unusable_specs_fail_at_registration(settings_module):
         _app(Spec(settings_module, exclude=EXCLUDE, params={"seed": "name"}))
 
 
-SPECS = [train_cmd.TRAIN, eval_cmd.EVAL, *eval_cmd.COMPOSE, eval_cmd.COMPARE, generate_cmd.SAMPLING]
+SPECS = [train_cmd.TRAIN, eval_cmd.EVAL, *eval_cmd.COMPOSE, eval_cmd.COMPARE, generate_cmd.SAMPLING, generate_cmd.LOAD,
+         serve_cmd.SERVER, serve_cmd.ENGINE, serve_cmd.RAY, serve_cmd.REPLICA]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.config)
