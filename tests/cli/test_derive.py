@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -174,3 +175,11 @@ def test_help_prints_every_derived_flag():
     for flag in ("--max-steps", "--per-label", "--single", "--target-field", "--label-word-weight", "--no-progress"):
         assert flag in result.output
     assert "peak learning rate (AdamW) (default 0.0003)" in result.output
+
+
+def test_building_the_cli_reads_the_configs_without_importing_torch():
+    code = ("import sys; from typer.main import get_command; from prefixtune.cli import app; get_command(app); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'prefixtune.server', 'prefixtune.eval.run_eval') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

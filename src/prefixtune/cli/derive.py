@@ -51,15 +51,31 @@ class FieldInfo:
     default: Any  # the default when it is a constant expression, else _NO_DEFAULT
 
 
-@functools.lru_cache(maxsize=None)
-def _module_ast(module: str) -> tuple[ast.Module, dict[int, str]]:
-    spec = importlib.util.find_spec(module)
+def _source_file(module: str) -> Path:
+    """The module's file, found without running anything: find_spec of a dotted name imports the parent
+    packages, and prefixtune.server's imports the whole server."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
     if spec is None or spec.origin is None:
         raise FieldDocError(f"no module {module}")
-    source = Path(spec.origin).read_text()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    return ast.parse(source), comments
+    if not rest:
+        return Path(spec.origin)
+    path = Path(spec.origin).parent.joinpath(*rest.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+
+
+@functools.lru_cache(maxsize=None)
+def _module_ast(module: str) -> tuple[ast.Module, list[str]]:
+    source = _source_file(module).read_text()
+    return ast.parse(source), source.splitlines(keepends=True)
+
+
+def _doc_comment(lines: list[str], node: ast.stmt) -> str:
+    """The comment ending the statement's last line (tokenized, so a "#" inside a string is no comment)."""
+    statement = "".join(lines[node.lineno - 1:node.end_lineno])
+    last = node.end_lineno - node.lineno + 1
+    return next((tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(statement).readline)
+                 if tok.type == tokenize.COMMENT and tok.start[0] == last), "")
 
 
 def _constant(node: ast.expr | None) -> Any:
@@ -97,10 +113,10 @@ def read_fields(target: str) -> tuple[FieldInfo, ...]:
     for base in cls.bases:
         if isinstance(base, ast.Name):
             found.update((f.name, f) for f in read_fields(f"{module}:{base.id}"))
-    _, comments = _module_ast(module)
+    _, lines = _module_ast(module)
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            doc = comments.get(node.end_lineno or node.lineno, "")
+            doc = _doc_comment(lines, node)
             found[node.target.id] = FieldInfo(node.target.id, _annotation(node.annotation),
                                               ast.unparse(node.annotation), doc, _constant(node.value))
     return tuple(found.values())
@@ -114,18 +130,13 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 def _csv_parser(item: type, flag: str) -> Callable[[Optional[str]], Any]:
-    """Parses `a,b,c` into a list (of numbers for list[float] / list[int]); a bad number names the flag."""
+    """Parses `a,b,c` into a list (of numbers for list[float]); a bad number names the flag."""
 
     def parse(value: Optional[str]) -> Any:
         items = parse_csv(value)
-        if items is None or item in (str, Path):
-            return items if items is None else [item(v) for v in items]
-        numbers = parse_floats(items, flag)
-        if item is int:
-            if any(n != int(n) for n in numbers):
-                raise typer.BadParameter(f"{flag} takes comma-separated whole numbers, got {value!r}")
-            return [int(n) for n in numbers]
-        return numbers
+        if items is None or item is float:
+            return parse_floats(items, flag)
+        return [item(v) for v in items]
 
     return parse
 
@@ -186,7 +197,7 @@ class Spec:
             raise FieldDocError(f"{where} has no doc comment: add `# what it is` after it (it is the --help text)")
         tp = _unwrap_optional(info.type)
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if tp not in (str, int, float, bool, Path) and item not in (str, int, float, Path):
+        if tp not in (str, int, float, bool, Path) and item not in (str, float, Path):
             raise FieldDocError(f"{where}: a {info.annotation} has no flag; exclude it from the command's spec")
         flag = "--" + self.param_name(info.name).replace("_", "-")
         names = self.names.get(info.name) or ((f"{flag}/--no-{flag[2:]}",) if tp is bool else (flag,))
@@ -220,7 +231,7 @@ def config_flags(*specs: Spec) -> Callable[[Callable[..., Any]], Callable[..., A
         def command(**kwargs: Any) -> Any:
             given = {k: kwargs.pop(k) for k in parse}
             given = {k: parse[k](v) if parse[k] else v for k, v in given.items() if v is not None}
-            return fn(**kwargs, **{k: v for k, v in given.items() if v is not None})
+            return fn(**kwargs, **{k: v for k, v in given.items() if v is not None})  # "--labels ''" = not given
 
         del command.__wrapped__  # typer must see the built signature, not fn's
         command.__signature__ = inspect.Signature(own + derived)  # type: ignore[attr-defined]
