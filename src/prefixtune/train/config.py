@@ -67,7 +67,7 @@ class TrainConfig:
     prefix_projection: bool = True  # train through the 2-layer MLP
     encoder_hidden_size: int | None = None  # MLP width (default: the model's hidden size)
     init: str = "random"  # random | zero | text
-    init_text: str | None = None  # text for init=text
+    init_text: str | None = None  # text whose keys/values start the prefix (init=text; {label_words} filled in)
     init_from: str | None = None  # start from this adapter folder (through its saved MLP when it has one)
     lr: float = 3e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
