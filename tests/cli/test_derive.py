@@ -183,3 +183,25 @@ def test_building_the_cli_reads_the_configs_without_importing_torch():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+KEPT = {  # spellings scripts and docs rely on that are not just --field-name
+    "train": {"--per-label", "--single", "--text-field", "--target-field", "--no-progress", "--resume",
+              "--no-balance", "--no-prefix-projection"},
+    "compare": {"--per-label", "--single", "--no-progress", "--no-isolate", "--config"},
+    "eval": {"--batch-size", "--compose", "--compose-data", "--compose-methods", "--compose-weights",
+             "--instruction", "--no-progress", "--sweep", "--save-guidance"},
+    "generate": {"-p", "-a", "-m", "-n", "-t", "-g", "-i", "--max-new-tokens", "--temperature", "--guidance-scale",
+                 "--early-stopping", "--force", "--compile", "--no-compile", "--quantize"},
+    "serve": {"-m", "--batching", "--max-adapters-per-replica", "--no-admin", "--no-docs", "--api-key", "--replicas",
+              "--store", "--max-model-len", "--no-engine-process"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(KEPT))
+def test_the_spelled_flags_keep_their_names(command):
+    params = get_command(app).commands[command].params
+    flags = {opt for p in params for opt in (*p.opts, *p.secondary_opts)}
+    assert KEPT[command] <= flags, sorted(KEPT[command] - flags)
+    api_key = next(p for p in params if p.name == "api_key") if command == "serve" else None
+    assert api_key is None or api_key.envvar == "PREFIXTUNE_API_KEY"

@@ -12,6 +12,7 @@ import typer
 
 from prefixtune.cli.common import user_errors
 from prefixtune.cli.derive import Spec, config_flags
+from prefixtune.cli.train_cmd import PER_LABEL
 
 Opt = typer.Option
 
@@ -52,7 +53,7 @@ COMPOSE_CONFIG = "prefixtune.eval.compose:ComposeEvalConfig"
 COMPOSE = (Spec(COMPOSE_CONFIG, only=("families",), params={"families": "compose"}),
            Spec(COMPOSE_CONFIG, only=("data", "methods", "weights", "instruction"), help_prefix="--compose: ",
                 params={"data": "compose_data", "methods": "compose_methods", "weights": "compose_weights"}))
-COMPARE = Spec("prefixtune.eval.compare_setup:CompareConfig", exclude=COMPARE_CONFIG_FILE_ONLY)
+COMPARE = Spec("prefixtune.eval.compare_setup:CompareConfig", exclude=COMPARE_CONFIG_FILE_ONLY, names=PER_LABEL)
 COMPOSE_ONLY = {"compose", "compose_data", "compose_methods", "compose_weights", "instruction"}
 
 

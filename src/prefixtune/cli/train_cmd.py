@@ -19,8 +19,9 @@ CONFIG_FILE_ONLY = {
     "grad_clip": "schedule detail",
     "lora_dropout": "LoRA detail",
 }
+PER_LABEL = {"per_label": ("--per-label/--single",)}  # train and compare spell the family switch alike
 TRAIN = Spec("prefixtune.train.config:TrainConfig", exclude=CONFIG_FILE_ONLY,
-             names={"text_field": ("--text-field", "--target-field"), "per_label": ("--per-label/--single",)})
+             names={"text_field": ("--text-field", "--target-field"), **PER_LABEL})
 
 
 def build_config(config_file: Optional[Path], flags: dict):
