@@ -154,14 +154,14 @@ def import_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an adapter of the same name."),
 ) -> None:
     """Copy an adapter into the store, checking its shapes against the base model."""
+    from prefixtune.adapter_folder import validate_name
     from prefixtune.models import load_base_model
     from prefixtune.prefix.shapes import prefix_shape
-    from prefixtune.store import validate_name
 
     st = _store(store)
     validate_name(name)  # fail on a bad name before the (slow) model load
     if not path.is_dir():
-        from prefixtune.store import StoreError
+        from prefixtune.adapter_folder import StoreError
 
         raise StoreError(f"{path} is not a folder; point import at a folder saved by peft's save_pretrained")
     # CPU/fp32 is enough: only the config (shapes) and the dtype-independent fingerprint are needed.

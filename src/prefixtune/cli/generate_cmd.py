@@ -98,7 +98,8 @@ def _check_request(names: list[str], adapter_paths: list[Path], store: Optional[
     """Every request setting checked before the model loads; returns the --compose-weights as numbers."""
     from prefixtune.engine.compose import SEP, ComposeError, check_mode, parts_of
     from prefixtune.engine.sampling import SamplingParams
-    from prefixtune.store import AdapterStore, default_store, validate_name
+    from prefixtune.adapter_folder import validate_name
+    from prefixtune.store import AdapterStore, default_store
 
     weights = parse_floats(parse_csv(compose_weights), "--compose-weights") if compose_weights else None
     try:

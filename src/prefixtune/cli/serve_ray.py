@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from prefixtune.store import StoreError, validate_name
+from prefixtune.adapter_folder import StoreError, validate_name
 
 
 def run_ray(settings, engine: dict, placement: dict) -> None:
