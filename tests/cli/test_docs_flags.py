@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLI = get_command(app)
 
+
 def _is_group(cmd: Any) -> bool:
     return hasattr(cmd, "commands")  # typer ships its own copy of click, so no isinstance
 

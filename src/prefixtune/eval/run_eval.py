@@ -38,8 +38,8 @@ class EvalConfig(EvalSettings):
     judge: str | None = None  # module:factory of a custom judge (default: TF-IDF + logistic regression)
     save_guidance: bool = False  # write the sweep's best natural-text scale into the adapters' manifests
     sweep: bool = False  # also sample a temperature x top-p grid with the default guidance (table + PNG)
-    sweep_temperatures: list[float] = field(default_factory=lambda: list(SWEEP_TEMPERATURES))  # the sweep's temperatures
-    sweep_top_ps: list[float] = field(default_factory=lambda: list(SWEEP_TOP_PS))  # the sweep's top-p values
+    sweep_temperatures: list[float] = field(default_factory=lambda: list(SWEEP_TEMPERATURES))  # temperatures to sweep
+    sweep_top_ps: list[float] = field(default_factory=lambda: list(SWEEP_TOP_PS))  # top-p values to sweep
     device: str | None = None  # cpu | cuda | auto
     dtype: str | None = None  # float32 | bfloat16 | float16 | auto
 
