@@ -13,7 +13,7 @@ from prefixtune.version import __version__
 # public name -> module that defines it
 _LAZY = {
     "PrefixLM": "prefixtune.engine.lm",
-    "Generation": "prefixtune.engine.lm",
+    "Generation": "prefixtune.engine.generation",
     "AdapterStore": "prefixtune.store",
     "StoreError": "prefixtune.adapter_folder",
 }
@@ -22,7 +22,8 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from prefixtune.adapter_folder import StoreError
-    from prefixtune.engine.lm import Generation, PrefixLM
+    from prefixtune.engine.generation import Generation
+    from prefixtune.engine.lm import PrefixLM
     from prefixtune.store import AdapterStore
 
 

@@ -17,9 +17,6 @@ MIN_P = 0.05  # the unguided row's tail cut (engine/sampling.py), also shown in 
 def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | None = None) -> None:
     from prefixtune.data import load_data
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.eval.evaluate import EvalSettings, guidance_sweep
-    from prefixtune.eval.judge import load_judge
-    from prefixtune.eval.quality import real_sample, sample_stats
     from prefixtune.eval.run_eval import method_from_adapters
     from prefixtune.models import load_base_model
     from prefixtune.store import AdapterStore
@@ -56,6 +53,14 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     labels = [label for label in method.labels if label is not None]
     scale = cfg.guidance_scale or 1.0
 
+    console.print(_sample_table(lm, method, labels, scale, quick))
+    console.print(_figures(lm, method, bundle, labels, scale, quick))
+    console.print(f"adapters in {store_dir}; demo took {time.perf_counter() - started:.0f} s. Full report: "
+                  f"prefixtune eval --adapter emotion --store {store_dir} --data {data} --guidance-sweep 1,1.5,2,3")
+
+
+def _sample_table(lm, method, labels: list[str], scale: float, quick: bool) -> Table:
+    """One sample per emotion, all from one mixed batch of the family's adapters."""
     generations = lm.generate([method.prompts[label] for label in labels],
                               adapters=[method.adapter(label) for label in labels],
                               max_new_tokens=24 if quick else 40, temperature=1.0, top_p=1.0,
@@ -67,9 +72,16 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
     table.add_column("generated text")
     for label, gen in zip(labels, generations):
         table.add_row(method.adapter(label), gen.text.strip())
-    console.print(table)
+    return table
 
-    # The figures: the same seeded samples unguided and guided, judged by a classifier trained on the data.
+
+def _figures(lm, method, bundle, labels: list[str], scale: float, quick: bool) -> Table:
+    """The figures: the same seeded samples unguided and guided, judged by a classifier trained on the data, and
+    their length and diversity beside real text's."""
+    from prefixtune.eval.evaluate import EvalSettings, guidance_sweep
+    from prefixtune.eval.judge import load_judge
+    from prefixtune.eval.quality import real_sample, sample_stats
+
     per_label = 4 if quick else 16
     settings = EvalSettings(samples_per_label=per_label, max_new_tokens=24 if quick else 40, progress=False,
                             guidance_sweep=sorted({1.0, scale}), eval_batch_size=24)
@@ -92,6 +104,4 @@ def run_demo(model: str, data: str, out: str, quick: bool = False, steps: int | 
                         f"{row['mean_words']:.1f}", f"{row['distinct_2']:.2f}", f"{row['degenerate']:.0%}")
     figures.add_row("real test text", "", "", f"{real['mean_words']:.1f}", f"{real['distinct_2']:.2f}",
                     f"{real['degenerate']:.0%}")
-    console.print(figures)
-    console.print(f"adapters in {store_dir}; demo took {time.perf_counter() - started:.0f} s. Full report: "
-                  f"prefixtune eval --adapter emotion --store {store_dir} --data {data} --guidance-sweep 1,1.5,2,3")
+    return figures

@@ -9,7 +9,9 @@ import torch
 
 from prefixtune.adapter_folder import StoreError
 from prefixtune.bench.serve_speed import measure_swap_ms
-from prefixtune.engine.lm import AdapterCache, CachedAdapter, Generation, PrefixLM
+from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
+from prefixtune.engine.generation import Generation
+from prefixtune.engine.lm import PrefixLM
 from prefixtune.engine.text import cut_at_stop
 from prefixtune.models import model_fingerprint
 from prefixtune.prefix.peft_io import WEIGHTS_FILE

@@ -232,19 +232,7 @@ def _run_http(scratch: Path, model: str, tiny: bool, concurrencies: tuple[int, .
         report["mixed / base"] = {c: round(v, 3) for c, v in ratios.items()}
         say(f"mixed 6 adapters / base only: {report['mixed / base']}")
         report["stop strings"] = _stop_string_cost(server.url, names, say, repeats, max_tokens)
-        rps = {"6 in store": [], f"{many} in store": [], f"spread over {many}": []}
-        spread = [f"bench-{i}" for i in range(many)]
-        count = 2 * requests
-        for _ in range(repeats):
-            rps["6 in store"].append(load(six.url, "6 in store", _bodies(names, count, 1), 8))
-            rps[f"{many} in store"].append(load(server.url, f"{many} in store", _bodies(names, count, 1), 8))
-            rps[f"spread over {many}"].append(load(server.url, "spread", _bodies(spread, count, 1), 8))
-        rps = {k: best(v).requests_per_s for k, v in rps.items()}
-        rps["ratio"] = rps[f"{many} in store"] / max(rps["6 in store"], 1e-9)
-        report["max_tokens=1 requests/s"] = rps
-        say(f"max_tokens=1: {rps[f'{many} in store']:.1f} req/s with {many} adapters in the store vs "
-            f"{rps['6 in store']:.1f} with 6 = {rps['ratio']:.2f}x (traffic spread over all {many}: "
-            f"{rps[f'spread over {many}']:.1f} req/s)")
+        report["max_tokens=1 requests/s"] = _store_size_cost(server, six, names, many, 2 * requests, repeats, say)
         if tiny:
             # The default server (model in an engine process) and the single-process one, in the same run.
             with ServerProcess(model, root6, *flags, "--no-engine-process") as single:
@@ -266,6 +254,24 @@ def _run_http(scratch: Path, model: str, tiny: bool, concurrencies: tuple[int, .
         say(f"PEFT set_adapter + generate per adapter group: {report['peft grouped tokens/s']:.1f} tok/s; "
             f"mixed over HTTP = {report['mixed / peft']:.2f}x")
     return report
+
+
+def _store_size_cost(server: ServerProcess, six: ServerProcess, names: list[str], many: int, count: int,
+                     repeats: int, say) -> dict[str, float]:
+    """Requests/s at max_tokens=1 (admission, adapter lookup, one step) with `many` adapters in the store against
+    6, and with the traffic spread over all `many`."""
+    rps = {"6 in store": [], f"{many} in store": [], f"spread over {many}": []}
+    spread = [f"bench-{i}" for i in range(many)]
+    for _ in range(repeats):
+        rps["6 in store"].append(load(six.url, "6 in store", _bodies(names, count, 1), 8))
+        rps[f"{many} in store"].append(load(server.url, f"{many} in store", _bodies(names, count, 1), 8))
+        rps[f"spread over {many}"].append(load(server.url, "spread", _bodies(spread, count, 1), 8))
+    rps = {k: best(v).requests_per_s for k, v in rps.items()}
+    rps["ratio"] = rps[f"{many} in store"] / max(rps["6 in store"], 1e-9)
+    say(f"max_tokens=1: {rps[f'{many} in store']:.1f} req/s with {many} adapters in the store vs "
+        f"{rps['6 in store']:.1f} with 6 = {rps['ratio']:.2f}x (traffic spread over all {many}: "
+        f"{rps[f'spread over {many}']:.1f} req/s)")
+    return rps
 
 
 def _stop_string_cost(url: str, names: list[str], say, repeats: int = 2, max_tokens: int = 16) -> dict:
@@ -354,6 +360,11 @@ def _engine_vs_bare_over_http(servers: dict[str, ServerProcess], loaded, say, re
                 await client.aclose()
 
     asyncio.run(measure())
+    return _against_bare(best_of, list(servers), threads, batch, say)
+
+
+def _against_bare(best_of: dict[str, float], servers: list[str], threads: int, batch: int, say) -> dict:
+    """Each server's best tokens/s, wall clock and per CPU second, and its ratio to the bare loop's."""
     report = {"bare loop tokens/s": best_of["bare"], "bare tokens per CPU s": best_of["bare per CPU s"],
               "torch threads": threads}
     for name in servers:
@@ -365,6 +376,5 @@ def _engine_vs_bare_over_http(servers: dict[str, ServerProcess], loaded, say, re
             say(f"tiny model over HTTP, batch {batch}, {name}, {how}: {ours:.0f} tok/s vs bare transformers loop "
                 f"{best_of['bare']:.0f} ({threads} thread(s) each) = {ours / best_of['bare']:.2f}x wall clock; "
                 f"per CPU second {cpu / best_of['bare per CPU s']:.2f}x")
-    first = next(iter(servers))
-    report["engine / bare"] = report[f"{first} streamed / bare"]  # the server as users run it, streaming
+    report["engine / bare"] = report[f"{servers[0]} streamed / bare"]  # the server as users run it, streaming
     return report

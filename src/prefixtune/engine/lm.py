@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from prefixtune.adapter_folder import Manifest, StoreError, check_compatible, re
 from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
 from prefixtune.engine.beam import check_beam_request
 from prefixtune.engine import compose
+from prefixtune.engine.generation import Generation, sample_rows, to_generations
 from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.rows import build_requests
@@ -33,23 +33,6 @@ from prefixtune.prefix.peft_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from prefixtune.prefix.shapes import prefix_shape
 from prefixtune.store import AdapterStore, default_store
 from prefixtune.templates import fill_template, input_fields, is_task_template
-
-
-@dataclass
-class Generation:
-    """One prompt's result."""
-
-    text: str  # generated text (stop string cut off, special tokens skipped)
-    tokens: list[int]  # generated token ids (EOS not included)
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
-    prompt_tokens: int  # tokens in the prompt
-    adapter: str | None  # adapter used (None = base model)
-    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
-    logprobs: list | None = None  # generate(logprobs=N): per token (logprob, top N [(id, logprob)]), + EOS if it ended
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
 
 
 class PrefixLM:
@@ -284,44 +267,23 @@ class PrefixLM:
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device), lengths
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        adapters: Sequence[str | None] | str | None = None,
-        max_new_tokens: int = 40,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | Sequence[int | None] | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        chat: bool = False,
-        guidance_scale: float | None = None,
-        guidance_negative: str | None = None,
-        num_samples: int = 1,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        early_stopping: bool = False,
-        min_p: float = 0.0,
-        lora: Any = None,
-        num_return_sequences: int = 1,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logit_bias: dict[int, float] | None = None,
-        structured: StructuredOutput | None = None,
-        logprobs: int | None = None,
-        compose_mode: str | None = None,
-        compose_weights: Sequence[float] | None = None,
-    ) -> list[Generation]:
+    def generate(self, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
+                 max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | Sequence[int | None] | None = None, stop: Sequence[str] | None = None,
+                 ignore_eos: bool = False, chat: bool = False, guidance_scale: float | None = None,
+                 guidance_negative: str | None = None, num_samples: int = 1, num_beams: int = 1,
+                 length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, early_stopping: bool = False,
+                 min_p: float = 0.0, lora: Any = None, num_return_sequences: int = 1, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                 logit_bias: dict[int, float] | None = None, structured: StructuredOutput | None = None,
+                 logprobs: int | None = None, compose_mode: str | None = None,
+                 compose_weights: Sequence[float] | None = None) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
-        temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates;
-        min_p > 0 drops tokens under min_p x the likeliest token's probability.
-        chat=True wraps each prompt in the model's chat template.
-        guidance_scale > 1 sharpens each adapter row against an unconditioned row run beside it: the base
-        model, or the adapter named by guidance_negative ("none" = the base model). None uses what the
+        temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates; min_p > 0
+        drops tokens under min_p x the likeliest token's probability. chat=True wraps each prompt in the model's
+        chat template. guidance_scale > 1 sharpens each adapter row against an unconditioned row run beside it:
+        the base model, or the adapter named by guidance_negative ("none" = the base model). None uses what the
         adapter's manifest recommends (else 1 = off). num_samples=N gives N results per prompt, prompt by
         prompt, sample i seeded with seed + i.
         num_beams > 1 runs beam search (engine/beam.py, with length_penalty, no_repeat_ngram_size,
@@ -337,18 +299,12 @@ class PrefixLM:
         A row's adapter may be composed: a tuple of adapter names or "a+b" (engine/compose.py). compose_mode
         "guidance" (default) runs a product of experts, each part guided against its own negative at its
         compose_weights entry (else guidance_scale, else compose.part_scales); "concat" runs one row with the
-        parts' prefixes side by side.
-        All of it runs on the serving engine (engine/offline.py), stepped in this thread.
+        parts' prefixes side by side. All of it runs on the serving engine (engine/offline.py), stepped in this thread.
         """
         prompts, adapters = with_adapters(prompts, adapters)
-        adapters = compose.composed_names(adapters, compose_mode, self.max_compose,
-                                          beam=num_beams != 1 or bool(no_repeat_ngram_size), weights=compose_weights)
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        beam = num_beams != 1 or no_repeat_ngram_size
+        beam = num_beams != 1 or bool(no_repeat_ngram_size)
+        adapters = compose.composed_names(adapters, compose_mode, self.max_compose, beam=beam, weights=compose_weights)
+        prompts, adapters, seeds = sample_rows(prompts, adapters, seed, num_samples)
         if beam:  # guidance a manifest recommends applies to sampling, not to beam search
             check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping,
                                temperature, ignore_eos, guidance_scale, num_samples, num_return_sequences, min_p)
@@ -357,10 +313,6 @@ class PrefixLM:
                              "num_samples for sampled variants)")
         if not prompts:
             return []
-        if num_samples > 1:
-            prompts = [p for p in prompts for _ in range(num_samples)]
-            adapters = [a for a in adapters for _ in range(num_samples)]
-            seeds = [None if s is None else s + i for s in seeds for i in range(num_samples)]
         if chat:
             prompts = [self.chat_prompt(p) for p in prompts]
         guide = (1.0, None) if beam else (guidance_scale, guidance_negative)
@@ -373,17 +325,7 @@ class PrefixLM:
                    if compose.check_mode(compose_mode) == "guidance" and compose.is_composed(a)}
         requests = build_requests(self, prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat,
                                   experts=experts)
-        results = []
-        for f, r in zip(run_requests(self, requests, lora), requests):
-            n, a = len(r.prompt_ids), r.adapter
-            if num_return_sequences == 1:
-                results.append(Generation(f.text, f.tokens, f.finish_reason or "length", n, a, f.score,
-                                          f.logprobs if logprobs is not None else None))
-                continue
-            for i in range(num_return_sequences):
-                c = f.choices[i]
-                results.append(Generation(c.text, c.token_ids, c.finish_reason, n, a, c.score))
-        return results
+        return to_generations(run_requests(self, requests, lora), requests, num_return_sequences, logprobs)
 
     def score(self, texts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
               top_logprobs: int = 0, guidance_scale: float | None = None, guidance_negative: str | None = None,

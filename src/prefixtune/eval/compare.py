@@ -57,8 +57,6 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     """Train, evaluate and report every method; writes results.json/.md, PNGs and config.json under cfg.out."""
     from prefixtune.data import load_data
     from prefixtune.engine.lm import PrefixLM
-    from prefixtune.train.methods import full_applied, lora_applied
-    from prefixtune.eval.run_eval import method_from_adapters
     from prefixtune.models import load_base_model
 
     cfg.validate()
@@ -90,29 +88,7 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
 
     rows = []
     for method in cfg.methods:
-        if method == "prompt":
-            evaluation = evaluate_method(lm, prompt_method(lm, labels, cfg), data, cfg, judge, base_prompts, say=say)
-        elif method == "prefix":
-            folders = trained["prefix"]["adapters"]
-            for name, folder in folders.items():
-                lm.register(name, folder)
-            m = method_from_adapters("prefix", {n: Path(f) for n, f in folders.items()}, labels)
-            m.prompts = {label: p for label, p in m.prompts.items() if label in labels}
-            evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, say=say)
-        elif method == "lora":
-            # LoRA is injected into the shared base model for its evaluation only and removed afterwards;
-            # disable_adapter() gives the bare model for the interleaved base timing.
-            with lora_applied(loaded.model, trained["lora"]["adapters"]["lora"]) as peft_model:
-                m = Method("lora", dict(zip(labels, base_prompts)), {}, 0)
-                evaluation = evaluate_method(lm, m, data, cfg, judge, base_prompts, peft_model.disable_adapter,
-                                             say=say)
-        else:
-            # The fine-tuned weights run as the engine's base model for this evaluation (base_weights() puts the
-            # originals back for the base timing). Unguided: no unconditioned companion shares its forward.
-            with full_applied(loaded.model, trained["full"]["adapters"]["full"]) as base_weights:
-                m = Method("full", dict(zip(labels, base_prompts)), {}, 0)
-                evaluation = evaluate_method(lm, m, data, replace(cfg, guidance_scale=None), judge, base_prompts,
-                                             base_weights, say=say)
+        evaluation = evaluate_one(method, lm, trained, labels, data, cfg, judge, base_prompts, say)
         write_json(out / method / "samples.json", evaluation["samples"])
         rows.append(result_row(method, trained.get(method), evaluation, base_params))
 
@@ -125,6 +101,36 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     write_outputs(results, out, {m: t.get("history", []) for m, t in trained.items()})
     say(f"wrote {out / 'results.md'} ({results['seconds']:.0f} s)")
     return results
+
+
+def evaluate_one(method: str, lm, trained: dict[str, Any], labels: list[str], data, cfg: CompareConfig, judge,
+                 base_prompts: list[str], say=print) -> dict[str, Any]:
+    """One method's evaluation on the shared engine: prompting, the trained prefixes, or the trained LoRA or full
+    fine-tuning applied to the base model for this evaluation only."""
+    from prefixtune.eval.run_eval import method_from_adapters
+    from prefixtune.train.methods import full_applied, lora_applied
+
+    if method == "prompt":
+        return evaluate_method(lm, prompt_method(lm, labels, cfg), data, cfg, judge, base_prompts, say=say)
+    if method == "prefix":
+        folders = trained["prefix"]["adapters"]
+        for name, folder in folders.items():
+            lm.register(name, folder)
+        m = method_from_adapters("prefix", {n: Path(f) for n, f in folders.items()}, labels)
+        m.prompts = {label: p for label, p in m.prompts.items() if label in labels}
+        return evaluate_method(lm, m, data, cfg, judge, base_prompts, say=say)
+    if method == "lora":
+        # LoRA is injected into the shared base model for its evaluation only and removed afterwards;
+        # disable_adapter() gives the bare model for the interleaved base timing.
+        with lora_applied(lm.model, trained["lora"]["adapters"]["lora"]) as peft_model:
+            m = Method("lora", dict(zip(labels, base_prompts)), {}, 0)
+            return evaluate_method(lm, m, data, cfg, judge, base_prompts, peft_model.disable_adapter, say=say)
+    # The fine-tuned weights run as the engine's base model for this evaluation (base_weights() puts the
+    # originals back for the base timing). Unguided: no unconditioned companion shares its forward.
+    with full_applied(lm.model, trained["full"]["adapters"]["full"]) as base_weights:
+        m = Method("full", dict(zip(labels, base_prompts)), {}, 0)
+        return evaluate_method(lm, m, data, replace(cfg, guidance_scale=None), judge, base_prompts, base_weights,
+                               say=say)
 
 
 def write_outputs(results: dict[str, Any], out: Path, histories: dict[str, list]) -> None:

@@ -240,6 +240,20 @@ def guidance_sweep(lm, method: Method, settings: EvalSettings, judge: Judge | No
     return rows
 
 
+def _judge_samples(samples: list[dict[str, Any]], method: Method, judge: Judge | None, say) -> dict | None:
+    """Conditioning figures of labelled samples (each gets its "judged" label); None without samples or a judge."""
+    labelled = [label for label in method.labels if label is not None]
+    if not (samples and labelled and judge is not None):
+        return None
+    check_judge_labels(judge, labelled)
+    judged = judge.predict([s["text"] for s in samples])
+    for s, j in zip(samples, judged):
+        s["judged"] = j
+    cond = conditioning([s["label"] for s in samples], judged, labelled)
+    say(f"{method.name}: conditioning accuracy {cond.accuracy:.3f} over {cond.samples} samples")
+    return cond.to_dict()
+
+
 def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings, judge: Judge | None,
                     base_prompts: list[str] | None = None, base_context=None,
                     references: list[str] | None = None, say=print) -> dict[str, Any]:
@@ -264,16 +278,7 @@ def evaluate_method(lm, method: Method, data: DataBundle, settings: EvalSettings
         result["guidance"] = {"scale": settings.guidance_scale, "negative": None}
     samples = generate_samples(lm, method, settings, lora_base=lora_base) if settings.samples_per_label > 0 else []
     texts = [s["text"] for s in samples]
-    labelled = [label for label in method.labels if label is not None]
-    result["conditioning"] = None
-    if samples and labelled and judge is not None:
-        check_judge_labels(judge, labelled)
-        judged = judge.predict(texts)
-        for s, j in zip(samples, judged):
-            s["judged"] = j
-        cond = conditioning([s["label"] for s in samples], judged, labelled)
-        result["conditioning"] = cond.to_dict()
-        say(f"{method.name}: conditioning accuracy {cond.accuracy:.3f} over {cond.samples} samples")
+    result["conditioning"] = _judge_samples(samples, method, judge, say)
     result["conditioning_accuracy"] = result["conditioning"]["accuracy"] if result["conditioning"] else None
     index = CopyIndex([ex.text for ex in data.split("train")]) if "train" in data.splits else None
     result["distinct_1"] = distinct_n(texts, 1)

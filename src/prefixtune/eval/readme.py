@@ -98,6 +98,50 @@ def _against_full(results: dict[str, Any], p: dict[str, Any], full: dict[str, An
             f"({_gap(p, full, noise, n)}).")
 
 
+def _against_lora(results: dict[str, Any], p: dict[str, Any], lo: dict[str, Any], noise: float, n: int
+                  ) -> list[str]:
+    """Prefix tuning beside LoRA: size, quality at this budget, serving and training cost."""
+    cfg = results["config"]
+    better = "prefix tuning" if p["eval_loss"] < lo["eval_loss"] else "LoRA"
+    return [
+        f"**Size.** Prefix tuning trains {_times(p['trainable_params'], lo['trainable_params'], 'parameters', 'LoRA')}"
+        f" here (with the MLP reparameterisation), but the MLP is folded away after training: "
+        f"the saved prefix is {fmt(p['adapter_bytes'], 'kb')} KB against LoRA's {fmt(lo['adapter_bytes'], 'kb')} KB.",
+        f"**Quality at this budget.** {better} reaches the lower eval loss ({p['eval_loss']:.3f} prefix vs "
+        f"{lo['eval_loss']:.3f} LoRA); conditioning accuracy is {fmt(p.get('conditioning_accuracy'), '{:.2f}')} "
+        f"vs {fmt(lo.get('conditioning_accuracy'), '{:.2f}')} ({_gap(p, lo, noise, n)}). With {cfg['steps']} "
+        f"steps both are far from converged, so treat any gap as indicative, not final.",
+        f"**Serving.** A prefix costs {p['prefix_length']:.0f} extra positions of attention per request "
+        f"({_overhead(p)}) and needs no change to the weights, so rows with different prefixes share one batch "
+        f"of one base model. Unmerged LoRA adds extra matmuls ({_overhead(lo)}); merged it is free, but then "
+        f"each adapter needs its own copy of the weights.",
+        f"**Training cost.** {p['train_seconds']:.0f} s vs {lo['train_seconds']:.0f} s for the same "
+        f"{cfg['steps']} steps, peak memory {p['peak_train_memory_mb']:,.0f} vs {lo['peak_train_memory_mb']:,.0f} MB "
+        f"({'GPU memory' if str(results.get('device', '')).startswith('cuda') else 'process peak RSS'})"
+        f"{_load_note(results, p, lo)}.",
+    ]
+
+
+def _against_prompting(pr: dict[str, Any], rows: list[dict[str, Any]], noise: float) -> str:
+    """The prompted instruct model beside the trained methods (`rows`): its cost and where its accuracy falls."""
+    trained = [r for r in rows if r.get("conditioning_accuracy") is not None]
+    best_loss = min((r["eval_loss"] for r in trained), default=None)
+    acc = pr.get("conditioning_accuracy")
+    groups: dict[str, list[str]] = {}
+    for r in trained:
+        diff = r["conditioning_accuracy"] - (acc or 0.0)
+        key = "within sampling noise of it" if abs(diff) <= noise else "above it" if diff > 0 else "below it"
+        groups.setdefault(key, []).append(r["method"])
+    verdict = "; ".join(f"{' and '.join(m)} {'is' if len(m) == 1 else 'are'} {k}" for k, m in groups.items())
+    return (
+        f"**Prompting baseline.** Asking the instruct model costs no training but "
+        f"{pr['prefix_length']:.0f} prompt tokens per request. Its conditioning accuracy is "
+        f"{fmt(acc, '{:.2f}')} ({verdict or 'nothing to compare with'}; +/-{noise:.2f} at 95%)"
+        + (f", and its eval loss of {pr['eval_loss']:.3f} against {best_loss:.3f} for the best trained method "
+           + ("shows it does not write in the data's style" if pr["eval_loss"] > best_loss + 0.1
+              else "is about the same") if best_loss is not None else "") + ".")
+
+
 def readme_section(results: dict[str, Any]) -> str:
     rows = {r["method"]: r for r in results["methods"]}
     table_rows = []
@@ -124,45 +168,11 @@ def readme_section(results: dict[str, Any]) -> str:
     # Worst-case (p = 0.5) 95% half-width of the difference between two accuracies over n samples each.
     noise = 1.96 * math.sqrt(2 * 0.25 / n) if n else float("nan")
     if p and lo:
-        bullets.append(
-            f"**Size.** Prefix tuning trains {_times(p['trainable_params'], lo['trainable_params'], 'parameters', 'LoRA')}"
-            f" here (with the MLP reparameterisation), but the MLP is folded away after training: "
-            f"the saved prefix is {fmt(p['adapter_bytes'], 'kb')} KB against LoRA's {fmt(lo['adapter_bytes'], 'kb')} KB.")
-        better = "prefix tuning" if p["eval_loss"] < lo["eval_loss"] else "LoRA"
-        bullets.append(
-            f"**Quality at this budget.** {better} reaches the lower eval loss ({p['eval_loss']:.3f} prefix vs "
-            f"{lo['eval_loss']:.3f} LoRA); conditioning accuracy is {fmt(p.get('conditioning_accuracy'), '{:.2f}')} "
-            f"vs {fmt(lo.get('conditioning_accuracy'), '{:.2f}')} ({_gap(p, lo, noise, n)}). With {cfg['steps']} "
-            f"steps both are far from converged, so treat any gap as indicative, not final.")
-        bullets.append(
-            f"**Serving.** A prefix costs {p['prefix_length']:.0f} extra positions of attention per request "
-            f"({_overhead(p)}) and needs no change to the weights, so rows with different prefixes share one batch "
-            f"of one base model. Unmerged LoRA adds extra matmuls ({_overhead(lo)}); merged it is free, but then "
-            f"each adapter needs its own copy of the weights.")
-        bullets.append(
-            f"**Training cost.** {p['train_seconds']:.0f} s vs {lo['train_seconds']:.0f} s for the same "
-            f"{cfg['steps']} steps, peak memory {p['peak_train_memory_mb']:,.0f} vs {lo['peak_train_memory_mb']:,.0f} MB "
-            f"({'GPU memory' if str(results.get('device', '')).startswith('cuda') else 'process peak RSS'})"
-            f"{_load_note(results, p, lo)}.")
+        bullets += _against_lora(results, p, lo, noise, n)
     if p and (full := rows.get("full")):
         bullets.append(_against_full(results, p, full, noise, n))
     if pr:
-        trained = [r for r in (p, lo) if r and r.get("conditioning_accuracy") is not None]
-        best_loss = min((r["eval_loss"] for r in trained), default=None)
-        acc = pr.get("conditioning_accuracy")
-        groups: dict[str, list[str]] = {}
-        for r in trained:
-            diff = r["conditioning_accuracy"] - (acc or 0.0)
-            key = "within sampling noise of it" if abs(diff) <= noise else "above it" if diff > 0 else "below it"
-            groups.setdefault(key, []).append(r["method"])
-        verdict = "; ".join(f"{' and '.join(m)} {'is' if len(m) == 1 else 'are'} {k}" for k, m in groups.items())
-        bullets.append(
-            f"**Prompting baseline.** Asking the instruct model costs no training but "
-            f"{pr['prefix_length']:.0f} prompt tokens per request. Its conditioning accuracy is "
-            f"{fmt(acc, '{:.2f}')} ({verdict or 'nothing to compare with'}; +/-{noise:.2f} at 95%)"
-            + (f", and its eval loss of {pr['eval_loss']:.3f} against {best_loss:.3f} for the best trained method "
-               + ("shows it does not write in the data's style" if pr["eval_loss"] > best_loss + 0.1
-                  else "is about the same") if best_loss is not None else "") + ".")
+        bullets.append(_against_prompting(pr, [r for r in (p, lo) if r], noise))
     bullets.append(
         "**Rule of thumb.** Pick prefix tuning when you serve many small adapters (per user, per label) on one "
         "frozen model and want them mixed in one batch, with tiny files; pick LoRA when one adapter per "

@@ -154,6 +154,29 @@ def save_guidance(store: AdapterStore, folders: dict[str, Path], lm, result: dic
     return guidance
 
 
+def _check_settings(cfg: EvalConfig) -> None:
+    """Settings that cannot work, refused before anything loads."""
+    if not cfg.adapter:
+        raise StoreError("no adapter given. Fix: pass --adapter NAME")
+    if cfg.save_guidance and not cfg.guidance_sweep:
+        raise DataError("--save-guidance records what a sweep measured: add --guidance-sweep 1,1.5,2,3")
+    if cfg.sweep:
+        check_grid(cfg.sweep_temperatures, cfg.sweep_top_ps)
+
+
+def _plots(result: dict[str, Any], cfg: EvalConfig, out: Path) -> dict[str, str]:
+    """The confusion matrix and the guidance sweep's PNGs, where the run has them: report key -> file."""
+    plots = {}
+    if result.get("conditioning"):
+        plots["confusion_png"] = str(plot_confusion(result["conditioning"], out / "confusion.png",
+                                                    f"{cfg.adapter} ({cfg.split})"))
+    if result.get("guidance_sweep"):
+        real = (result.get("quality") or {}).get("real")
+        plots["guidance_png"] = str(plot_sweep(result["guidance_sweep"], real, out / "guidance_sweep.png",
+                                               f"{cfg.adapter}: guidance sweep ({cfg.split})"))
+    return plots
+
+
 def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     """Evaluate, write eval.json / eval.md / confusion.png / samples.jsonl under cfg.out; returns the report."""
     from prefixtune.data import load_data
@@ -161,12 +184,7 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
     from prefixtune.models import load_base_model
     from prefixtune.store import default_store
 
-    if not cfg.adapter:
-        raise StoreError("no adapter given. Fix: pass --adapter NAME")
-    if cfg.save_guidance and not cfg.guidance_sweep:
-        raise DataError("--save-guidance records what a sweep measured: add --guidance-sweep 1,1.5,2,3")
-    if cfg.sweep:
-        check_grid(cfg.sweep_temperatures, cfg.sweep_top_ps)
+    _check_settings(cfg)
     store = AdapterStore(cfg.store or default_store())
     folders = resolve_adapters(store, cfg.adapter)
     first = read_manifest(next(iter(folders.values())))
@@ -200,15 +218,9 @@ def run_eval(cfg: EvalConfig, say=print) -> dict[str, Any]:
               "data": data.source, "data_fingerprint": data.fingerprint, "split": cfg.split,
               "judge": describe_judge(judge) if judge is not None else None, "config": asdict(cfg),
               "result": result}
-    if result.get("conditioning"):
-        report["confusion_png"] = str(plot_confusion(result["conditioning"], out / "confusion.png",
-                                                     f"{cfg.adapter} ({cfg.split})"))
+    report.update(_plots(result, cfg, out))
     if cfg.save_guidance:
         report["saved_guidance"] = save_guidance(store, folders, lm, result, cfg, say)
-    if result.get("guidance_sweep"):
-        real = (result.get("quality") or {}).get("real")
-        report["guidance_png"] = str(plot_sweep(result["guidance_sweep"], real, out / "guidance_sweep.png",
-                                                f"{cfg.adapter}: guidance sweep ({cfg.split})"))
     markdown = eval_markdown(report)
     if cfg.sweep:
         report["sampling_sweep"] = sampling_sweep(lm, method, cfg, judge, cfg.sweep_temperatures, cfg.sweep_top_ps,

@@ -21,11 +21,8 @@ from prefixtune.fileio import atomic_write_text
 
 def run_task_compare(cfg, say=print) -> dict[str, Any]:
     """Train prefix/LoRA, score every method on references; writes results.json / results.md under cfg.out."""
-    from contextlib import contextmanager
-
     from prefixtune.engine.lm import PrefixLM
     from prefixtune.eval.compare_setup import result_row, train_method
-    from prefixtune.train.methods import full_applied, lora_applied
     from prefixtune.eval.task_eval import load_task_items
     from prefixtune.models import load_base_model
     from prefixtune.runtime import configure_threads
@@ -47,26 +44,7 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
     loaded = loaded or load_base_model(cfg.model, cfg.device, cfg.dtype)
     base_params = sum(p.numel() for p in loaded.model.parameters())
     lm = PrefixLM(loaded, out / "prefix")
-    methods: dict[str, tuple[str | None, Any]] = {}
-    for method in cfg.methods:
-        if method == "prefix":
-            (name, folder), = trained["prefix"]["adapters"].items()
-            lm.register(name, folder)
-            methods["prefix"] = (name, None)
-        elif method == "lora":
-            folder = trained["lora"]["adapters"]["lora"]
-
-            @contextmanager
-            def applied(folder=folder):
-                with lora_applied(loaded.model, folder):
-                    yield
-
-            methods["lora"] = (None, applied)
-        elif method == "full":  # the fine-tuned weights as the engine's base model while it decodes
-            methods["full"] = (None, lambda folder=trained["full"]["adapters"]["full"]: full_applied(loaded.model,
-                                                                                                      folder))
-        else:
-            methods["prompt"] = (None, None)
+    methods = _task_methods(cfg.methods, trained, lm)
     settings = DecodeSettings(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.eval_batch_size, progress=cfg.progress)
     scores = score_methods(lm, methods, cfg.template, items, settings, say)
@@ -81,6 +59,35 @@ def run_task_compare(cfg, say=print) -> dict[str, Any]:
     atomic_write_text(out / "results.md", task_compare_markdown(results, scores))
     say(f"wrote {out / 'results.md'} ({results['seconds']:.0f} s)")
     return results
+
+
+def _task_methods(names: list[str], trained: dict[str, Any], lm) -> dict[str, tuple[str | None, Any]]:
+    """Each method as score_methods runs it: (its adapter, or None; a context that applies its weights to the
+    engine's base model while it decodes, or None)."""
+    from contextlib import contextmanager
+
+    from prefixtune.train.methods import full_applied, lora_applied
+
+    methods: dict[str, tuple[str | None, Any]] = {}
+    for method in names:
+        if method == "prefix":
+            (name, folder), = trained["prefix"]["adapters"].items()
+            lm.register(name, folder)
+            methods["prefix"] = (name, None)
+        elif method == "lora":
+            folder = trained["lora"]["adapters"]["lora"]
+
+            @contextmanager
+            def applied(folder=folder):
+                with lora_applied(lm.model, folder):
+                    yield
+
+            methods["lora"] = (None, applied)
+        elif method == "full":  # the fine-tuned weights as the engine's base model while it decodes
+            methods["full"] = (None, lambda folder=trained["full"]["adapters"]["full"]: full_applied(lm.model, folder))
+        else:
+            methods["prompt"] = (None, None)
+    return methods
 
 
 def task_compare_markdown(results: dict[str, Any], scores: dict[str, dict[str, Any]]) -> str:

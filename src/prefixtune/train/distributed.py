@@ -4,7 +4,7 @@
   a one-process run of its label alone (`--labels LABEL`): no gradient crosses processes. Rank 0 merges the
   results into OUT and the store (train/sharded.py).
 - ddp: every rank holds every adapter; each optimizer step's `--batch-size` rows are split over the ranks and
-  the gradients summed, so the result equals a one-process run of the same command (train/loop.py).
+  the gradients summed, so the result equals a one-process run of the same command (train/gradients.py).
 See docs/DISTRIBUTED.md.
 """
 

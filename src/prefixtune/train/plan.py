@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,45 @@ def check_adapter_names(names) -> None:
             raise DataError(f"{err} (adapter names come from --name and, with --per-label, the labels)") from None
 
 
+def row_adapters(cfg: TrainConfig, labels: list[str], template: str
+                 ) -> tuple[dict[str, str | None], Callable[[Example], str], Callable[[Example], str], str | None]:
+    """The run's adapters (name -> the label it is conditioned on, None for an unconditional one), the adapter
+    each train row trains and each eval row is scored under, and the family's unconditional adapter (--family-rate)."""
+    if not cfg.per_label:
+        return {cfg.name: None}, (lambda ex: cfg.name), (lambda ex: cfg.name), None
+    names = {label: f"{cfg.name}-{label}" for label in labels}
+    adapter_labels: dict[str, str | None] = {name: label for label, name in names.items()}
+    of_label = lambda ex: names[ex.label]  # noqa: E731
+    if not cfg.family_rate:
+        return adapter_labels, of_label, of_label, None
+    family = f"{cfg.name}-{FAMILY_SUFFIX}"
+    if family in adapter_labels or "{label}" in template:
+        raise ConfigError(f"--family-rate trains {family!r}, the family's unconditional adapter: it needs a "
+                          f"template without {{label}} and no label named {FAMILY_SUFFIX!r}")
+    adapter_labels[family] = None
+    # Label dropout, as classifier-free guidance trains its unconditional model: a seeded share of the rows
+    # trains the family adapter instead of their label's (eval rows keep their label's).
+    rng = random.Random(cfg.seed + 11)
+    return adapter_labels, (lambda ex: family if rng.random() < cfg.family_rate else names[ex.label]), of_label, family
+
+
+def add_prefixes(cfg: TrainConfig, model: PrefixModel, loaded, adapter_labels: dict[str, str | None],
+                 words: dict[str, list[str]], say) -> None:
+    """A prefix encoder per adapter (other methods build their own weights), started from the init text and
+    --init-from."""
+    prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
+                              cfg.init, cfg.init_text)
+    for name in adapter_labels if cfg.method == "prefix" else ():
+        encoder = model.add_adapter(name, prefix_cfg)
+        if cfg.init == "text":
+            # "{label}" in the init text gives each per-label adapter its own starting point.
+            text = fill_label_words(fill_template(cfg.init_text, adapter_labels[name]), words.get(name, []))
+            encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
+                                         cfg.num_virtual_tokens))
+        if cfg.init_from:
+            start_from(encoder, cfg.init_from, say)
+
+
 def load_run_data(cfg: TrainConfig) -> DataBundle:
     from prefixtune.data import load_data
 
@@ -210,47 +250,19 @@ def plan_run(cfg: TrainConfig, loaded=None, data: DataBundle | None = None, say=
         raise DataError(f"--per-label needs labelled data; {cfg.data} has no '{cfg.label_field}' field")
     template, train_ex, val_ex = split_rows(cfg, data, say)
 
-    labels = cfg.labels or (data.labels or [])
-    family = None
-    if cfg.per_label:
-        names = {label: f"{cfg.name}-{label}" for label in labels}
-        adapter_labels: dict[str, str | None] = {name: label for label, name in names.items()}
-        adapter_of = lambda ex: names[ex.label]  # noqa: E731
-        if cfg.family_rate:
-            family = f"{cfg.name}-{FAMILY_SUFFIX}"
-            if family in adapter_labels or "{label}" in template:
-                raise ConfigError(f"--family-rate trains {family!r}, the family's unconditional adapter: it needs a "
-                                  f"template without {{label}} and no label named {FAMILY_SUFFIX!r}")
-            adapter_labels[family] = None
-            # Label dropout, as classifier-free guidance trains its unconditional model: a seeded share of
-            # the rows trains the family adapter instead of their label's.
-            rng = random.Random(cfg.seed + 11)
-            adapter_of = lambda ex: family if rng.random() < cfg.family_rate else names[ex.label]  # noqa: E731
-    else:
-        adapter_labels = {cfg.name: None}
-        adapter_of = lambda ex: cfg.name  # noqa: E731
-
+    adapter_labels, adapter_of, eval_adapter_of, family = row_adapters(cfg, cfg.labels or (data.labels or []),
+                                                                        template)
     check_adapter_names(adapter_labels)  # before training, not after it: a bad label must not cost a whole run
     model = PrefixModel(loaded.model)
     label_words = _label_words(cfg, data, train_ex)
     words = _init_words(cfg, label_words, adapter_labels)
-    prefix_cfg = PrefixConfig(cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size,
-                              cfg.init, cfg.init_text)
-    for name in adapter_labels if cfg.method == "prefix" else ():  # other methods build their own weights
-        encoder = model.add_adapter(name, prefix_cfg)
-        if cfg.init == "text":
-            # "{label}" in the init text gives each per-label adapter its own starting point.
-            text = fill_label_words(fill_template(cfg.init_text, adapter_labels[name]), words.get(name, []))
-            encoder.init_from_kv(text_kv(loaded.model, loaded.tokenizer, text, model.shape,
-                                         cfg.num_virtual_tokens))
-        if cfg.init_from:
-            start_from(encoder, cfg.init_from, say)
+    add_prefixes(cfg, model, loaded, adapter_labels, words, say)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
     tok = loaded.tokenizer
     train_rows, val_rows, truncated = tokenize_rows(cfg, loaded, template, train_ex, val_ex, adapter_of, say,
-                                                    (lambda ex: names[ex.label]) if family else adapter_of)
+                                                    eval_adapter_of)
     val_rows.sort(key=lambda r: len(r.input_ids))  # eval order is free; sorted batches barely pad
 
     processes = accelerator.num_processes if ddp else 1
