@@ -9,6 +9,7 @@ import torch
 
 from prefixtune.engine.compose import (COMPOSE_BOOST, REPEAT_DECAY, ComposeError, build_experts, concat_kv,
                                        part_scales, parts_of)
+from prefixtune.engine.generation import candidate_seed
 from prefixtune.engine.guidance import product_logits
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.prefix.model import PrefixModel
@@ -114,6 +115,49 @@ def test_product_of_experts_equals_separate_forwards(lm):
         assert row.adapter == "emo-joy+top-sports"
         assert row.tokens == _reference(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"],
                                          DEFAULT_SCALES, 12)
+
+
+def _evidence(lm, prompt, parts, negatives, tokens):
+    """sum over tokens and parts of log p_part - log p_neg at each drawn token, from full forwards (no cache)."""
+    model = PrefixModel(lm.model)
+    ids = torch.cat([lm.tokenizer(prompt, return_tensors="pt").input_ids, torch.tensor([tokens])], dim=1)
+    n = len(tokens)
+
+    def logp(name):  # (n, V): the distributions the n tokens were drawn from
+        kv = lm.adapter(name).kv
+        return torch.log_softmax(model(ids, torch.ones_like(ids), prefixes=[kv]).logits[0, -n - 1:-1].float(), -1)
+
+    drawn = torch.tensor(tokens).view(-1, 1)
+    return sum(float((logp(p) - logp(q)).gather(1, drawn).sum()) for p, q in zip(parts, negatives))
+
+
+def test_score_is_the_parts_evidence(lm):
+    """A composed row's score: how much its tokens say each part's label against the part's own negative."""
+    got = lm.generate(PROMPTS[:2], "emo-joy+top-sports", max_new_tokens=10, ignore_eos=True)
+    for prompt, row in zip(PROMPTS, got):
+        want = _evidence(lm, prompt, ["emo-joy", "top-sports"], ["emo-all", "top-all"], row.tokens)
+        assert row.score == pytest.approx(want, abs=1e-3)
+
+
+def test_best_of_keeps_the_samples_with_the_most_evidence(lm):
+    kw = dict(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+    seeds = [5, candidate_seed(5, 1), candidate_seed(5, 2), candidate_seed(5, 3)]
+    alone = [lm.generate(PROMPTS[:1], "emo-joy+top-sports", seed=s, **kw)[0] for s in seeds]
+    ranked = sorted(alone, key=lambda g: g.score, reverse=True)
+    assert len({tuple(g.tokens) for g in alone}) > 1  # the candidates differ: the choice is a real one
+    best = lm.generate(PROMPTS[:1], "emo-joy+top-sports", seed=5, best_of=4, **kw)
+    assert [g.tokens for g in best] == [ranked[0].tokens]
+    alone2 = [lm.generate(PROMPTS[:1], "emo-joy+top-sports", seed=s, **kw)[0] for s in (5, 6)] + alone[2:]
+    two = lm.generate(PROMPTS[:1], "emo-joy+top-sports", seed=5, num_samples=2, best_of=4, **kw)
+    assert [g.tokens for g in two] == [g.tokens for g in sorted(alone2, key=lambda g: g.score, reverse=True)[:2]]
+    assert two[0].score >= two[1].score
+
+
+@pytest.mark.parametrize("adapter, kw", [("emo-joy", {}), ("emo-joy+top-sports", {"compose_mode": "concat"}),
+                                         ("emo-joy+top-sports", {"num_samples": 3})])
+def test_best_of_is_refused_where_nothing_ranks_the_samples(lm, adapter, kw):
+    with pytest.raises(ValueError, match="best_of"):
+        lm.generate(PROMPTS[:1], adapter, max_new_tokens=4, temperature=1.0, best_of=2, **kw)
 
 
 def test_weights_set_each_parts_scale(lm):

@@ -41,7 +41,8 @@ def test_compose_eval_reports_every_combination_and_the_baselines(trained_store,
     report = json.loads((out / "compose.json").read_text())
     assert report["combinations"] == len(LABELS) * len(TOPICS)
     results = report["results"]
-    assert list(results) == ["composed (guidance)", "composed (concat)", "emotion alone", "topic alone", "prompting"]
+    assert list(results) == ["composed (guidance)", "composed (guidance, best of 2)", "composed (concat)",
+                             "emotion alone", "topic alone", "prompting"]
     for name, r in results.items():
         assert r["samples"] == len(LABELS) * len(TOPICS) * 2, name
         examples = r["examples"]
@@ -70,3 +71,5 @@ def test_compose_eval_refuses_what_it_cannot_use(trained_store, eval_home, cli):
     result = cli(["eval", "--compose", "emotion,single", "--compose-weights", "2,x", "--store",
                   trained_store["store"]])
     assert result.exit_code != 0 and "--compose-weights takes comma-separated numbers" in result.output
+    result = cli(["eval", "--compose", "emotion,single", "--best-of", "1", "--store", trained_store["store"]])
+    assert result.exit_code != 0 and "--best-of 1" in result.output

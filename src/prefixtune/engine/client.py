@@ -265,13 +265,13 @@ class EngineClient:
             setattr(self.stats, name, max(carried, value) if name.startswith("max_") else carried + value)
         self.stats.recent.extend(recent)
         events = []
-        for request_id, token, finish, error, beams, logprob, prompt, stop_token in rows:
+        for request_id, token, finish, error, beams, logprob, prompt, stop_token, score in rows:
             request = self._live.get(request_id)
             if request is None:
                 continue
             if finish is not None or beams is not None:  # the core's last word on this request
                 del self._live[request_id]
-            events.append(RowEvent(request, token, finish, error, beams, logprob, prompt, stop_token))
+            events.append(RowEvent(request, token, finish, error, beams, logprob, prompt, stop_token, score))
         self.output.process(events)
 
     def _fail_live(self, message: str) -> None:  # a RetryableError when the process died

@@ -12,6 +12,9 @@ Two ways to put k adapters on one row, both selectable per request (`compose_mod
   row takes it, and the group finishes together. Each part has its own scale against its own family's
   negative: by default its manifest's recommendation x COMPOSE_BOOST x ln(its label count) / ln(the largest
   label count among the parts) (part_scales). `decay` is REPEAT_DECAY ** (times the row already drew the token).
+  The group also sums its *evidence*, sum_t sum_i (log p_part_i - log p_neg(i)) at each drawn token: how much its
+  text says the parts' labels by the parts' own measure. It is the request's score, by which `best_of` keeps the
+  best of several samples (engine/generation.py; docs/BENCHMARKS.md "Composition").
 - `concat`: one row whose prefix is the parts' prefixes side by side along the virtual-token axis,
   (2L, kv_heads, P1 + P2, head_dim), prompt after them at positions P1 + P2 + j (PEFT's placement). Guided,
   like any adapter, against the concatenation of the parts' negatives when every part names one.
@@ -183,6 +186,17 @@ def composed_names(adapters: Sequence, mode: str | None, limit: int | None, beam
     return names
 
 
+def check_best_of(adapters: Sequence, mode: str | None, beam: bool = False) -> None:
+    """best_of ranks samples by a product of experts' evidence: every row must be composed, in guidance mode."""
+    plain = [a for a in adapters if not is_composed(a)]
+    if plain or check_mode(mode) != "guidance" or beam:
+        shown = "compose_mode 'concat'" if check_mode(mode) != "guidance" else \
+            "beam search" if beam else f"adapter {plain[0]!r}"
+        raise ComposeError(f"best_of ranks samples by a composed adapter's evidence (product of experts, "
+                           f"compose_mode 'guidance'); {shown} has none. Fix: drop best_of (or use n / "
+                           "num_samples for several samples)", "best_of")
+
+
 def concat_adapter(lm, name: str) -> CachedAdapter:
     """The concatenated prefix of "a+b" as one cached adapter (no manifest), rebuilt when a part's file changes."""
     start = time.perf_counter()
@@ -257,22 +271,28 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
         negs = torch.tensor([slot[(request_id, k + j)] for j in experts.negative_of], device=logits.device)
         scales = torch.tensor(experts.scales, device=logits.device)
         decay = None if group.counts is None else REPEAT_DECAY ** group.counts  # (V,)
-        combined = product_logits(logits.index_select(0, rows), logits.index_select(0, negs), scales,
-                                  eos_ids=eos_ids, layout=mask, decay=decay)  # (V,)
+        lc = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)  # (k, V)
+        lu = torch.log_softmax(logits.index_select(0, negs).float(), dim=-1)  # (k, V)
+        group.ratio = lc - lu  # (k, V): what note_tokens adds to the group's evidence at the drawn token
+        # log_softmax is idempotent: product_logits normalising lc and lu again changes nothing
+        combined = product_logits(lc, lu, scales, eos_ids=eos_ids, layout=mask, decay=decay)  # (V,)
         logits = logits.index_copy(0, rows[:1], combined.unsqueeze(0))  # (B, V)
     return logits
 
 
 def note_tokens(groups: Sequence, tokens: dict[str, int], width: int, device) -> None:
-    """Count each composed group's drawn token into its `counts` (V,) (what REPEAT_DECAY weighs pushes by)."""
+    """Count each composed group's drawn token into its `counts` (V,) (what REPEAT_DECAY weighs pushes by) and
+    add the token's sum_i (log p_part_i - log p_neg(i)) to its `evidence` (a token a negative masks adds 0)."""
     for group in groups:
         if group.counts is None:
             group.counts = torch.zeros(width, device=device)  # (V,)
         token = tokens.get(group.request.request_id)
         if token is not None and token < width:
             group.counts[token] += 1
+            step = group.ratio[:, token]  # (k,)
+            group.evidence += float(torch.where(torch.isfinite(step), step, torch.zeros_like(step)).sum())
 
 
 __all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "REPEAT_DECAY", "SEP", "ComposeError", "Experts",
-           "build_experts", "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter",
+           "build_experts", "check_best_of", "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter",
            "concat_guidance", "concat_kv", "experts_for", "is_composed", "note_tokens", "part_scales", "parts_of"]

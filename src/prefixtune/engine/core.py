@@ -53,7 +53,7 @@ class EngineSpec:
 
 class EventSink:
     """The Scheduler's output stage in the core: RowEvents out as (request_id, token, finish, error, beams,
-    logprob, prompt_logprobs, stop_token)."""
+    logprob, prompt_logprobs, stop_token, score)."""
 
     def __init__(self, conn):
         self.conn = conn
@@ -76,7 +76,7 @@ class EventSink:
         if not events and now - self._last < STATS_S:
             return
         rows = [(e.request.request_id, e.token, e.finish, e.error, e.beams, e.logprob, e.prompt_logprobs,
-                 e.stop_token) for e in events]
+                 e.stop_token, e.score) for e in events]
         with self._lock:
             self._last = now
             self.conn.send(("events", rows, self._stats()))

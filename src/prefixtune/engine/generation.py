@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from prefixtune.engine.offline import Finished
 from prefixtune.engine.requests import Request
 
@@ -22,7 +24,8 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
     prompt_tokens: int  # tokens in the prompt
     adapter: str | None  # adapter used (None = base model)
-    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
+    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty; composed
+    # (product of experts): its evidence, sum over tokens and parts of log p_part - log p_neg (engine/compose.py)
     logprobs: list | None = None  # generate(logprobs=N): per token (logprob, top N [(id, logprob)]), + EOS if it ended
 
     @property
@@ -30,9 +33,11 @@ class Generation:
         return len(self.tokens)
 
 
-def sample_rows(prompts: list[str], adapters: list, seed: int | Sequence[int | None] | None, num_samples: int
-                ) -> tuple[list[str], list, list[int | None]]:
-    """Rows and their seeds: `num_samples` rows per prompt, prompt by prompt, sample i seeded with seed + i.
+def sample_rows(prompts: list[str], adapters: list, seed: int | Sequence[int | None] | None, num_samples: int,
+                best_of: int | None = None) -> tuple[list[str], list, list[int | None]]:
+    """Rows and their seeds: `num_samples` rows per prompt, prompt by prompt, sample i seeded with seed + i;
+    with `best_of` > num_samples, best_of rows per prompt, the extra candidate j seeded from (seed, j) apart
+    (seed + j would be the next prompt's stream when callers seed prompts 1 apart, as eval does).
 
     `seed` is one for all prompts or one per prompt (None = unseeded)."""
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
@@ -40,10 +45,28 @@ def sample_rows(prompts: list[str], adapters: list, seed: int | Sequence[int | N
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if num_samples == 1:
+    if best_of is not None and (not isinstance(best_of, int) or best_of < num_samples):
+        raise ValueError(f"best_of must be an integer >= num_samples ({num_samples}), got {best_of!r}")
+    per = max(num_samples, best_of or 1)
+    if per == 1:
         return prompts, adapters, seeds
-    return ([p for p in prompts for _ in range(num_samples)], [a for a in adapters for _ in range(num_samples)],
-            [None if s is None else s + i for s in seeds for i in range(num_samples)])
+    return ([p for p in prompts for _ in range(per)], [a for a in adapters for _ in range(per)],
+            [None if s is None else s + j if j < num_samples else candidate_seed(s, j) for s in seeds
+             for j in range(per)])
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """A best_of candidate's own stream, derived from (seed, j) by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def keep_best(results: list[Generation], per: int, keep: int) -> list[Generation]:
+    """Of each prompt's `per` candidates (consecutive), the `keep` with the highest score, best first."""
+    out = []
+    for start in range(0, len(results), per):
+        chunk = results[start:start + per]
+        out += sorted(chunk, key=lambda g: float("-inf") if g.score is None else g.score, reverse=True)[:keep]
+    return out
 
 
 def to_generations(finished: Sequence[Finished], requests: Sequence[Request], num_return_sequences: int,

@@ -20,7 +20,7 @@ from prefixtune.adapter_folder import Manifest, StoreError, check_compatible, re
 from prefixtune.engine.adapter_cache import AdapterCache, CachedAdapter
 from prefixtune.engine.beam import check_beam_request
 from prefixtune.engine import compose
-from prefixtune.engine.generation import Generation, sample_rows, to_generations
+from prefixtune.engine.generation import Generation, keep_best, sample_rows, to_generations
 from prefixtune.engine.guidance import is_guided, layout_mask, validate_scale
 from prefixtune.engine.offline import run_requests
 from prefixtune.engine.rows import build_requests
@@ -277,7 +277,7 @@ class PrefixLM:
                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                  logit_bias: dict[int, float] | None = None, structured: StructuredOutput | None = None,
                  logprobs: int | None = None, compose_mode: str | None = None,
-                 compose_weights: Sequence[float] | None = None) -> list[Generation]:
+                 compose_weights: Sequence[float] | None = None, best_of: int | None = None) -> list[Generation]:
         """One result per prompt and sample; rows may use different adapters (None = the base model).
 
         temperature 0 is greedy; a seed fixes a row's sampling stream independently of its batch mates; min_p > 0
@@ -299,12 +299,17 @@ class PrefixLM:
         A row's adapter may be composed: a tuple of adapter names or "a+b" (engine/compose.py). compose_mode
         "guidance" (default) runs a product of experts, each part guided against its own negative at its
         compose_weights entry (else guidance_scale, else compose.part_scales); "concat" runs one row with the
-        parts' prefixes side by side. All of it runs on the serving engine (engine/offline.py), stepped in this thread.
+        parts' prefixes side by side. best_of=N (composed guidance rows only) draws N samples per prompt and keeps
+        the num_samples whose evidence (Generation.score) is highest, best first. All of it runs on the serving
+        engine (engine/offline.py), stepped in this thread.
         """
         prompts, adapters = with_adapters(prompts, adapters)
         beam = num_beams != 1 or bool(no_repeat_ngram_size)
         adapters = compose.composed_names(adapters, compose_mode, self.max_compose, beam=beam, weights=compose_weights)
-        prompts, adapters, seeds = sample_rows(prompts, adapters, seed, num_samples)
+        prompts, adapters, seeds = sample_rows(prompts, adapters, seed, num_samples, best_of)
+        per = max(num_samples, best_of or 1)
+        if per > num_samples:
+            compose.check_best_of(adapters, compose_mode, beam)
         if beam:  # guidance a manifest recommends applies to sampling, not to beam search
             check_beam_request(num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, early_stopping,
                                temperature, ignore_eos, guidance_scale, num_samples, num_return_sequences, min_p)
@@ -325,7 +330,8 @@ class PrefixLM:
                    if compose.check_mode(compose_mode) == "guidance" and compose.is_composed(a)}
         requests = build_requests(self, prompts, adapters, seeds, base, guide, lora, add_special_tokens=not chat,
                                   experts=experts)
-        return to_generations(run_requests(self, requests, lora), requests, num_return_sequences, logprobs)
+        results = to_generations(run_requests(self, requests, lora), requests, num_return_sequences, logprobs)
+        return results if per == num_samples else keep_best(results, per, num_samples)
 
     def score(self, texts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
               top_logprobs: int = 0, guidance_scale: float | None = None, guidance_negative: str | None = None,

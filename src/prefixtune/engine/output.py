@@ -35,12 +35,14 @@ class RowEvent:
     logprob: tuple | None = None  # the token's entry when the request asked for logprobs (engine/logprobs.py)
     prompt_logprobs: list | None = None  # the prompt's entries (echo, scoring), with the request's first event
     stop_token: int | None = None  # the EOS that ended it, when its log-prob is reported (`logprob`)
+    score: float | None = None  # a composed request's evidence so far (engine/compose.note_tokens)
 
 
 @dataclass
 class _State:
     text: TextTracker
     generated: int = 0
+    score: float | None = None  # the latest event's score: what the request's last Output reports
 
 
 class OutputProcessor:
@@ -99,6 +101,8 @@ class OutputProcessor:
         state = self._states.get(request.request_id)
         if state is None:
             state = self._states[request.request_id] = _State(TextTracker(self.tokenizer, request.params.stop))
+        if event.score is not None:
+            state.score = event.score
         if event.token is None:
             # EOS and aborts send what was held back; a cancelled client is gone, an error has no text.
             text = state.text.flush() if event.finish in ("stop", "abort") else ""
@@ -149,8 +153,9 @@ class OutputProcessor:
         request.done = True
         self._states.pop(request.request_id, None)
         self.stats.finished[reason] += 1
-        generated = state.generated if state is not None else 0
-        self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error, **logprobs))
+        generated, score = (state.generated, state.score) if state is not None else (0, None)
+        self._emit(request, Output(request.request_id, text, token_ids or [], reason, generated, error,
+                                   score=score, **logprobs))
         for index in range(1, request.params.num_return_sequences):  # a beam request ended early: every choice
             self._emit(request, Output(request.request_id, "", [], reason, 0, error, index=index))
 

@@ -48,7 +48,8 @@ class Output:
     completion_tokens: int  # tokens generated so far
     error: str | None = None  # message when finish_reason == "error"
     index: int = 0  # which of the request's choices (a beam request returns num_return_sequences)
-    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty
+    score: float | None = None  # beam search: summed log-prob / generated_len ** length_penalty; a composed
+    # product of experts: its evidence (engine/compose.py), on the final Output
     logprobs: list | None = None  # per token of token_ids: (logprob, top [(id, logprob)]) (engine/logprobs.py)
     prompt_logprobs: list | None = None  # per prompt token (first None), on the request's first Output only
     stop_token: int | None = None  # the EOS that ended it when logprobs are asked for: its entry ends `logprobs`

@@ -40,6 +40,8 @@ class Group:
     grammar: RowGrammar | None = None  # its structured output's matcher (None: free text)
     prompt_logprobs: list | None = None  # echo/scoring: prompt entries so far (engine/logprobs.py), sent once
     counts: torch.Tensor | None = None  # a composed group's drawn-token counts (V,) (engine/compose.note_tokens)
+    evidence: float = 0.0  # a composed group's evidence so far, its score (engine/compose.note_tokens)
+    ratio: torch.Tensor | None = None  # a composed group's last step's log p_part - log p_neg (k, V)
 
     @property
     def keys(self) -> list[tuple[str, int]]:

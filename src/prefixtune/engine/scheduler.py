@@ -284,6 +284,7 @@ class Scheduler:
                 continue  # leaves at the next step (the token is not emitted), or a beam group (above)
             prompt, group.prompt_logprobs = group.prompt_logprobs, None  # echo/scoring: sent with the first event
             entry = sampled.logprobs.get(request_id) if sampled.logprobs else None
+            score = group.evidence if request.experts is not None else None  # a composed request's score
             if params.max_new_tokens == 0:  # only scores the prompt (SamplingParams.validate): no token wanted
                 events.append(RowEvent(request, finish="length", prompt_logprobs=prompt))
                 leaving.append(request)
@@ -291,14 +292,14 @@ class Scheduler:
             if token in self.eos_ids and not params.ignore_eos:
                 # EOS is not text, but its log-prob is reported (as vLLM): a scorer counts on one entry per token
                 events.append(RowEvent(request, finish="stop", prompt_logprobs=prompt, logprob=entry,
-                                       stop_token=token if entry is not None else None))
+                                       stop_token=token if entry is not None else None, score=score))
                 leaving.append(request)
                 continue
             group.generated += 1
             self.stats.generated_tokens += 1
             done = group.generated >= params.max_new_tokens
             events.append(RowEvent(request, token, "length" if done else None, logprob=entry,
-                                   prompt_logprobs=prompt))
+                                   prompt_logprobs=prompt, score=score))
             if done:
                 leaving.append(request)
         self._record_step(len(sampled.row_tokens), sum(1 for e in events if e.token is not None) + sampled.beam_steps)

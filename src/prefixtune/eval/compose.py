@@ -31,7 +31,9 @@ __all__ = ["ComposeEvalConfig", "run_compose_eval"]
 
 DEFAULT_INSTRUCTION = "Write a short text that expresses {0} and is about {1}."
 MODES = ("guidance", "concat")  # the composed methods (engine/compose.py)
-METHODS = (*MODES, "alone", "prompting")  # alone: each family's adapter by itself; prompting: the instruct model
+# best: the product of experts drawing best_of samples per row and keeping the one with the most evidence;
+# alone: each family's adapter by itself; prompting: the instruct model asked for both attributes
+METHODS = ("guidance", "best", "concat", "alone", "prompting")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ComposeEvalConfig(EvalSettings):
     data: list[str] | None = None  # each family's labelled data (default: what its adapters were trained on)
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # what to sample (composed modes, baselines)
     weights: list[float] | None = None  # guidance: each family's part scale, in --compose order (default: engine's)
+    best_of: int = 2  # the "best" method's samples per row (it keeps the one whose parts' evidence is highest)
     instruction: str = DEFAULT_INSTRUCTION  # the prompting baseline's request, {0} {1} ... = each family's label
     store: str | None = None  # adapter store (default $PREFIXTUNE_HOME/adapters)
     model: str | None = None  # base model (default: the one in the first family's manifests)
@@ -85,12 +88,12 @@ def _family(store: AdapterStore, name: str, source: str | None, cfg: ComposeEval
 
 
 def _sample(lm, prompts: list[str], adapters: list, seeds: list[int], cfg: ComposeEvalConfig, desc: str,
-            mode: str | None = None, chat: bool = False) -> list[str]:
+            mode: str | None = None, chat: bool = False, best_of: int | None = None) -> list[str]:
     # Each part (or adapter alone) is guided against its own negative, never --guidance-negative; the prompting
     # baseline's rows run the base model, unguided.
     return generate_texts(lm, prompts, adapters, seeds, replace(cfg, guidance_negative=None), desc,
                           guidance_scale=OFF if chat else None, compose_mode=mode, chat=chat,
-                          compose_weights=cfg.weights if mode == "guidance" else None)
+                          compose_weights=cfg.weights if mode == "guidance" else None, best_of=best_of)
 
 
 def _score(families: list[Family], combos: list[tuple[str, ...]], texts: list[str], per: int) -> dict[str, Any]:
@@ -120,10 +123,12 @@ def _methods(lm, families: list[Family], combos: list[tuple[str, ...]], cfg: Com
     prompts = [prompt[c] for c, _ in rows]
     # One sample stream per (combination, i) shared by every method: differences come from the conditioning.
     row_seeds = [seed + 1000 * combos.index(combo) for combo, seed in rows]
-    for mode in [m for m in cfg.methods if m in MODES]:
-        parts = [tuple(f.method.adapter(label) for f, label in zip(families, c)) for c, _ in rows]
-        say(f"composed ({mode}): {len(rows)} samples")
-        yield f"composed ({mode})", _sample(lm, prompts, parts, row_seeds, cfg, f"compose {mode}", mode)
+    parts = [tuple(f.method.adapter(label) for f, label in zip(families, c)) for c, _ in rows]
+    for method in [m for m in cfg.methods if m in (*MODES, "best")]:
+        mode, best_of = ("guidance", cfg.best_of) if method == "best" else (method, None)
+        name = f"composed ({mode}, best of {best_of})" if best_of else f"composed ({mode})"
+        say(f"{name}: {len(rows)} samples")
+        yield name, _sample(lm, prompts, parts, row_seeds, cfg, f"compose {method}", mode, best_of=best_of)
     for i, fam in enumerate(families if "alone" in cfg.methods else []):
         alone = [fam.method.adapter(c[i]) for c, _ in rows]
         own = [start_prompt(lm, fam.method.prompts[c[i]]) for c, _ in rows]
@@ -153,6 +158,8 @@ def run_compose_eval(cfg: ComposeEvalConfig, say=print) -> dict[str, Any]:
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown or not cfg.methods:
         raise DataError(f"--compose-methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
+    if not isinstance(cfg.best_of, int) or cfg.best_of < 2:
+        raise DataError(f"--best-of {cfg.best_of}: the best method draws 2 or more samples per row")
     store = AdapterStore(cfg.store or default_store())
     families = [_family(store, name, cfg.data[i] if cfg.data else None, cfg, say)
                 for i, name in enumerate(cfg.families)]
