@@ -83,6 +83,34 @@ def test_per_adapter_weights_extension(server, compose_lm):
     assert chat.model == COMPOSED and chat.choices[0].message.content is not None
 
 
+def test_best_of_returns_the_samples_with_the_most_evidence(server, compose_lm):
+    """best_of=3: the server draws seeds 7, 8, 9 and returns the n whose evidence is highest, best first; usage
+    counts every sample drawn."""
+    drawn = compose_lm.generate([PROMPT] * 3, COMPOSED, max_new_tokens=8, temperature=1.0, seed=[7, 8, 9])
+    ranked = sorted(drawn, key=lambda g: g.score, reverse=True)
+    assert len({g.text for g in drawn}) == 3, "vacuous: the samples must differ"
+    client = server.client()
+    for n in (1, 2):
+        out = client.completions.create(model=COMPOSED, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7,
+                                        n=n, best_of=3)
+        assert [c.text for c in out.choices] == [g.text for g in ranked[:n]]
+        assert [c.index for c in out.choices] == list(range(n))
+        assert out.usage.completion_tokens == sum(len(g.tokens) for g in drawn)
+
+
+@pytest.mark.parametrize("model, kw, words", [
+    ("joy", {}, "best_of ranks samples by a composed adapter's evidence"),
+    (COMPOSED, {"extra_body": {"compose_mode": "concat"}}, "compose_mode 'concat' has none"),
+    (COMPOSED, {"stream": True}, "stream"),
+    (COMPOSED, {"n": 3}, "must be >= n"),
+])
+def test_best_of_is_refused_where_nothing_ranks_the_samples(server, model, kw, words):
+    with pytest.raises(openai.APIStatusError) as err:
+        server.client().completions.create(model=model, prompt=PROMPT, max_tokens=4, best_of=2, **kw)
+    assert err.value.status_code == 400 and words in err.value.message
+    assert err.value.body["param"] == "best_of"
+
+
 @pytest.mark.parametrize("model, extra, status, words", [
     ("joy+nope", {}, 404, "`nope` does not exist"),
     ("joy+sports+emotion-all", {}, 400, "max_compose"),

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from prefixtune.engine.offline import Finished
 from prefixtune.engine.requests import Request
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,8 +63,9 @@ def candidate_seed(seed: int, j: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, j]).generate_state(1, np.uint64)[0] % 2**63)
 
 
-def keep_best(results: list[Generation], per: int, keep: int) -> list[Generation]:
-    """Of each prompt's `per` candidates (consecutive), the `keep` with the highest score, best first."""
+def keep_best(results: list[T], per: int, keep: int) -> list[T]:
+    """Of each prompt's `per` candidates (consecutive, each with a `score`), the `keep` with the highest score,
+    best first (the server's best_of ranks its choices with it too)."""
     out = []
     for start in range(0, len(results), per):
         chunk = results[start:start + per]

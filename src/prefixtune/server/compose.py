@@ -9,7 +9,8 @@ guidance scales, in the name's order (engine/compose.py).
 from __future__ import annotations
 
 from prefixtune.adapter_folder import ManifestError
-from prefixtune.engine.compose import ComposeError, Experts, build_experts, composed_names, is_composed, parts_of
+from prefixtune.engine.compose import (ComposeError, Experts, build_experts, check_best_of, composed_names, is_composed,
+                                       parts_of)
 from prefixtune.errors import user_error_types
 from prefixtune.prefix.peft_io import AdapterFormatError
 from prefixtune.server.protocol import APIError
@@ -27,6 +28,22 @@ def check_composed(model: str, limit: int, base_ids: set[str]) -> list[str]:
             raise APIError(400, f"composed model {model!r}: {part!r} is the base model, which every part already "
                                 "runs on; compose adapters only", param="model", code="invalid_composition")
     return parts
+
+
+def samples_per_prompt(body) -> int:
+    """Samples per prompt of a completions request: n, or best_of where a composed model ranks them; 400 else."""
+    if body.best_of is None or body.best_of == body.n:
+        return body.n
+    if body.best_of < body.n:
+        raise APIError(400, f"best_of ({body.best_of}) must be >= n ({body.n})", param="best_of")
+    if body.stream:
+        raise APIError(400, "best_of cannot be used with stream (the best are known only when all are done)",
+                       param="best_of")
+    try:
+        check_best_of([body.model], body.compose_mode)
+    except ComposeError as err:
+        raise APIError(400, str(err), param=err.param) from err
+    return body.best_of
 
 
 def prepare_composed(registry, adapter: str | None, scale: float | None, negative: str | None, mode: str | None,

@@ -41,6 +41,7 @@ class Choice:
     logprobs: list = field(default_factory=list)  # per token, when asked for (engine/logprobs.py)
     prompt_logprobs: list | None = None  # per prompt token, when asked for (echo)
     stop_token: int | None = None  # the EOS that ended it, when logprobs are asked for
+    score: float | None = None  # a composed request's evidence (engine/compose.py), what best_of ranks by
 
 
 class Wakeups:
@@ -197,7 +198,7 @@ class Job:
                 choice.stop_token = out.stop_token
                 if out.finish_reason is not None:
                     choice.finish_reason = FINISH.get(out.finish_reason, out.finish_reason)
-                    choice.error = out.error
+                    choice.error, choice.score = out.error, out.score
         finally:
             watcher.cancel()
             self.cancel()

@@ -161,7 +161,9 @@ class CompletionRequest(SamplingBody):
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt's log-probs, first null)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-prob and its top N alternatives
     suffix: str | None = None  # only null
-    best_of: int | None = None  # only null or equal to n
+    # samples per prompt, the n with the most evidence returned (non-streamed); above n only for a composed
+    # model in guidance mode (engine/compose.py: nothing else has a score to rank by)
+    best_of: int | None = Field(None, ge=1, le=128)
     inputs: dict[str, Any] | None = None  # extension: a task adapter's input fields (filled into its template)
 
     @field_validator("prompt")

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
+from prefixtune.engine.generation import keep_best
 from prefixtune.server import protocol as P
 from prefixtune.server import schemas as S
+from prefixtune.server.compose import samples_per_prompt
 from prefixtune.server.jobs import EventStream, check_errors
 from prefixtune.server.logprobs import Formatter, legacy
 from prefixtune.server.protocol import APIError
@@ -43,19 +45,19 @@ async def _prompt_ids(state: AppState, body: P.CompletionRequest) -> list[list[i
 
 @completions_router.post("/v1/completions", responses=S.generation(S.CompletionResponse))
 async def completions(body: P.CompletionRequest, http: HTTPRequest, state: AppState = Depends(app_state)):
-    if body.best_of not in (None, body.n):
-        raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
+    per = samples_per_prompt(body)
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 generates nothing: it is only for scoring a prompt with echo: true",
                        param="max_tokens")
     prompts = await _prompt_ids(state, body)
     extra = await Formatter.create(state, body, prompts)  # logprobs and echo (server/logprobs.py); else None
-    job = await state.start_job(http, body, prompts, "prompt", body.max_tokens, 16)
+    job = await state.start_job(http, body, prompts, "prompt", body.max_tokens, 16, per)
     rid, created = P.new_id("cmpl"), P.now()
     if body.stream:
         return EventStream(stream_completion(job, body, rid, created, prompts, extra), job)
-    choices = await job.collect(http)
-    check_errors(choices)
+    drawn = await job.collect(http)
+    check_errors(drawn)
+    choices = drawn if per == body.n else keep_best(drawn, per, body.n)  # best first within each prompt
     out = [P.completion_choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)]
     if extra is not None:
         await extra.prepare(choices)
@@ -63,7 +65,7 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest, state: AppSt
             choice["text"], choice["logprobs"] = extra.completion(i, choice["text"], c)
             if extra.top is not None and choice["logprobs"] is None:  # asked for, and nothing generated
                 choice["logprobs"] = legacy({}, [], [])
-    use = P.usage(sum(map(len, prompts)), sum(c.tokens for c in choices))
+    use = P.usage(sum(map(len, prompts)), sum(c.tokens for c in drawn))  # best_of: every sample drawn counts
     return P.envelope("text_completion", rid, created, body.model, out, use)
 
 

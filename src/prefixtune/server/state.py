@@ -99,7 +99,7 @@ class AppState:
                            param=param) from None
         return await self.on_text_thread(self._encode, text, special)
 
-    def check_limits(self, body: P.SamplingBody, prompts: list[list[int]], prompt_field: str) -> None:
+    def check_limits(self, body: P.SamplingBody, prompts: list[list[int]], prompt_field: str, per: int) -> None:
         s = self.settings
         stops = body.stop or []
         if len(stops) > s.max_stop_strings:
@@ -109,15 +109,16 @@ class AppState:
         if longest > s.max_stop_chars:
             _refuse("stop", f"a stop string of {longest} characters; this server's limit max_stop_chars is "
                             f"{s.max_stop_chars}")
-        if body.n > s.max_n:
-            _refuse("n", f"n={body.n}; this server's limit max_n is {s.max_n}")
+        if per > s.max_n:
+            field = "n" if per == body.n else "best_of"
+            _refuse(field, f"{field}={per}; this server's limit max_n is {s.max_n}")
         limit = s.max_prompt_tokens or self.max_len
         for p, ids in enumerate(prompts):
             if len(ids) > limit:
                 _refuse(prompt_field, f"prompt {p} has {len(ids)} tokens; this server's limit max_prompt_tokens "
                                       f"is {limit}")
-        if body.n * len(prompts) > self.scheduler.max_queue:
-            _refuse("n", f"n x prompts = {body.n * len(prompts)} rows exceed this server's max_queue "
+        if per * len(prompts) > self.scheduler.max_queue:
+            _refuse("n", f"n x prompts = {per * len(prompts)} rows exceed this server's max_queue "
                          f"{self.scheduler.max_queue}")
 
     def _room(self, p: int, ids: list[int], virtual: int, max_tokens: int | None, prompt_field: str) -> int:
@@ -133,13 +134,13 @@ class AppState:
         return room
 
     def _add_rows(self, job: Job, body: P.SamplingBody, p: int, ids: list[int], adapter, prep, new: int,
-                  beams: dict | None, controls: dict) -> None:
+                  beams: dict | None, controls: dict, per: int) -> None:
         if beams is not None:  # one request: a group of num_beams rows whose n best beams are the choices
             job.add(ids, adapter, prep.prefix, SamplingParams(max_new_tokens=new, stop=list(body.stop or []),
                                                               **beams))
             return
-        for j in range(body.n):
-            seed = None if body.seed is None else body.seed + p * body.n + j
+        for j in range(per):  # n samples, or best_of of which the caller keeps n
+            seed = None if body.seed is None else body.seed + p * per + j
             params = SamplingParams(
                 max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
@@ -149,10 +150,13 @@ class AppState:
             job.add(ids, adapter, prep.prefix, params, prep.negative, prep.negative_prefix, prep.experts)
 
     async def start_job(self, http: HTTPRequest, body: P.SamplingBody, prompts: list[list[int]],
-                        prompt_field: str, max_tokens: int | None, default_tokens: int | None) -> Job:
+                        prompt_field: str, max_tokens: int | None, default_tokens: int | None,
+                        per: int | None = None) -> Job:
+        """The request's rows submitted: `per` samples per prompt (default n; best_of where the caller ranks)."""
+        per = per or body.n
         adapter = await self.registry.resolve(body.model)
         http.state.adapter = body.model  # metrics label, only once the model is known to be served
-        self.check_limits(body, prompts, prompt_field)
+        self.check_limits(body, prompts, prompt_field, per)
         if max_tokens is not None and max_tokens > self.settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap {self.settings.max_tokens}",
                            param="max_tokens")
@@ -171,7 +175,7 @@ class AppState:
             room = self._room(p, ids, prep.virtual, max_tokens, prompt_field)
             new = max_tokens if max_tokens is not None else min(default_tokens or room, room,
                                                                 self.settings.max_tokens)
-            self._add_rows(job, body, p, ids, adapter, prep, new, beams, controls)
+            self._add_rows(job, body, p, ids, adapter, prep, new, beams, controls, per)
         # A request that could never fit (alone) is the client's error; one that fits later is a 429 (submit).
         need = sum(map(cost, job.requests))
         if need > self.scheduler.max_inflight_tokens:
