@@ -146,6 +146,20 @@ def test_composed_adapter_row_beside_others(tiny_model_dir, store, tiny_lm, mode
     assert rows[1]["tokens"] == expected.tokens and rows[1]["tokens"] != rows[0]["tokens"]
 
 
+def test_best_of_prints_the_most_evident_samples(tiny_model_dir, store, tiny_lm):
+    from prefixtune.engine.lm import PrefixLM
+
+    args = ["--prompt", PROMPT, "-n", "8", "-t", "1", "--seed", "3", "--compose-weights", "2,2"]
+    rows = gen_json(tiny_model_dir, store, "-a", "a+b", "--best-of", "3", "--num-samples", "2", *args)
+    lm = PrefixLM(tiny_lm, AdapterStore(store))
+    expected = lm.generate([PROMPT], "a+b", max_new_tokens=8, temperature=1.0, seed=3, num_samples=2, best_of=3,
+                           compose_weights=[2.0, 2.0])
+    assert [r["tokens"] for r in rows] == [g.tokens for g in expected]
+    assert rows[0]["score"] >= rows[1]["score"]
+    err = gen(tiny_model_dir, store, "-a", "a", "--best-of", "2", "-t", "1", "-p", PROMPT, code=2).output
+    assert "best_of ranks samples by a composed adapter's evidence" in err
+
+
 def test_bad_composed_adapters_are_refused(tiny_model_dir, store):
     assert "no adapter 'nope'" in gen(tiny_model_dir, store, "-a", "a+nope", "-p", PROMPT, code=2).output
     assert "max_compose" in gen(tiny_model_dir, store, "-a", "a+b+foreign", "--max-compose", "2", "-p", PROMPT,

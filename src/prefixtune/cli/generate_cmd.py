@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
                                             "(default: what each part recommends)."),
         max_compose: int = typer.Option(4, "--max-compose", min=2, help="Most adapters in one composed --adapter."),
         num_samples: int = typer.Option(1, "--num-samples", help="Samples per row, seeded --seed, --seed+1, ..."),
+        best_of: Optional[int] = typer.Option(
+            None, "--best-of", help="A composed --adapter A+B (guidance): draw this many samples per row, print the "
+                                    "--num-samples whose parts' evidence (score) is highest, best first."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per adapter."),
         **given: Any,
     ) -> None:
@@ -81,7 +84,7 @@ def register(app: typer.Typer) -> None:
         names = list(adapter) or ([] if adapter_path else [BASE])
         sampling, load = SAMPLING.take(given), LOAD.take(given)
         sampling.update(stop=list(stop), chat=chat, guidance_negative=guidance_negative, num_samples=num_samples,
-                        compose_mode=compose_mode)
+                        compose_mode=compose_mode, best_of=best_of)
         sampling["compose_weights"] = _check_request(names, adapter_path, store, sampling, compose_weights, max_compose)
         from prefixtune.engine.lm import PrefixLM
         from prefixtune.quantize import check_quantize
