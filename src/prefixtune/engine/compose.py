@@ -264,6 +264,7 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
     if not groups:
         return logits
     mask = layout()
+    firsts, combined = [], []
     for group in groups:
         request_id, experts = group.request.request_id, group.request.experts
         k = len(experts.parts)
@@ -275,9 +276,10 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
         lu = torch.log_softmax(logits.index_select(0, negs).float(), dim=-1)  # (k, V)
         group.ratio = lc - lu  # (k, V): what note_tokens adds to the group's evidence at the drawn token
         # log_softmax is idempotent: product_logits normalising lc and lu again changes nothing
-        combined = product_logits(lc, lu, scales, eos_ids=eos_ids, layout=mask, decay=decay)  # (V,)
-        logits = logits.index_copy(0, rows[:1], combined.unsqueeze(0))  # (B, V)
-    return logits
+        combined.append(product_logits(lc, lu, scales, eos_ids=eos_ids, layout=mask, decay=decay))  # (V,)
+        firsts.append(rows[:1])
+    # One copy of the batch's logits for all groups: a copy per group cost B x V per group, quadratic in requests
+    return logits.index_copy(0, torch.cat(firsts), torch.stack(combined))  # (B, V)
 
 
 def note_tokens(groups: Sequence, tokens: dict[str, int], width: int, device) -> None:
