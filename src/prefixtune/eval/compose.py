@@ -2,7 +2,8 @@
 judged by its own family's judge.
 
 For every combination of labels (6 emotions x 4 topics = 24) it samples `samples_per_label` texts per way of
-composing (engine/compose.py: the product of experts "guidance" and prefix concatenation "concat"), and as
+composing (engine/compose.py: the product of experts "guidance", the same keeping the best of `best_of` samples
+by their evidence "best", and prefix concatenation "concat"), and as
 baselines each family's adapter alone (judged on both aspects: the other aspect at chance shows what
 composition adds) and the instruct model prompted with both attributes. Every method's sample i of a
 combination draws from the same seeded stream. Reported: per-aspect and joint accuracy (both aspects right),
