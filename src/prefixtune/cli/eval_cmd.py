@@ -52,7 +52,8 @@ EVAL = Spec("prefixtune.eval.run_eval:EvalConfig", exclude=EVAL_CONFIG_ONLY,
 COMPOSE_CONFIG = "prefixtune.eval.compose:ComposeEvalConfig"
 COMPOSE = (Spec(COMPOSE_CONFIG, only=("families",), params={"families": "compose"}),
            Spec(COMPOSE_CONFIG, only=("data", "methods", "weights", "best_of", "instruction"),
-                help_prefix="--compose: ", params={"data": "compose_data", "methods": "compose_methods", "weights": "compose_weights"}))
+                help_prefix="--compose: ",
+                params={"data": "compose_data", "methods": "compose_methods", "weights": "compose_weights"}))
 COMPARE = Spec("prefixtune.eval.compare_setup:CompareConfig", exclude=COMPARE_CONFIG_FILE_ONLY, names=PER_LABEL)
 COMPOSE_ONLY = {"compose", "compose_data", "compose_methods", "compose_weights", "best_of", "instruction"}
 

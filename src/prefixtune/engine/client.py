@@ -252,7 +252,8 @@ class EngineClient:
         finally:
             self._closed = True
             self.process.join(1)  # reaped, so the message can say how it ended
-            self._fail_live(RetryableError(f"the engine process exited (code {self.process.exitcode}); retry in a few seconds"))
+            self._fail_live(RetryableError(f"the engine process exited (code {self.process.exitcode}); retry in a "
+                                           "few seconds"))
 
     def carry_counters(self, earlier: SchedulerStats) -> None:
         """Count on from a dead core's totals: a new core starts from 0, and Prometheus counters never drop."""

@@ -293,8 +293,10 @@ def note_tokens(groups: Sequence, tokens: dict[str, int], width: int, device) ->
             group.counts[token] += 1
             step = group.ratio[:, token]  # (k,)
             group.evidence += float(torch.where(torch.isfinite(step), step, torch.zeros_like(step)).sum())
+        group.ratio = None  # (k, V) per group: not kept between steps
 
 
 __all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "REPEAT_DECAY", "SEP", "ComposeError", "Experts",
-           "build_experts", "check_best_of", "check_mode", "check_weights", "combine_experts", "composed_name", "concat_adapter",
-           "concat_guidance", "concat_kv", "experts_for", "is_composed", "note_tokens", "part_scales", "parts_of"]
+           "build_experts", "check_best_of", "check_mode", "check_weights", "combine_experts", "composed_name",
+           "concat_adapter", "concat_guidance", "concat_kv", "experts_for", "is_composed", "note_tokens", "part_scales",
+           "parts_of"]

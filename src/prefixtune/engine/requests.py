@@ -71,7 +71,7 @@ class Request:
     emit: Callable[[Output], None] = _ignore  # receives every Output, on the output thread; must not block
     prefix: torch.Tensor | None = None  # folded kv (2L, kv_heads, P, head_dim); None: lm.adapter(adapter).kv
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # handle for cancel()
-    cancelled: bool = False  # set by the engine's worker when Scheduler.cancel asked; the rows leave before the next step
+    cancelled: bool = False  # set by the engine's worker when Scheduler.cancel asked; rows leave before the next step
     negative: str | None = None  # guided: the unconditioned row's adapter (None = the base model)
     negative_prefix: torch.Tensor | None = None  # its folded kv; None: lm.adapter(negative).kv
     grammar: object = None  # its structured output compiled (engine/structured.py), set when submitted

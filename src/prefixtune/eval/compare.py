@@ -95,7 +95,8 @@ def run_compare(cfg: CompareConfig, say=print) -> dict[str, Any]:
     bases = [r["base_latency_ms_per_token"] for r in rows if r.get("base_latency_ms_per_token") is not None]
     base_latency = statistics.median(bases) if bases else None
     results = {"config": asdict(cfg), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
-               "cpu_count": os.cpu_count(), "torch_threads": threads, "base_params": base_params, "base_latency_ms_per_token": base_latency,
+               "cpu_count": os.cpu_count(), "torch_threads": threads, "base_params": base_params,
+               "base_latency_ms_per_token": base_latency,
                "judge": describe_judge(judge) if judge is not None else None, "labels": labels,
                "data_fingerprint": data.fingerprint, "seconds": time.perf_counter() - started, "methods": rows}
     write_outputs(results, out, {m: t.get("history", []) for m, t in trained.items()})

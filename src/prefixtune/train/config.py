@@ -24,8 +24,8 @@ DEFAULT_TEMPLATE = "Emotion: {label}\nText:"
 PER_LABEL_TEMPLATE = "Text:"
 
 # What `train --per-label` uses for every setting the user leaves out (and what `make demo` trains): chosen by
-# the CPU-budget sweeps in docs/BENCHMARKS.md "Control quality". A direct prefix started from the keys/values of "i feel"
-# and the label's most distinctive training words (train/label_words.py), lr 1e-2, balanced rows, the loss on
+# the CPU-budget sweeps in docs/BENCHMARKS.md "Control quality". A direct prefix started from the keys/values of
+# "i feel" and the label's most distinctive training words (train/label_words.py), lr 1e-2, balanced rows, the loss on
 # each row's first label word weighted x10 (train/word_weights.py), a family adapter NAME-all learned by label
 # dropout, and guidance x1.5 against that family adapter recommended in the manifests (it sharpens the label,
 # not the data's style; x2 when there is no family adapter and the base model is the negative). Before the word
