@@ -39,6 +39,13 @@ def ray_store(tmp_path_factory, serve_base) -> Path:
     return root
 
 
+def _best_of(client) -> list[str]:
+    """A composed model's best 2 of 3 seeded samples (ranked by evidence on the replica, the score crossing Ray)."""
+    r = client.completions.create(model=COMPOSED[1], prompt=PROMPT, max_tokens=12, temperature=1.0, seed=11, n=2,
+                                  best_of=3, extra_body={"ignore_eos": True})
+    return [c.text for c in r.choices]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, ray_store):
     """Greedy texts of the single-process server for every adapter and the base model (short and long)."""
@@ -55,6 +62,7 @@ def reference(tiny_model_dir, ray_store):
             r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0,
                                           extra_body={"ignore_eos": True})
             out[model, n] = r.choices[0].text
+        out["best_of"] = _best_of(client)
     assert len({out[m, 12] for m in [*NAMES, PINNED, "tiny-base", *COMPOSED]}) == 9, "each model changes the output"
     return out
 
@@ -302,3 +310,4 @@ def test_composed_models_run_as_experts_on_a_replica(cluster, client, reference)
     for model in COMPOSED:
         assert complete(client, model) == reference[model, 12], model
         assert complete(client, model, stream=True) == reference[model, 12], model
+    assert _best_of(client) == reference["best_of"]
