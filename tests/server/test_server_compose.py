@@ -10,6 +10,7 @@ import openai
 import pytest
 from serve_helpers import live_server
 
+from prefixtune.engine.generation import candidate_seeds
 from prefixtune.engine.lm import PrefixLM
 from prefixtune.fingerprint import model_fingerprint
 from prefixtune.models import load_base_model
@@ -84,16 +85,20 @@ def test_per_adapter_weights_extension(server, compose_lm):
 
 
 def test_best_of_returns_the_samples_with_the_most_evidence(server, compose_lm):
-    """best_of=3: the server draws seeds 7, 8, 9 and returns the n whose evidence is highest, best first; usage
-    counts every sample drawn."""
-    drawn = compose_lm.generate([PROMPT] * 3, COMPOSED, max_new_tokens=8, temperature=1.0, seed=[7, 8, 9])
-    ranked = sorted(drawn, key=lambda g: g.score, reverse=True)
-    assert len({g.text for g in drawn}) == 3, "vacuous: the samples must differ"
+    """best_of=3: the server draws the seeds offline best_of does and returns the n whose evidence is highest,
+    best first; usage counts every sample drawn."""
     client = server.client()
     for n in (1, 2):
+        seeds = candidate_seeds(7, n, 3)
+        drawn = compose_lm.generate([PROMPT] * 3, COMPOSED, max_new_tokens=8, temperature=1.0, seed=seeds)
+        ranked = sorted(drawn, key=lambda g: g.score, reverse=True)
+        assert len({g.text for g in drawn}) == 3, "vacuous: the samples must differ"
         out = client.completions.create(model=COMPOSED, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7,
                                         n=n, best_of=3)
         assert [c.text for c in out.choices] == [g.text for g in ranked[:n]]
+        offline = compose_lm.generate([PROMPT], COMPOSED, max_new_tokens=8, temperature=1.0, seed=7,
+                                      num_samples=n, best_of=3)
+        assert [c.text for c in out.choices] == [g.text for g in offline]
         assert [c.index for c in out.choices] == list(range(n))
         assert out.usage.completion_tokens == sum(len(g.tokens) for g in drawn)
 

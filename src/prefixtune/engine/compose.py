@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from prefixtune.engine.adapter_cache import CachedAdapter
-from prefixtune.engine.guidance import OFF, is_guided, product_logits, validate_scale
+from prefixtune.engine.guidance import OFF, is_guided, product_logprobs, validate_scale
 
 SEP = "+"
 MODES = ("guidance", "concat")
@@ -189,12 +189,17 @@ def composed_names(adapters: Sequence, mode: str | None, limit: int | None, beam
 def check_best_of(adapters: Sequence, mode: str | None, beam: bool = False) -> None:
     """best_of ranks samples by a product of experts' evidence: every row must be composed, in guidance mode."""
     plain = [a for a in adapters if not is_composed(a)]
-    if plain or check_mode(mode) != "guidance" or beam:
-        shown = "compose_mode 'concat'" if check_mode(mode) != "guidance" else \
-            "beam search" if beam else f"adapter {plain[0]!r}"
-        raise ComposeError(f"best_of ranks samples by a composed adapter's evidence (product of experts, "
-                           f"compose_mode 'guidance'); {shown} has none. Fix: drop best_of (or use n / "
-                           "num_samples for several samples)", "best_of")
+    if check_mode(mode) != "guidance":
+        shown = "compose_mode 'concat'"
+    elif beam:
+        shown = "beam search"
+    elif plain:
+        shown = f"adapter {plain[0]!r}"
+    else:
+        return
+    raise ComposeError(f"best_of ranks samples by a composed adapter's evidence (product of experts, "
+                       f"compose_mode 'guidance'); {shown} has none. Fix: drop best_of (or use n / num_samples for "
+                       "several samples)", "best_of")
 
 
 def concat_adapter(lm, name: str) -> CachedAdapter:
@@ -274,9 +279,8 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
         decay = None if group.counts is None else REPEAT_DECAY ** group.counts  # (V,)
         lc = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)  # (k, V)
         lu = torch.log_softmax(logits.index_select(0, negs).float(), dim=-1)  # (k, V)
-        group.ratio = lc - lu  # (k, V): what note_tokens adds to the group's evidence at the drawn token
-        # log_softmax is idempotent: product_logits normalising lc and lu again changes nothing
-        combined.append(product_logits(lc, lu, scales, eos_ids=eos_ids, layout=mask, decay=decay))  # (V,)
+        group.step_logprobs = (lc, lu)  # note_tokens reads the evidence at the drawn token from them
+        combined.append(product_logprobs(lc, lu, scales, eos_ids=eos_ids, layout=mask, decay=decay))  # (V,)
         firsts.append(rows[:1])
     # One copy of the batch's logits for all groups: a copy per group cost B x V per group, quadratic in requests
     return logits.index_copy(0, torch.cat(firsts), torch.stack(combined))  # (B, V)
@@ -285,15 +289,21 @@ def combine_experts(logits: torch.Tensor, slot: dict, groups: Sequence, eos_ids:
 def note_tokens(groups: Sequence, tokens: dict[str, int], width: int, device) -> None:
     """Count each composed group's drawn token into its `counts` (V,) (what REPEAT_DECAY weighs pushes by) and
     add the token's sum_i (log p_part_i - log p_neg(i)) to its `evidence` (a token a negative masks adds 0)."""
+    noted, steps = [], []
     for group in groups:
         if group.counts is None:
             group.counts = torch.zeros(width, device=device)  # (V,)
         token = tokens.get(group.request.request_id)
         if token is not None and token < width:
             group.counts[token] += 1
-            step = group.ratio[:, token]  # (k,)
-            group.evidence += float(torch.where(torch.isfinite(step), step, torch.zeros_like(step)).sum())
-        group.ratio = None  # (k, V) per group: not kept between steps
+            lc, lu = group.step_logprobs
+            step = lc[:, token] - lu[:, token]  # (k,)
+            steps.append(torch.where(torch.isfinite(step), step, torch.zeros_like(step)).sum())
+            noted.append(group)
+        group.step_logprobs = None  # two (k, V) per group: not kept between steps
+    if steps:  # one device read for every group's step
+        for group, value in zip(noted, torch.stack(steps).tolist()):
+            group.evidence += value
 
 
 __all__ = ["COMPOSE_BOOST", "DEFAULT_MODE", "MAX_COMPOSE", "MODES", "REPEAT_DECAY", "SEP", "ComposeError", "Experts",

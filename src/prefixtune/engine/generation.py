@@ -54,8 +54,13 @@ def sample_rows(prompts: list[str], adapters: list, seed: int | Sequence[int | N
     if per == 1:
         return prompts, adapters, seeds
     return ([p for p in prompts for _ in range(per)], [a for a in adapters for _ in range(per)],
-            [None if s is None else s + j if j < num_samples else candidate_seed(s, j) for s in seeds
-             for j in range(per)])
+            [s for seed in seeds for s in candidate_seeds(seed, num_samples, per)])
+
+
+def candidate_seeds(seed: int | None, n: int, per: int) -> list[int | None]:
+    """The seeds of one prompt's `per` samples (n kept; the server's n / best_of too): seed + j for the first
+    n, a stream derived from (seed, j) for each extra best_of candidate (None: all unseeded)."""
+    return [None if seed is None else seed + j if j < n else candidate_seed(seed, j) for j in range(per)]
 
 
 def candidate_seed(seed: int, j: int) -> int:

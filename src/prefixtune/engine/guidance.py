@@ -112,6 +112,13 @@ def product_logits(conds: torch.Tensor, uncond: torch.Tensor, scales: torch.Tens
     """
     lc = torch.log_softmax(conds.float(), dim=-1)  # (k, V)
     lu = torch.log_softmax(uncond.float(), dim=-1)  # (k, V)
+    return product_logprobs(lc, lu, scales, plausibility, eos_ids, layout, decay)
+
+
+def product_logprobs(lc: torch.Tensor, lu: torch.Tensor, scales: torch.Tensor, plausibility: float | None = None,
+                     eos_ids: Sequence[int] = (), layout: torch.Tensor | None = None,
+                     decay: torch.Tensor | None = None) -> torch.Tensor:
+    """product_logits from the parts' and negatives' log-probabilities (k, V) each, already normalised."""
     push = (scales.to(lc.dtype).view(-1, 1) * (lc - lu)).sum(0, keepdim=True)  # (1, V)
     if decay is not None:
         push = push * decay.to(lc.dtype)
@@ -152,4 +159,4 @@ def _guarded(out: torch.Tensor, lc: torch.Tensor, lu: torch.Tensor, plausibility
 
 
 __all__ = ["OFF", "adapter_nucleus", "guided_logits", "guided_temperature", "is_guided", "layout_mask",
-           "product_logits", "validate_scale"]
+           "product_logits", "product_logprobs", "validate_scale"]

@@ -41,7 +41,7 @@ class Group:
     prompt_logprobs: list | None = None  # echo/scoring: prompt entries so far (engine/logprobs.py), sent once
     counts: torch.Tensor | None = None  # a composed group's drawn-token counts (V,) (engine/compose.note_tokens)
     evidence: float = 0.0  # a composed group's evidence so far, its score (engine/compose.note_tokens)
-    ratio: torch.Tensor | None = None  # a composed group's last step's log p_part - log p_neg (k, V)
+    step_logprobs: tuple | None = None  # a composed group's step: its parts' and negatives' log-probs (k, V) each
 
     @property
     def keys(self) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
 from prefixtune.engine.admission import cost
+from prefixtune.engine.generation import candidate_seeds
 from prefixtune.engine.sampling import SamplingParams
 from prefixtune.engine.scheduler import Scheduler
 from prefixtune.server import protocol as P
@@ -139,8 +140,8 @@ class AppState:
             job.add(ids, adapter, prep.prefix, SamplingParams(max_new_tokens=new, stop=list(body.stop or []),
                                                               **beams))
             return
-        for j in range(per):  # n samples, or best_of of which the caller keeps n
-            seed = None if body.seed is None else body.seed + p * per + j
+        base = None if body.seed is None else body.seed + p * per
+        for seed in candidate_seeds(base, body.n, per):  # n samples, or best_of of which the caller keeps n
             params = SamplingParams(
                 max_new_tokens=new, temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
